@@ -1,0 +1,1 @@
+"""Annie, the phone agent: configuration, pipeline assembly and the process entry point."""

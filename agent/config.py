@@ -1,0 +1,167 @@
+"""One validated configuration object for the phone agent.
+
+Sources, highest priority first: environment variables, then a TOML file (``config/agent.toml``,
+or the path in ``AGENT_CONFIG``), then the defaults below. ``config/agent.example.toml`` documents
+every setting. A wrong value stops start-up with :class:`ConfigError`, whose message is one
+sentence naming the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "agent.toml"
+
+SttBackend = Literal["nemotron", "whisper", "parakeet-http"]
+ChunkMs = Literal[80, 160, 560, 1120]
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]
+
+# Chunk size (ms) -> right attention context R of att_context_size=[70, R].
+CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Annie, a warm and patient assistant talking with a family member on the phone. "
+    "Answer in one or two short spoken sentences, no lists, no markdown, no emoji."
+)
+DEFAULT_APOLOGY = "Sorry, I'm having a little trouble right now. Could you say that again in a moment?"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message is one sentence for the operator."""
+
+
+class AgentSettings(BaseSettings):
+    """Every setting of the agent. Field names are the environment variable names, upper-cased."""
+
+    model_config = SettingsConfigDict(extra="forbid", case_sensitive=False, validate_default=True)
+
+    # Turn-taking
+    enable_barge_in: bool = False
+    half_duplex_holdoff_ms: int = Field(300, ge=0, le=3000)
+    user_speech_timeout_ms: int = Field(400, ge=100, le=3000)
+    vad_confidence: float = Field(0.7, gt=0.0, lt=1.0)
+    vad_start_ms: int = Field(200, ge=20, le=2000)
+    vad_stop_ms: int = Field(200, ge=20, le=2000)
+
+    # Audio (PulseAudio)
+    pulse_source: str = Field("echo_cancel_source", min_length=1)
+    pulse_sink: str = Field("echo_cancel_sink", min_length=1)
+    audio_in_sample_rate: Literal[16000] = 16000
+    audio_out_sample_rate: Literal[16000, 22050, 24000, 48000] = 24000
+
+    # Speech recognition
+    stt_backend: SttBackend = "nemotron"
+    stt_model_path: Path | None = None
+    asr_chunk_ms: ChunkMs = 160
+    asr_device: Literal["auto", "cuda", "cpu"] = "auto"
+    whisper_model_path: Path | None = None
+    parakeet_url: str | None = None
+
+    # LLM (Gemma on an OpenAI-compatible server)
+    llm_base_url: str = "http://127.0.0.1:8000/v1"
+    llm_model: str = Field("google/gemma-3-12b-it", min_length=1)
+    llm_api_key: SecretStr = SecretStr("EMPTY")
+    llm_temperature: float = Field(0.6, ge=0.0, le=2.0)
+    llm_max_tokens: int = Field(200, ge=1, le=4096)
+    llm_timeout_s: float = Field(8.0, gt=0.0, le=120.0)
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1)
+    apology_text: str = Field(DEFAULT_APOLOGY, min_length=1)
+
+    # Speech synthesis (Chatterbox over HTTP)
+    chatterbox_url: str = "http://127.0.0.1:4123"
+    chatterbox_voice: str = Field("default", min_length=1)
+    chatterbox_streaming: bool = True
+    chatterbox_exaggeration: float = Field(0.5, ge=0.0, le=2.0)
+    chatterbox_first_byte_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
+
+    # Operations
+    internal_token: SecretStr | None = None
+    status_port: int = Field(8765, ge=0, le=65535)
+    log_level: LogLevel = "INFO"
+
+    @field_validator("llm_base_url", "chatterbox_url", "parakeet_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> AgentSettings:
+        if self.stt_backend == "nemotron":
+            if self.stt_model_path is None:
+                raise ValueError("STT_MODEL_PATH: required when STT_BACKEND=nemotron (a local .nemo file)")
+        if self.stt_backend == "parakeet-http" and not self.parakeet_url:
+            raise ValueError("PARAKEET_URL: required when STT_BACKEND=parakeet-http")
+        return self
+
+    @property
+    def asr_right_context(self) -> int:
+        return CHUNK_MS_TO_RIGHT_CONTEXT[self.asr_chunk_ms]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("AGENT_CONFIG") or DEFAULT_CONFIG_FILE
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
+
+
+def _allowed(field_name: str) -> str:
+    """Human description of the allowed values of a field, from its annotation."""
+    annotation = AgentSettings.model_fields[field_name].annotation
+    choices = get_args(annotation)
+    if choices and all(isinstance(c, (str, int)) for c in choices):
+        return "one of " + ", ".join(str(c) for c in choices)
+    return ""
+
+
+def _sentence(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err.get("loc", ()) if part]
+    message = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if not loc:
+        # Model-level checks name their setting first: "SETTING: what is wrong".
+        name, _, why = message.partition(": ")
+        return f"Setting {name} is invalid: {why}." if why else f"Invalid configuration: {message}."
+    name = loc[0]
+    upper = name.upper()
+    if err.get("type") == "extra_forbidden":
+        return f"Setting {upper} is not a known setting; see config/agent.example.toml for the list."
+    allowed = _allowed(name) if name in AgentSettings.model_fields else ""
+    given = err.get("input")
+    shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and "token" not in name and "key" not in name else ""
+    if allowed and err.get("type") in ("literal_error", "enum"):
+        return f"Setting {upper} is invalid{shown}: allowed values are {allowed.removeprefix('one of ')}."
+    return f"Setting {upper} is invalid{shown}: {message[0].lower() + message[1:]}."
+
+
+def load_settings(**overrides: Any) -> AgentSettings:
+    """Read and validate the settings; raise :class:`ConfigError` with one sentence on failure."""
+    toml_file = os.environ.get("AGENT_CONFIG")
+    if toml_file and not Path(toml_file).is_file():
+        raise ConfigError(f"Setting AGENT_CONFIG points to {toml_file!r}, which is not a readable file.")
+    try:
+        return AgentSettings(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_sentence(e.errors()[0])) from e
+    except ValueError as e:  # malformed TOML
+        raise ConfigError(f"Setting AGENT_CONFIG: the TOML file could not be parsed ({e}).") from e

@@ -1,0 +1,1 @@
+"""Pipecat services and the synchronous engines under them."""

@@ -1,0 +1,1 @@
+"""Audio transports (PulseAudio) and the private PulseAudio rig used by tests and benchmarks."""
