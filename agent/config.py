@@ -141,7 +141,10 @@ def _sentence(err: dict[str, Any]) -> str:
     if not loc:
         # Model-level checks name their setting first: "SETTING: what is wrong".
         name, _, why = message.partition(": ")
-        return f"Setting {name} is invalid: {why}." if why else f"Invalid configuration: {message}."
+        if not why:
+            return f"Invalid configuration: {message}."
+        state = "is missing" if why.startswith("required") else "is invalid"
+        return f"Setting {name} {state}: {why}."
     name = loc[0]
     upper = name.upper()
     if err.get("type") == "extra_forbidden":
@@ -149,6 +152,8 @@ def _sentence(err: dict[str, Any]) -> str:
     allowed = _allowed(name) if name in AgentSettings.model_fields else ""
     given = err.get("input")
     shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and "token" not in name and "key" not in name else ""
+    if err.get("type") == "bool_parsing":
+        return f"Setting {upper} is invalid{shown}: allowed values are 1 or 0 (also true/false, yes/no, on/off)."
     if allowed and err.get("type") in ("literal_error", "enum"):
         return f"Setting {upper} is invalid{shown}: allowed values are {allowed.removeprefix('one of ')}."
     return f"Setting {upper} is invalid{shown}: {message[0].lower() + message[1:]}."

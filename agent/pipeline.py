@@ -1,0 +1,96 @@
+"""Assemble the call pipeline from the settings and ready-made services. No I/O happens here.
+
+    transport in -> STT -> user aggregator (Silero VAD, turn + mute strategies) -> LLM -> TTS
+      -> transport out -> assistant aggregator (keeps only what was actually played)
+
+``agent.services`` builds the services (loading models, opening clients); this module only
+wires them, so tests can pass in stand-ins, simulated transports or injected frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loguru import logger
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer
+from pipecat.observers.base_observer import BaseObserver
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    AssistantTurnStoppedMessage,
+    LLMAssistantAggregator,
+    LLMContextAggregatorPair,
+    LLMUserAggregator,
+    LLMUserAggregatorParams,
+)
+from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.llm_service import LLMService
+from pipecat.services.stt_service import STTService
+from pipecat.services.tts_service import TTSService
+from pipecat.transports.base_transport import BaseTransport
+from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
+
+from agent.config import AgentSettings
+from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, user_turn_strategies
+
+
+@dataclass
+class CallPipeline:
+    """The assembled call: run ``worker`` with a pipecat ``WorkerRunner``."""
+
+    pipeline: Pipeline
+    worker: PipelineWorker
+    context: LLMContext
+    user_aggregator: LLMUserAggregator
+    assistant_aggregator: LLMAssistantAggregator
+
+
+def user_aggregator_params(settings: AgentSettings, vad_analyzer: VADAnalyzer | None) -> LLMUserAggregatorParams:
+    """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute."""
+    mute = [] if settings.enable_barge_in else [HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000)]
+    return LLMUserAggregatorParams(
+        vad_analyzer=vad_analyzer,
+        user_turn_strategies=user_turn_strategies(speech_timeout_s=settings.user_speech_timeout_ms / 1000),
+        user_mute_strategies=mute,
+        # A barge-in with no words (a cough, a bang) must not make Annie answer by itself.
+        empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=None, idle_prompt=None),
+    )
+
+
+def build_call_pipeline(
+    settings: AgentSettings,
+    *,
+    transport: BaseTransport,
+    stt: STTService | FrameProcessor,
+    llm: LLMService | FrameProcessor,
+    tts: TTSService | FrameProcessor,
+    vad_analyzer: VADAnalyzer | None,
+    observers: list[BaseObserver] | None = None,
+) -> CallPipeline:
+    """Wire the services into one pipeline and a worker that runs until told to stop."""
+    context = LLMContext(messages=[])
+    user_agg, assistant_agg = LLMContextAggregatorPair(
+        context, user_params=user_aggregator_params(settings, vad_analyzer)
+    )
+
+    @assistant_agg.event_handler("on_assistant_turn_stopped")
+    async def _on_assistant_turn_stopped(_aggregator, message: AssistantTurnStoppedMessage):
+        if message.interrupted and message.content:
+            mark_interrupted_reply(context, message.content)
+
+    pipeline = Pipeline([transport.input(), stt, user_agg, llm, tts, transport.output(), assistant_agg])
+    worker = PipelineWorker(
+        pipeline,
+        params=PipelineParams(
+            audio_in_sample_rate=settings.audio_in_sample_rate,
+            audio_out_sample_rate=settings.audio_out_sample_rate,
+            enable_metrics=True,
+            enable_usage_metrics=False,
+        ),
+        # A phone line is idle most of the time; never end the call for that.
+        idle_timeout_secs=None,
+        observers=observers or [],
+    )
+    logger.debug(f"call pipeline assembled (barge-in {'on' if settings.enable_barge_in else 'off'})")
+    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg)

@@ -1,0 +1,124 @@
+"""Build the call's services from the settings: the one place where models load and clients open.
+
+Optional parts are imported lazily, so a machine without NeMo can still run the Whisper or
+Parakeet fallbacks, and a missing piece is a :class:`~processors.errors.SetupError` naming the
+setting rather than an ImportError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loguru import logger
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
+from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.transports.base_transport import BaseTransport
+
+from agent.config import AgentSettings
+from processors.errors import SetupError
+from processors.gemma_llm import GemmaLLMService
+
+
+@dataclass
+class CallServices:
+    """Everything the pipeline needs besides its wiring."""
+
+    transport: BaseTransport
+    stt: FrameProcessor
+    llm: FrameProcessor
+    tts: FrameProcessor
+    vad_analyzer: VADAnalyzer
+
+
+def build_vad(settings: AgentSettings) -> VADAnalyzer:
+    """Silero VAD (its ONNX model ships inside the pipecat wheel)."""
+    return SileroVADAnalyzer(
+        sample_rate=settings.audio_in_sample_rate,
+        params=VADParams(
+            confidence=settings.vad_confidence,
+            start_secs=settings.vad_start_ms / 1000,
+            stop_secs=settings.vad_stop_ms / 1000,
+        ),
+    )
+
+
+def build_stt(settings: AgentSettings) -> FrameProcessor:
+    """The configured STT backend: streaming Nemotron, or one of the two revert paths."""
+    backend = settings.stt_backend
+    try:
+        if backend == "nemotron":
+            from processors.nemotron_engine import NemotronStreamingEngine
+            from processors.nemotron_stt import NemotronStreamingSTTService
+
+            engine = NemotronStreamingEngine.load(settings.stt_model_path, settings.asr_chunk_ms, settings.asr_device)
+            return NemotronStreamingSTTService(engine=engine)
+        if backend == "whisper":
+            from processors.whisper_stt import make_whisper_stt
+
+            return make_whisper_stt(settings.whisper_model_path)
+        from processors.parakeet_stt import ParakeetHTTPSTTService
+
+        token = settings.internal_token.get_secret_value() if settings.internal_token else None
+        return ParakeetHTTPSTTService(url=settings.parakeet_url, token=token)
+    except ImportError as e:
+        raise SetupError(
+            f"Setting STT_BACKEND={backend} needs a package that is not installed ({e.name}); "
+            "run `./start.sh setup` or choose another STT_BACKEND."
+        ) from e
+
+
+def build_llm(settings: AgentSettings, base_url: str | None = None) -> GemmaLLMService:
+    return GemmaLLMService(
+        base_url=base_url or settings.llm_base_url,
+        model=settings.llm_model,
+        api_key=settings.llm_api_key.get_secret_value(),
+        system_prompt=settings.system_prompt,
+        apology=settings.apology_text,
+        temperature=settings.llm_temperature,
+        max_tokens=settings.llm_max_tokens,
+        timeout_s=settings.llm_timeout_s,
+    )
+
+
+def build_tts(settings: AgentSettings, base_url: str | None = None) -> FrameProcessor:
+    from processors.chatterbox_tts import ChatterboxTTSService
+
+    return ChatterboxTTSService(
+        base_url=base_url or settings.chatterbox_url,
+        voice=settings.chatterbox_voice,
+        streaming=settings.chatterbox_streaming,
+        exaggeration=settings.chatterbox_exaggeration,
+        first_byte_timeout_s=settings.chatterbox_first_byte_timeout_s,
+    )
+
+
+def build_pulse_transport(settings: AgentSettings) -> BaseTransport:
+    from transports.pulse import PulseAudioParams, PulseAudioTransport
+
+    return PulseAudioTransport(
+        PulseAudioParams(
+            source=settings.pulse_source,
+            sink=settings.pulse_sink,
+            audio_in_enabled=True,
+            audio_out_enabled=True,
+            audio_in_sample_rate=settings.audio_in_sample_rate,
+            audio_out_sample_rate=settings.audio_out_sample_rate,
+        )
+    )
+
+
+def build_services(settings: AgentSettings) -> CallServices:
+    """The real phone call's services (PulseAudio, configured STT, Gemma, Chatterbox)."""
+    logger.info(
+        f"building services: STT {settings.stt_backend}"
+        + (f" ({settings.asr_chunk_ms} ms chunks)" if settings.stt_backend == "nemotron" else "")
+        + f", LLM {settings.llm_model} at {settings.llm_base_url}, TTS {settings.chatterbox_url}"
+    )
+    return CallServices(
+        transport=build_pulse_transport(settings),
+        stt=build_stt(settings),
+        llm=build_llm(settings),
+        tts=build_tts(settings),
+        vad_analyzer=build_vad(settings),
+    )

@@ -1,0 +1,95 @@
+"""Gemma over an OpenAI-compatible streaming chat API, with a spoken apology on failure.
+
+Pipecat's ``OpenAILLMService`` streams the completion and closes the HTTP request when an
+interruption cancels it. On top of it this service:
+
+- sends no ``developer`` messages (Gemma's chat template knows only user and model turns);
+- bounds how long a completion may stall (connect and between-token timeouts), with one retry
+  for a connection that failed before any token;
+- when a completion fails (server down, HTTP error, stall, connection dropped mid-stream) it
+  logs the failure, reports an ``ErrorFrame`` upstream as pipecat does, and streams a short
+  apology downstream in place of the answer, so the caller is never left in silence. The call
+  goes on; the next turn tries the server again.
+"""
+
+from __future__ import annotations
+
+import httpx
+from loguru import logger
+from openai import AsyncOpenAI
+from pipecat.frames.frames import ErrorFrame, Frame, LLMContextFrame, LLMTextFrame
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.openai.llm import OpenAILLMService
+
+
+class GemmaLLMService(OpenAILLMService):
+    """An OpenAI-compatible LLM (Gemma on llama.cpp, vLLM or Ollama) that apologises on failure."""
+
+    supports_developer_role = False
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str,
+        system_prompt: str,
+        apology: str,
+        temperature: float = 0.6,
+        max_tokens: int = 200,
+        timeout_s: float = 8.0,
+        **kwargs,
+    ):
+        self._timeout_s = timeout_s
+        self._apology = apology
+        self._in_completion = False
+        self._apologised = False
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            settings=OpenAILLMService.Settings(
+                model=model,
+                system_instruction=system_prompt,
+                temperature=temperature,
+                max_tokens=max_tokens,
+            ),
+            **kwargs,
+        )
+
+    def create_client(self, api_key=None, base_url=None, **kwargs) -> AsyncOpenAI:
+        # Bounded timeouts: a stalled server must turn into an apology, not into silence.
+        timeout = httpx.Timeout(self._timeout_s, connect=min(2.0, self._timeout_s))
+        return AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=1,
+            http_client=httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=4)),
+        )
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, LLMContextFrame):
+            self._in_completion, self._apologised = True, False
+            try:
+                await super().process_frame(frame, direction)
+            finally:
+                self._in_completion = False
+        else:
+            await super().process_frame(frame, direction)
+
+    async def push_error_frame(self, error: ErrorFrame, force_treat_as_permanent: bool = False):
+        await super().push_error_frame(error, force_treat_as_permanent=force_treat_as_permanent)
+        if self._in_completion and not self._apologised:
+            # Still inside the completion: the apology lands before LLMFullResponseEndFrame,
+            # so the TTS speaks it as this turn's answer.
+            self._apologised = True
+            logger.warning(f"{self}: completion failed ({error.error}); speaking an apology")
+            await self.push_frame(LLMTextFrame(" " + self._apology))
+
+    async def stop(self, frame):
+        await super().stop(frame)
+        await self._client.close()
+
+    async def cancel(self, frame):
+        await super().cancel(frame)
+        await self._client.close()

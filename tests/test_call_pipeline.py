@@ -1,0 +1,203 @@
+"""The call pipeline end to end: barge-in on and off, the context after a cut, LLM failures.
+
+Real pieces: the pipeline as the agent assembles it, pipecat's aggregators and turn strategies,
+the Gemma service talking HTTP to the stand-in server, and a simulated loudspeaker that plays
+in real time. Caller turns are injected as VAD and transcription frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from pipecat.frames.frames import BotStartedSpeakingFrame, ErrorFrame, InterruptionFrame
+
+from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
+from agent.turns import INTERRUPTED_MARK
+from tests.call_harness import running_call
+from tests.doubles import ToneTTSService
+
+LONG_REPLY = (
+    "Once upon a time. There was a little village by the sea. Every morning the fishermen went out. "
+    "They came back at noon with baskets full of silver fish. The children ran down to meet them. "
+    "In the evening everybody ate together under the old oak tree."
+)
+SHORT_REPLY = "All right, I will stop."
+
+
+def user_texts(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m.get("role") == "user"]
+
+
+@pytest.fixture
+async def slow_llm():
+    """Tokens every 80 ms, so a long reply is still streaming when the caller cuts in."""
+    async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.05, token_delay_s=0.08)) as server:
+        yield server
+
+
+async def test_barge_in_on_cuts_annie_off_and_answers_the_caller(make_settings, slow_llm):
+    slow_llm.queue_reply(LONG_REPLY)
+    slow_llm.queue_reply(SHORT_REPLY)
+    tts = ToneTTSService()
+    async with running_call(make_settings(enable_barge_in=True), llm_base_url=slow_llm.base_url, tts=tts) as call:
+        await call.caller_says("tell me a story")
+        await call.wait_speaking()
+        await asyncio.sleep(0.6)
+        assert slow_llm.requests[0].disconnected_at is None, "the story should still be streaming"
+
+        onset = await call.caller_says("stop please")
+
+        # The interruption reached the pipeline, and the server saw its stream closed.
+        assert [t for t in call.log.times(InterruptionFrame) if t >= onset], "no InterruptionFrame after barge-in"
+        await slow_llm.wait_for(lambda: slow_llm.requests[0].disconnected_at is not None, timeout=3)
+        assert not slow_llm.requests[0].completed
+
+        # The caller's words were answered as a normal turn.
+        await slow_llm.wait_for(lambda: len(slow_llm.requests) == 2, timeout=5)
+        assert user_texts(slow_llm.requests[1].messages)[-1] == "stop please"
+        second_start = await call.wait_until(
+            lambda: [t for t in call.log.times(BotStartedSpeakingFrame) if t > onset], 10, "the answer"
+        )
+        answer_start = min(t for t in call.log.times(BotStartedSpeakingFrame) if t > onset)
+
+        # Queued audio of the story was dropped: nothing audible between the cut and the answer.
+        cut = min(t for t in call.log.times(InterruptionFrame) if t >= onset)
+        stale = call.audible_since(cut + 0.1) - call.audible_since(answer_start)
+        assert stale < 0.02, f"{stale:.3f} s of the interrupted reply played after the cut"
+        assert second_start >= answer_start
+        await call.wait_silent()
+        assert "All right" in " ".join(tts.requests[-2:])
+
+
+async def test_barge_in_off_annie_finishes_and_nothing_leaks(make_settings, slow_llm):
+    reply = "Let me think. The weather will be sunny and warm all day today."
+    slow_llm.queue_reply(reply)
+    tts = ToneTTSService()
+    async with running_call(make_settings(enable_barge_in=False), llm_base_url=slow_llm.base_url, tts=tts) as call:
+        await call.caller_says("how is the weather")
+        started = await call.wait_speaking()
+        onset = await call.caller_says("wait a moment I have another question")
+        ended = await call.wait_silent()
+
+        assert not [t for t in call.log.times(InterruptionFrame) if t >= onset], "half-duplex must not interrupt"
+        # Annie finished: everything the TTS was asked to say was played.
+        assert " ".join(tts.requests).split() == reply.split()
+        played = call.audible_since(started - 0.05)
+        expected = sum(len(text.strip()) for text in tts.requests) * 0.060
+        assert played == pytest.approx(expected, rel=0.05, abs=0.1), (played, expected)
+        # No answer queued up behind the ignored speech.
+        await asyncio.sleep(1.0)
+        assert len(slow_llm.requests) == 1
+
+        # The next turn carries only what the caller said after Annie finished.
+        assert ended > onset
+        await call.caller_says("what day is it")
+        await slow_llm.wait_for(lambda: len(slow_llm.requests) == 2, timeout=5)
+        assert user_texts(slow_llm.requests[1].messages) == ["how is the weather", "what day is it"]
+
+
+async def test_context_after_interruption_holds_only_what_was_heard(make_settings, slow_llm):
+    slow_llm.queue_reply(LONG_REPLY)
+    slow_llm.queue_reply(SHORT_REPLY)
+    async with running_call(
+        make_settings(enable_barge_in=True), llm_base_url=slow_llm.base_url, tts=ToneTTSService()
+    ) as call:
+        await call.caller_says("tell me a story")
+        await call.wait_speaking()
+        await asyncio.sleep(1.5)
+        await call.caller_says("stop please")
+        await slow_llm.wait_for(lambda: len(slow_llm.requests) == 2, timeout=5)
+
+        sent = slow_llm.requests[1].messages
+        assistant = [m["content"] for m in sent if m["role"] == "assistant"]
+        assert len(assistant) == 1
+        heard = assistant[0]
+        assert heard.endswith(INTERRUPTED_MARK), heard
+        # Pipecat credits text to the context sentence by sentence, as each sentence's audio is
+        # played: the first (1.0 s of audio) was heard, the second was cut mid-way.
+        assert heard.removesuffix(INTERRUPTED_MARK).strip() == "Once upon a time."
+        assert sent[-1] == {"role": "user", "content": "stop please"}
+
+
+async def test_barge_in_without_words_does_not_make_annie_answer(make_settings, slow_llm):
+    slow_llm.queue_reply(LONG_REPLY)
+    async with running_call(
+        make_settings(enable_barge_in=True), llm_base_url=slow_llm.base_url, tts=ToneTTSService()
+    ) as call:
+        await call.caller_says("tell me a story")
+        await call.wait_speaking()
+        await asyncio.sleep(0.5)
+        onset = await call.caller_says("", speech_s=0.2)  # a cough: voice activity, no words
+        await call.wait_silent(quiet_s=0.3)
+        # Give the turn's watchdog (5 s) time to close the empty turn, then check nobody answered.
+        await asyncio.sleep(6.0)
+        assert len(slow_llm.requests) == 1, "an empty barge-in made Annie answer"
+        assert call.audible_since(onset + 0.5) == 0.0
+
+
+async def test_llm_error_is_retried_once_then_apologised_and_the_call_goes_on(make_settings, llm_server):
+    settings = make_settings(enable_barge_in=True)
+    llm_server.fault = "error"  # HTTP 500 on every request, the client's one retry included
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm_server.base_url, tts=tts) as call:
+        await call.caller_says("hello")
+        await call.wait_speaking()
+        await call.wait_silent()
+        assert settings.apology_text in " ".join(tts.requests)
+        assert [f for _, f, _ in call.log.events if isinstance(f, ErrorFrame)], "no ErrorFrame reported"
+        assert len(llm_server.requests) == 2, "one bounded retry, then the apology"
+
+        llm_server.fault = "none"
+
+        before = len(tts.requests)
+        await call.caller_says("are you there")
+        await call.wait_speaking()
+        await call.wait_silent()
+        assert "I heard you say: are you there." in tts.requests[before:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_llm_server_down_then_back(make_settings):
+    settings = make_settings(enable_barge_in=True, llm_timeout_s=2.0)
+    port = _free_port()
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=f"http://127.0.0.1:{port}/v1", tts=tts) as call:
+        t0 = time.monotonic()
+        await call.caller_says("hello")
+        await call.wait_speaking(timeout=15)
+        assert settings.apology_text in " ".join(tts.requests)
+        assert time.monotonic() - t0 < 10
+
+        async with LLMStandIn(port=port) as server:
+            await call.wait_silent()
+            await call.caller_says("now can you hear me")
+            await server.wait_for(lambda: len(server.requests) == 1 and server.requests[0].completed, timeout=10)
+            await call.wait_speaking()
+            await call.wait_silent()
+            assert "I heard you say: now can you hear me." in tts.requests
+
+
+@pytest.mark.parametrize("fault", ["hang", "drop"])
+async def test_llm_stall_or_drop_mid_call_ends_in_an_apology(make_settings, llm_server, fault):
+    settings = make_settings(enable_barge_in=False, llm_timeout_s=1.0)
+    llm_server.fault = fault
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm_server.base_url, tts=tts) as call:
+        await call.caller_says("hello")
+        await call.wait_speaking(timeout=10)
+        await call.wait_silent()
+        assert settings.apology_text in " ".join(tts.requests)
+        llm_server.fault = "none"
+        # No half-duplex mute is left on: the next turn is heard and answered.
+        await asyncio.sleep(0.5)
+        await call.caller_says("hello again")
+        await call.wait_speaking(timeout=10)
+        assert user_texts(llm_server.requests[-1].messages)[-1] == "hello again"

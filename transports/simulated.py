@@ -1,0 +1,210 @@
+"""A simulated phone line: a scripted caller in, a recording loudspeaker out.
+
+It behaves like a sound card on both ends: the input produces a 20 ms frame of the caller's
+audio (or line silence) every 20 ms of wall-clock time, and the output consumes audio at the
+playback rate, keeping at most ``device_buffer_ms`` queued ahead of "now", as a real sink
+does. Everything played is kept with its wall-clock time, so a test or the simulated call can
+see exactly what the caller heard and when, and what was cut off by an interruption.
+
+Used by ``python -m agent.phone --simulate`` and by tests; the PulseAudio transport is the real
+thing (``transports.pulse``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from pipecat.frames.frames import InputAudioRawFrame, InterruptionFrame, OutputAudioRawFrame, StartFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.transports.base_input import BaseInputTransport
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+
+
+class SimulatedPhoneParams(TransportParams):
+    """Transport params plus the simulated devices' timing."""
+
+    frame_ms: int = 20
+    device_buffer_ms: int = 40
+    max_recording_s: float = 3600.0
+
+
+@dataclass
+class PlayedChunk:
+    """A piece of audio the simulated loudspeaker played, starting at ``t`` (monotonic s)."""
+
+    t: float
+    pcm: bytes
+    sample_rate: int
+
+    @property
+    def duration(self) -> float:
+        return len(self.pcm) / 2 / self.sample_rate
+
+    @property
+    def rms(self) -> float:
+        samples = np.frombuffer(self.pcm, dtype=np.int16).astype(np.float32)
+        return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+
+
+class SimulatedCallerInput(BaseInputTransport):
+    """Emits the caller's queued audio, else silence, one frame per ``frame_ms`` of real time."""
+
+    _params: SimulatedPhoneParams
+
+    def __init__(self, params: SimulatedPhoneParams):
+        super().__init__(params)
+        self._pending: deque[bytes] = deque()
+        self._task: asyncio.Task | None = None
+        self.heard: deque[tuple[float, bytes]] = deque(maxlen=int(params.max_recording_s * 1000 / params.frame_ms))
+
+    def say(self, pcm16k: np.ndarray | bytes) -> float:
+        """Queue caller audio (16 kHz mono int16); returns its duration in seconds."""
+        data = pcm16k if isinstance(pcm16k, bytes) else np.asarray(pcm16k, dtype=np.int16).tobytes()
+        self._pending.append(data)
+        return len(data) / 2 / self.sample_rate if self.sample_rate else len(data) / 32000
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self._pending)
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+        if self._task is None:
+            self._task = self.create_task(self._produce(), name="simulated-caller")
+
+    async def stop(self, frame):
+        await self._stop_producing()
+        await super().stop(frame)
+
+    async def cancel(self, frame):
+        await self._stop_producing()
+        await super().cancel(frame)
+
+    async def _stop_producing(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            await self.cancel_task(task)
+
+    def _next_frame(self, nbytes: int) -> bytes:
+        out = bytearray()
+        while self._pending and len(out) < nbytes:
+            head = self._pending[0]
+            take = head[: nbytes - len(out)]
+            out += take
+            if len(take) == len(head):
+                self._pending.popleft()
+            else:
+                self._pending[0] = head[len(take) :]
+        return bytes(out) + bytes(nbytes - len(out))
+
+    async def _produce(self) -> None:
+        period = self._params.frame_ms / 1000
+        nbytes = int(self.sample_rate * period) * 2
+        deadline = time.monotonic()
+        while True:
+            pcm = self._next_frame(nbytes)
+            self.heard.append((time.monotonic(), pcm))
+            await self.push_audio_frame(InputAudioRawFrame(audio=pcm, sample_rate=self.sample_rate, num_channels=1))
+            deadline += period
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
+class RecordingLoudspeakerOutput(BaseOutputTransport):
+    """Plays audio in real time into a recording; an interruption drops the device buffer."""
+
+    _params: SimulatedPhoneParams
+
+    def __init__(self, params: SimulatedPhoneParams):
+        super().__init__(params)
+        self.played: deque[PlayedChunk] = deque()
+        self._clock = 0.0  # monotonic time at which the queued audio ends
+        self._max_chunks = int(params.max_recording_s * 1000 / 10)
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        now = time.monotonic()
+        start = max(now, self._clock)
+        chunk = PlayedChunk(t=start, pcm=frame.audio, sample_rate=frame.sample_rate)
+        self.played.append(chunk)
+        while len(self.played) > self._max_chunks:
+            self.played.popleft()
+        self._clock = start + chunk.duration
+        # A sound card blocks the writer until its buffer has room.
+        ahead = self._clock - time.monotonic() - self._params.device_buffer_ms / 1000
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        return True
+
+    async def process_frame(self, frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            self.flush_playback()
+
+    def flush_playback(self) -> None:
+        """Drop what the device still had queued: the caller hears nothing after now."""
+        now = time.monotonic()
+        kept: deque[PlayedChunk] = deque()
+        for chunk in self.played:
+            if chunk.t >= now:
+                continue
+            if chunk.t + chunk.duration > now:
+                samples = int((now - chunk.t) * chunk.sample_rate)
+                chunk = PlayedChunk(chunk.t, chunk.pcm[: samples * 2], chunk.sample_rate)
+            kept.append(chunk)
+        self.played = kept
+        self._clock = min(self._clock, now)
+
+    def audible_until(self, threshold_rms: float = 200.0) -> float | None:
+        """Wall-clock end of the last chunk louder than ``threshold_rms``."""
+        for chunk in reversed(self.played):
+            if chunk.rms > threshold_rms:
+                return chunk.t + chunk.duration
+        return None
+
+    def audio(self) -> np.ndarray:
+        """Everything played, concatenated (int16)."""
+        if not self.played:
+            return np.zeros(0, dtype=np.int16)
+        return np.frombuffer(b"".join(c.pcm for c in self.played), dtype=np.int16)
+
+
+class SimulatedPhoneTransport(BaseTransport):
+    """A simulated phone: ``say()`` speaks as the caller, ``output_processor.played`` is heard."""
+
+    def __init__(self, params: SimulatedPhoneParams | None = None):
+        super().__init__()
+        self._params = params or SimulatedPhoneParams(
+            audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=16000
+        )
+        self._input: SimulatedCallerInput | None = None
+        self._output: RecordingLoudspeakerOutput | None = None
+
+    def input(self) -> FrameProcessor:
+        if self._input is None:
+            self._input = SimulatedCallerInput(self._params)
+        return self._input
+
+    def output(self) -> FrameProcessor:
+        if self._output is None:
+            self._output = RecordingLoudspeakerOutput(self._params)
+        return self._output
+
+    @property
+    def caller(self) -> SimulatedCallerInput:
+        return self.input()  # type: ignore[return-value]
+
+    @property
+    def loudspeaker(self) -> RecordingLoudspeakerOutput:
+        return self.output()  # type: ignore[return-value]
+
+    def say(self, pcm16k: np.ndarray | bytes) -> float:
+        return self.caller.say(pcm16k)
