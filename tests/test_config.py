@@ -1,0 +1,130 @@
+"""The configuration object and what `python -m agent.phone` does with a bad one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from agent.config import CHUNK_MS_TO_RIGHT_CONTEXT, AgentSettings, ConfigError, load_settings
+from tests.conftest import REPO
+
+EXAMPLE = REPO / "config" / "agent.example.toml"
+
+
+def test_defaults_are_half_duplex_on_the_echo_cancelled_source(monkeypatch):
+    monkeypatch.setenv("STT_MODEL_PATH", "/models/nemotron.nemo")
+    settings = load_settings()
+    assert settings.enable_barge_in is False
+    assert settings.pulse_source == "echo_cancel_source"
+    assert settings.stt_backend == "nemotron"
+    assert settings.asr_chunk_ms == 160 and settings.asr_right_context == 1
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("true", True), ("off", False)])
+def test_enable_barge_in_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("ENABLE_BARGE_IN", value)
+    monkeypatch.setenv("STT_BACKEND", "whisper")
+    assert load_settings().enable_barge_in is expected
+
+
+@pytest.mark.parametrize("chunk_ms, right", sorted(CHUNK_MS_TO_RIGHT_CONTEXT.items()))
+def test_chunk_sizes_map_to_right_context(make_settings, chunk_ms, right):
+    assert make_settings(asr_chunk_ms=chunk_ms).asr_right_context == right
+
+
+def test_environment_wins_over_the_toml_file(monkeypatch, tmp_path):
+    toml = tmp_path / "agent.toml"
+    toml.write_text('stt_backend = "whisper"\nllm_model = "from-file"\nchatterbox_voice = "grandma"\n')
+    monkeypatch.setenv("AGENT_CONFIG", str(toml))
+    monkeypatch.setenv("LLM_MODEL", "from-env")
+    settings = load_settings()
+    assert (settings.llm_model, settings.chatterbox_voice) == ("from-env", "grandma")
+
+
+def test_secrets_are_not_shown(make_settings):
+    settings = make_settings(internal_token="s3cret-token", llm_api_key="k3y")
+    assert "s3cret-token" not in repr(settings) and "k3y" not in repr(settings)
+
+
+def test_example_file_documents_every_setting_and_loads():
+    text = EXAMPLE.read_text()
+    documented = set(re.findall(r"^#?\s*([a-z_0-9]+)\s*=", text, flags=re.M))
+    assert set(AgentSettings.model_fields) <= documented, set(AgentSettings.model_fields) - documented
+    values = tomllib.loads(text)
+    AgentSettings(**{**values, "stt_model_path": "/models/x.nemo"})
+
+
+BAD_CONFIGS = [
+    ({"STT_BACKEND": "nemotron"}, "STT_MODEL_PATH"),
+    ({"ASR_CHUNK_MS": "200"}, "ASR_CHUNK_MS"),
+    ({"ENABLE_BARGE_IN": "maybe"}, "ENABLE_BARGE_IN"),
+    ({"STT_BACKEND": "deepgram"}, "STT_BACKEND"),
+    ({"STT_BACKEND": "parakeet-http"}, "PARAKEET_URL"),
+    ({"LLM_BASE_URL": "localhost:8000"}, "LLM_BASE_URL"),
+    ({"CHATTERBOX_URL": "ftp://tts"}, "CHATTERBOX_URL"),
+    ({"AUDIO_OUT_SAMPLE_RATE": "44100"}, "AUDIO_OUT_SAMPLE_RATE"),
+    ({"VAD_CONFIDENCE": "1.5"}, "VAD_CONFIDENCE"),
+    ({"PULSE_SOURCE": ""}, "PULSE_SOURCE"),
+    ({"LLM_TIMEOUT_S": "-1"}, "LLM_TIMEOUT_S"),
+    ({"AGENT_CONFIG": "/nonexistent/agent.toml"}, "AGENT_CONFIG"),
+]
+
+
+@pytest.mark.parametrize("env, setting", BAD_CONFIGS, ids=[s for _, s in BAD_CONFIGS])
+def test_bad_setting_is_one_sentence_naming_it(monkeypatch, env, setting):
+    monkeypatch.setenv("STT_BACKEND", "whisper")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert setting in message
+    assert message.endswith(".") and "\n" not in message
+    assert len(re.findall(r"[.!?](\s|$)", message)) == 1, message
+
+
+def test_unknown_key_in_the_toml_file_is_refused(monkeypatch, tmp_path):
+    toml = tmp_path / "agent.toml"
+    toml.write_text('stt_backend = "whisper"\nbarge_in = true\n')
+    monkeypatch.setenv("AGENT_CONFIG", str(toml))
+    with pytest.raises(ConfigError, match="BARGE_IN is not a known setting"):
+        load_settings()
+
+
+def test_malformed_toml_names_the_file_setting(monkeypatch, tmp_path):
+    toml = tmp_path / "agent.toml"
+    toml.write_text("stt_backend = \n")
+    monkeypatch.setenv("AGENT_CONFIG", str(toml))
+    with pytest.raises(ConfigError, match="AGENT_CONFIG"):
+        load_settings()
+
+
+def run_phone(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.phone", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_works():
+    result = run_phone("--help")
+    assert result.returncode == 0
+    assert "ENABLE_BARGE_IN" in result.stdout and "--simulate" in result.stdout
+
+
+@pytest.mark.parametrize("env, setting", BAD_CONFIGS[:4], ids=[s for _, s in BAD_CONFIGS[:4]])
+def test_bad_config_exits_2_with_one_sentence(env, setting):
+    result = run_phone(env={"STT_BACKEND": "whisper", **env})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and setting in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
