@@ -1,0 +1,193 @@
+"""The preflight gates against a real PulseAudio rig with webrtc AEC and the stand-in servers.
+
+Each failing gate must say why; the CLI's exit status is 0 only when no gate failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.preflight import GATES, run_gate, run_gates
+
+REPO = Path(__file__).resolve().parent.parent
+
+try:
+    from transports.pulse_rig import PulseRig, pulseaudio_available
+except ImportError as e:  # the transport's rig is another issue's module
+    PulseRig, _rig_missing = None, f"transports.pulse_rig unavailable ({e})"
+else:
+    _rig_missing = None if pulseaudio_available() else "pulseaudio/pactl not installed"
+
+needs_rig = pytest.mark.skipif(_rig_missing is not None, reason=str(_rig_missing))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rig():
+    if _rig_missing:
+        pytest.skip(_rig_missing)
+    with PulseRig() as r:
+        yield r
+
+
+@pytest.fixture
+def on_rig(rig, monkeypatch):
+    """This process (pactl, libpulse) talks to the rig's daemon."""
+    for key in ("PULSE_SERVER", "XDG_RUNTIME_DIR", "PULSE_RUNTIME_PATH", "PULSE_STATE_PATH", "HOME"):
+        monkeypatch.setenv(key, rig.env[key])
+    return rig
+
+
+@pytest.fixture
+async def tts_server():
+    from agent.standins.tts_server import TTSStandIn
+
+    async with TTSStandIn() as server:
+        yield server
+
+
+def by_name(results):
+    return {r.name: r for r in results}
+
+
+@needs_rig
+async def test_all_gates_pass_on_a_working_setup(on_rig, llm_server, tts_server, make_settings):
+    settings = make_settings(llm_base_url=llm_server.base_url, chatterbox_url=tts_server.url)
+    results = by_name(await run_gates(settings))
+    assert list(results) == list(GATES)
+    for name in ("audio", "llm", "tts", "stt", "aec"):
+        assert results[name].verdict == "PASS", results[name].line()
+    gpu = results["gpu"]
+    assert gpu.verdict in ("PASS", "SKIP") and gpu.reason
+    # The rig's webrtc canceller removes the loopback echo by well over the 20 dB the gate asks.
+    aec = results["aec"].details
+    assert aec["attenuation_db"] >= 20 and aec["raw_mic"] == on_rig.RAW_MIC
+    assert aec["erle_db"] is not None and aec["erle_db"] >= 20
+    assert results["stt"].details["words_heard"] >= 0.6
+
+
+@needs_rig
+async def test_aec_gate_fails_on_the_raw_mic(on_rig, make_settings):
+    """The raw mic hears the echo path undamped: the gate must fail and say by how much."""
+    settings = make_settings(pulse_source=on_rig.RAW_MIC, pulse_sink=on_rig.SPEAKER)
+    result = await run_gate("aec", settings)
+    assert result.verdict == "FAIL"
+    assert "need 20 dB" in result.reason and result.details["attenuation_db"] < 20
+
+
+@needs_rig
+async def test_audio_gate_names_the_missing_device(on_rig, make_settings):
+    settings = make_settings(pulse_source="bluez_source.phone", pulse_sink=on_rig.SINK)
+    result = await run_gate("audio", settings)
+    assert result.verdict == "FAIL"
+    assert "bluez_source.phone" in result.reason and "PULSE_SOURCE" in result.reason
+    assert on_rig.SOURCE in result.reason  # what is there instead
+    assert "PULSE_SINK" not in result.reason
+
+
+async def test_audio_gates_fail_without_a_pulseaudio_server(monkeypatch, tmp_path, make_settings):
+    monkeypatch.setenv("PULSE_SERVER", f"unix:{tmp_path}/no-such-socket")
+    for name in ("audio", "aec"):
+        result = await run_gate(name, make_settings())
+        assert result.verdict == "FAIL" and "PulseAudio" in result.reason, result.line()
+
+
+async def test_llm_gate_fails_on_a_closed_port(make_settings):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = await run_gate("llm", make_settings(llm_base_url=url))
+    assert result.verdict == "FAIL"
+    assert url in result.reason and "LLM_BASE_URL" in result.reason
+
+
+async def test_llm_gate_fails_on_a_server_error(llm_server, make_settings):
+    llm_server.fault = "error"
+    result = await run_gate("llm", make_settings(llm_base_url=llm_server.base_url))
+    assert result.verdict == "FAIL" and "HTTP 500" in result.reason
+
+
+async def test_llm_gate_fails_on_a_silent_server(llm_server, make_settings):
+    llm_server.fault = "hang"
+    result = await run_gate("llm", make_settings(llm_base_url=llm_server.base_url, llm_timeout_s=0.5))
+    assert result.verdict == "FAIL" and "LLM_TIMEOUT_S=0.5" in result.reason
+
+
+async def test_tts_gate_fails_on_a_closed_port(make_settings):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = await run_gate("tts", make_settings(chatterbox_url=url))
+    assert result.verdict == "FAIL" and url in result.reason and "not reachable" in result.reason
+
+
+async def test_stt_gate_names_a_wrong_model_path(tmp_path, make_settings):
+    result = await run_gate("stt", make_settings(whisper_model_path=tmp_path / "missing"))
+    assert result.verdict == "FAIL" and "WHISPER_MODEL_PATH" in result.reason
+
+
+async def test_stt_gate_fails_when_the_sidecar_is_down(make_settings):
+    url = f"http://127.0.0.1:{free_port()}/transcribe"
+    result = await run_gate("stt", make_settings(stt_backend="parakeet-http", parakeet_url=url))
+    assert result.verdict == "FAIL"
+    assert "parakeet-http" in result.reason and "connection failed" in result.reason
+
+
+async def test_gpu_gate(make_settings):
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    result = await run_gate("gpu", make_settings(asr_device="cuda"))
+    if torch.cuda.is_available():
+        assert result.verdict in ("PASS", "FAIL") and "GiB free" in result.reason
+    else:
+        assert result.verdict == "FAIL" and "ASR_DEVICE=cuda" in result.reason
+        skipped = await run_gate("gpu", make_settings(asr_device="auto"))
+        assert skipped.verdict == "SKIP" and "no CUDA GPU" in skipped.reason
+    sidecar = await run_gate("gpu", make_settings(stt_backend="parakeet-http", parakeet_url="http://127.0.0.1:1/x"))
+    assert sidecar.verdict == "SKIP" and "sidecar" in sidecar.reason
+
+
+def _cli(args: list[str], env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ) | env_overrides
+    return subprocess.run(
+        [sys.executable, "-m", "agent.preflight", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_exit_status_lines_and_json(tmp_path):
+    out = tmp_path / "preflight.json"
+    result = _cli(
+        ["--only", "llm,gpu", "--json", str(out)],
+        {"STT_BACKEND": "parakeet-http", "PARAKEET_URL": "http://127.0.0.1:1/x",
+         "LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"},
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("FAIL  llm") and lines[1].startswith("SKIP  gpu")
+    assert "FAILED: llm" in lines[-1]
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved] == ["llm", "gpu"] and saved[0]["verdict"] == "FAIL"
+
+
+def test_cli_passes_when_the_gates_pass():
+    result = _cli(["--only", "gpu"], {"STT_BACKEND": "parakeet-http", "PARAKEET_URL": "http://127.0.0.1:1/x"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all gates passed" in result.stdout
+
+
+def test_cli_bad_settings_exit_2():
+    result = _cli(["--only", "gpu"], {"STT_BACKEND": "vosk"})
+    assert result.returncode == 2 and "STT_BACKEND" in result.stderr
+
+
+def test_cli_unknown_gate_is_refused():
+    result = _cli(["--only", "llm,coffee"], {"STT_BACKEND": "whisper"})
+    assert result.returncode == 2 and "coffee" in result.stderr
