@@ -6,7 +6,6 @@ Also: espeak-ng speech synthesized on the spot (nothing downloaded) and word-lev
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import wave
@@ -22,6 +21,8 @@ from pipecat.frames.frames import (
 )
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import run_test
+
+from agent.stt_probe import word_overlap, words  # noqa: F401 - re-exported for the tests
 
 RATE = 16000
 CHUNK_BYTES = RATE // 50 * 2  # 20 ms of 16-bit mono
@@ -62,13 +63,3 @@ def wav_info(wav: bytes) -> tuple[int, int, int, int]:
     with wave.open(BytesIO(wav), "rb") as w:
         return w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
 
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_overlap(expected: str, heard: str) -> float:
-    """Fraction of the expected words that were heard (order-free; ASR may slip on a few)."""
-    want = words(expected)
-    got = set(words(heard))
-    return sum(w in got for w in want) / len(want) if want else 0.0
