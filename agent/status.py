@@ -62,7 +62,7 @@ class TurnLatency:
     endpointing_ms: float | None = None  # speech end -> user turn declared over
     stt_ms: float | None = None  # speech end -> final transcript
     llm_ttfb_ms: float | None = None  # user turn over -> first LLM text
-    tts_ttfb_ms: float | None = None  # first LLM text -> first TTS audio
+    tts_ttfb_ms: float | None = None  # first LLM text -> first TTS audio (incl. waiting for a sentence)
     transport_ms: float | None = None  # first TTS audio -> bot started speaking
     total_ms: float | None = None  # speech end -> bot started speaking
     service_ttfb_ms: dict[str, float] = field(default_factory=dict)  # from MetricsFrame TTFB
@@ -235,7 +235,7 @@ class CallStatus:
             "counts": {
                 "turns": self.turns,
                 "barge_ins": self.barge_ins,
-                "interruptions": self.interruptions,
+                "interruptions": self.interruptions,  # every InterruptionFrame, barge-ins included
                 "errors": self.errors,
                 "errors_by_category": dict(self.errors_by_category),
             },

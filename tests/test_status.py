@@ -223,3 +223,70 @@ async def test_port_in_use_is_a_clear_error():
             await second.start()
     finally:
         await first.stop()
+
+
+# --- a real call: the assembled pipeline, the LLM and Chatterbox stand-ins over HTTP ---------------
+
+LONG_REPLY = (
+    "Once upon a time there was a little village by the sea. Every morning the fishermen went out. "
+    "They came back at noon with baskets full of silver fish. The children ran down to meet them."
+)
+
+
+@pytest.fixture
+async def tts_server():
+    from agent.standins.tts_server import TTSStandIn
+
+    async with TTSStandIn() as server:
+        yield server
+
+
+async def test_status_follows_a_real_call_with_barge_in(make_settings, llm_server, tts_server):
+    from pipecat.workers.runner import WorkerRunner
+
+    from agent.pipeline import build_call_pipeline
+    from agent.services import build_llm, build_tts
+    from tests.call_harness import CallHarness, FrameLog
+    from transports.simulated import SimulatedPhoneTransport
+
+    settings = make_settings(enable_barge_in=True)
+    status = CallStatus.from_settings(settings, model_loaded=True)
+    server = StatusServer(status, port=0, token=TOKEN)
+    await server.start()
+    llm_server.queue_reply(LONG_REPLY)
+    transport, log, tts = SimulatedPhoneTransport(), FrameLog(), build_tts(settings, base_url=tts_server.url)
+    call = build_call_pipeline(
+        settings, transport=transport, stt=IdentityFilter(), tts=tts, vad_analyzer=None,
+        llm=build_llm(settings, base_url=llm_server.base_url), observers=[log, StatusObserver(status)],
+    )
+    runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+    await runner.add_workers(call.worker)
+    task = asyncio.create_task(runner.run())
+    harness = CallHarness(call, transport, log, tts)
+    headers = {"X-Internal-Token": TOKEN}
+    try:
+        await harness.wait_until(lambda: status.pipeline_running, 10, "the pipeline to start")
+        assert (await _get(server.url + "/health")) == (200, {"ok": True})
+        code, body = await _get(server.url + "/v1/phone/status", headers)
+        assert (code, body["state"], body["barge_in"], body["stt"]["backend"]) == (200, "idle", "on", "whisper")
+
+        await harness.caller_says("what is the weather like in the village")
+        await harness.wait_speaking()
+        _, body = await _get(server.url + "/v1/phone/status", headers)
+        assert body["state"] == "speaking" and body["counts"]["turns"] == 1
+        lat = body["last_turn_latency"]
+        for part in ("endpointing_ms", "llm_ttfb_ms", "tts_ttfb_ms", "transport_ms", "total_ms"):
+            assert lat[part] is not None and lat[part] >= 0, (part, lat)
+        assert lat["total_ms"] >= lat["llm_ttfb_ms"] + lat["tts_ttfb_ms"]
+
+        await harness.caller_says("stop please")
+        await harness.wait_until(lambda: status.barge_ins == 1, 5, "the barge-in to be counted")
+        _, body = await _get(server.url + "/v1/phone/status", headers)
+        assert body["counts"]["barge_ins"] == 1 and body["counts"]["errors"] == 0
+        text = json.dumps(body).lower()
+        assert "weather" not in text and "village" not in text and "stop please" not in text
+    finally:
+        await call.worker.cancel(reason="test over")
+        await asyncio.wait_for(task, 10)
+        assert (await _get(server.url + "/health"))[0] == 503  # the call is over
+        await server.stop()
