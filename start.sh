@@ -209,28 +209,24 @@ cmd_test() {
 
 cmd_status() {
     local port="${STATUS_PORT:-8765}"
-    [ -n "${INTERNAL_TOKEN:-}" ] || die "INTERNAL_TOKEN is not set; export the agent's token (see systemd/annie-phone.env)"
-    local url="http://127.0.0.1:$port/v1/phone/status"
-    if have curl; then
-        # The token goes through stdin, not the command line (other users can read argv).
-        printf 'X-Internal-Token: %s\n' "$INTERNAL_TOKEN" | curl -sS --fail-with-body -H @- "$url"
-        echo
-    else
-        need_venv
-        "$PY" - "$url" <<'EOF'
-import os, sys, urllib.request, urllib.error
-req = urllib.request.Request(sys.argv[1], headers={"X-Internal-Token": os.environ["INTERNAL_TOKEN"]})
+    [ -n "${INTERNAL_TOKEN:-}" ] || die "INTERNAL_TOKEN is not set; export the agent's token (see systemd/annie-phone.env.example)"
+    local py="$PY"
+    [ -x "$py" ] || py="$(command -v python3)" || die "no Python to query the status endpoint with"
+    # The token goes through the environment, not the command line (other users can read argv).
+    "$py" - "http://127.0.0.1:$port/v1/phone/status" <<'EOF'
+import os, sys, urllib.error, urllib.request
+url = sys.argv[1]
+req = urllib.request.Request(url, headers={"X-Internal-Token": os.environ["INTERNAL_TOKEN"]})
 try:
     with urllib.request.urlopen(req, timeout=5) as resp:
         print(resp.read().decode())
 except urllib.error.HTTPError as e:
-    print(e.read().decode(), file=sys.stderr)
+    print(f"start.sh: HTTP {e.code}: {e.read().decode()}", file=sys.stderr)
     sys.exit(22)
 except OSError as e:
-    print(f"start.sh: status endpoint not reachable at {sys.argv[1]}: {e}", file=sys.stderr)
+    print(f"start.sh: the status endpoint is not reachable at {url} ({e}); is the agent running?", file=sys.stderr)
     sys.exit(7)
 EOF
-    fi
 }
 
 unit_installed() {

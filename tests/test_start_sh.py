@@ -173,3 +173,14 @@ def test_phone_without_a_venv_says_run_setup(env, tmp_path):
     env["ANNIE_PYTHON"] = str(tmp_path / "no-venv" / "python")
     result = run(["phone"], env)
     assert result.returncode == 1 and "start.sh setup" in result.stderr
+
+
+def test_status_when_no_agent_listens(env):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(STATUS_PORT=str(port), INTERNAL_TOKEN="tok")
+    result = run(["status"], env)
+    assert result.returncode == 7 and "is the agent running?" in result.stderr
