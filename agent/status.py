@@ -44,6 +44,8 @@ from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
 
+from processors.errors import SetupError
+
 State = Literal["idle", "listening", "speaking"]
 TOKEN_HEADER = "X-Internal-Token"
 STATUS_PATH = "/v1/phone/status"
@@ -307,7 +309,8 @@ def _token_matches(given: str | None, expected: str) -> bool:
 class StatusServer:
     """Serves a :class:`CallStatus` on ``host:port`` (127.0.0.1 by default; port 0 = ephemeral).
 
-    ``start()`` and ``stop()`` are idempotent; ``port`` is the bound port once started.
+    ``start()`` and ``stop()`` are idempotent; ``port`` is the bound port once started. A port
+    that cannot be bound is a :class:`~processors.errors.SetupError` naming ``STATUS_PORT``.
     """
 
     def __init__(
@@ -351,9 +354,9 @@ class StatusServer:
             await site.start()
         except OSError as e:
             await runner.cleanup()
-            raise OSError(
-                f"{self}: cannot listen on {self._host}:{self._requested_port} ({e}); "
-                "set STATUS_PORT to a free port"
+            raise SetupError(
+                f"STATUS_PORT {self._requested_port}: cannot listen on {self._host} ({e.strerror or e}); "
+                "stop what uses it or choose another port."
             ) from e
         self._runner = runner
         self._port = runner.addresses[0][1]

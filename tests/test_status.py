@@ -24,6 +24,7 @@ from pipecat.processors.filters.identity_filter import IdentityFilter
 from pipecat.tests.utils import SleepFrame, run_test
 
 from agent.status import CallStatus, StatusObserver, StatusServer
+from processors.errors import SetupError
 
 TOKEN = "s3cret-token-for-tests"
 SECRET_WORDS = "my bank pin is four four two one"
@@ -219,7 +220,7 @@ async def test_port_in_use_is_a_clear_error():
     await first.start()
     try:
         second = StatusServer(_status(), port=first.port, token=TOKEN)
-        with pytest.raises(OSError, match="STATUS_PORT"):
+        with pytest.raises(SetupError, match="STATUS_PORT"):
             await second.start()
     finally:
         await first.stop()
