@@ -178,7 +178,7 @@ cmd_phone() {
     # The lock (fd 9) passes to the agent through exec: it is held exactly as long as it runs.
     truncate -s 0 "$lock"
     echo "$$" >"$lock"
-    echo "start.sh: starting Annie on '$source' (barge-in ${ENABLE_BARGE_IN:-0})" >&2
+    echo "start.sh: starting Annie on '$source'${ENABLE_BARGE_IN:+ with ENABLE_BARGE_IN=$ENABLE_BARGE_IN}" >&2
     if [ -z "${INVOCATION_ID:-}" ]; then
         # Not under systemd: keep a copy of the log for 'start.sh logs'.
         mkdir -p "$(dirname "$LOG_FILE")"
