@@ -201,3 +201,38 @@ async def test_llm_stall_or_drop_mid_call_ends_in_an_apology(make_settings, llm_
         await call.caller_says("hello again")
         await call.wait_speaking(timeout=10)
         assert user_texts(llm_server.requests[-1].messages)[-1] == "hello again"
+
+
+async def test_barge_in_closes_the_chatterbox_request_and_drops_its_audio(make_settings, slow_llm):
+    """The same cut with the real Chatterbox service against the stand-in speech server."""
+    from agent.services import build_tts
+    from agent.standins.tts_server import TTSStandIn, TTSStandInOptions
+
+    slow_llm.queue_reply(
+        "Once upon a time, in a village by the sea, an old fisherman mended his nets every single "
+        "morning while the gulls circled and cried above the harbour wall. That is the story."
+    )
+    slow_llm.queue_reply(SHORT_REPLY)
+    # Synthesis at 1.5x real time: the long first sentence is still streaming when the caller cuts in.
+    async with TTSStandIn(options=TTSStandInOptions(realtime_factor=1.5)) as speech:
+        settings = make_settings(enable_barge_in=True)
+        tts = build_tts(settings, base_url=speech.url)
+        async with running_call(settings, llm_base_url=slow_llm.base_url, tts=tts) as call:
+            await call.caller_says("tell me a story")
+            await call.wait_speaking()
+            await asyncio.sleep(1.0)
+            story = speech.requests[0]
+            assert story.disconnected_at is None and not story.completed
+
+            onset = await call.caller_says("stop please")
+            await speech.wait_for(lambda: story.disconnected_at is not None, timeout=3)
+            cut = min(t for t in call.log.times(InterruptionFrame) if t >= onset)
+            await call.wait_until(
+                lambda: [t for t in call.log.times(BotStartedSpeakingFrame) if t > cut], 10, "the answer"
+            )
+            answer_start = min(t for t in call.log.times(BotStartedSpeakingFrame) if t > cut)
+            stale = call.audible_since(cut + 0.1) - call.audible_since(answer_start)
+            assert stale < 0.02, f"{stale:.3f} s of the interrupted story played after the cut"
+            await call.wait_silent()
+            answer = [r for r in speech.requests if "All right" in r.body.get("input", "")]
+            assert answer and answer[-1].completed
