@@ -235,7 +235,7 @@ class ChatterboxTTSService(TTSService):
             except ChatterboxRequestError as e:
                 if self._is_cancelled(context_id):
                     return  # the request was closed on purpose
-                if played or not e.retryable or attempt >= self._max_retries or self._is_cancelled(context_id):
+                if played or not e.retryable or attempt >= self._max_retries:
                     yield ErrorFrame(error=f"Chatterbox TTS failed: {e}", category=e.category)
                     return
                 attempt += 1

@@ -229,7 +229,7 @@ async def test_a_server_slower_than_the_first_byte_timeout_is_cut_off(server):
     assert len(server.requests) == 2  # one retry
     for record in server.requests:
         assert record.bytes_sent == 0
-        assert 0.25 < record.disconnected_at - record.started_at < 2.0  # sanity, not speed
+        assert 0.25 < record.disconnected_at - record.started_at < 10.0  # cut off, not left hanging 30 s
     assert "no audio within 0.3 s" in probe.errors()[0].error
     print(f"\nfirst error {1000 * (probe.upstream.frames(ErrorFrame)[0].at - started):.0f} ms after the request")
 

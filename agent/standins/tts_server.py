@@ -191,7 +191,9 @@ class TTSStandIn:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/ping", self._health)
-        app.router.add_get("/_stats", self._stats)  # the stand-in's own: for a server in a subprocess
+        # The stand-in's own endpoints, for a server in a child process (times: time.monotonic()).
+        app.router.add_get("/_stats", self._stats)
+        app.router.add_get("/_requests", self._records)
         app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_post("/v1/audio/speech/stream", self._speech)
         # handler_cancellation: the handler is cancelled the moment the client goes away, which
@@ -230,6 +232,11 @@ class TTSStandIn:
             "completed": sum(r.completed for r in self.requests),
             "open_connections": self.open_connections() - 1,  # not counting this one
         })
+
+    async def _records(self, _request: web.Request) -> web.Response:
+        keep = ("path", "started_at", "status", "first_byte_at", "last_byte_at", "bytes_sent",
+                "disconnected_at", "generation_done_at", "finished_at")
+        return web.json_response([{k: getattr(r, k) for k in keep} for r in self.requests])
 
     def _next_fault(self) -> str:
         return self._fault_once.popleft() if self._fault_once else self.fault
@@ -388,10 +395,18 @@ class TTSStandInProcess:
             self._process = None
 
     def stats(self) -> dict:
+        """Request counters: requests, disconnected, completed, open_connections."""
+        return self._get("/_stats")
+
+    def records(self) -> list[dict]:
+        """Every request's record (see :class:`SpeechRequestRecord`) as a dict."""
+        return self._get("/_requests")
+
+    def _get(self, path: str):
         import json
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.url}/_stats", timeout=5) as response:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
             return json.load(response)
 
 
