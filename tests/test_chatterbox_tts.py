@@ -95,6 +95,21 @@ async def test_plays_exactly_the_servers_audio(server, streaming, headers):
     assert probe.errors() == []
 
 
+async def test_an_llm_reply_is_spoken_sentence_by_sentence_in_order(server):
+    from pipecat.frames.frames import LLMFullResponseEndFrame, LLMFullResponseStartFrame, LLMTextFrame
+
+    async with TTSProbe(make_tts(server.url)) as probe:
+        await probe.send(LLMFullResponseStartFrame())
+        for token in ["Hello ", "there. ", "How ", "are ", "you ", "today?"]:
+            await probe.send(LLMTextFrame(token))
+        await probe.send(LLMFullResponseEndFrame())
+        assert await probe.sink.wait_for(lambda: bool(probe.sink.frames(TTSStoppedFrame)), 20)
+    assert [r.body["input"] for r in server.requests] == ["Hello there.", "How are you today?"]
+    context_id = probe.sink.frames(TTSStoppedFrame)[0].frame.context_id
+    assert audio_bytes(probe, context_id) == synthesize("Hello there.") + synthesize("How are you today?")
+    assert probe.errors() == []
+
+
 async def test_first_audio_is_pushed_while_the_server_is_still_streaming(server):
     server.options.realtime_factor = 1.0  # as slow as speech: the answer takes seconds to send
     async with TTSProbe(make_tts(server.url)) as probe:
