@@ -1,6 +1,6 @@
 """PulseAudio measurements for the preflight gates: devices present, echo cancellation depth.
 
-Blocking helpers (subprocess ``pactl``, libpulse through the rig's Playback/Recorder); the
+Blocking helpers (subprocesses ``pactl``, ``paplay``, ``parec`` from pulseaudio-utils); the
 preflight runs them in a worker thread. They talk to the PulseAudio server the agent would use:
 ``PULSE_SERVER`` / ``XDG_RUNTIME_DIR`` from the environment, or ``server`` when given.
 """
@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal as signal_module
 import subprocess
+import tempfile
 import time
+import wave
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 AEC_TEST_TEXT = "This is the echo test. Annie is speaking into the phone line, and nothing comes back."
 CONVERGE_S = 1.0  # the canceller adapts during the first second; measure after it
 SETTLE_S = 0.3  # keep recording this long after the playback drained
+SILENCE_DBFS = -120.0
 
 
 class AudioCheckError(Exception):
@@ -82,34 +89,94 @@ class EchoMeasurement:
 
 
 def measure_echo(sink: str, source: str, server: str | None = None, sample_rate: int = 16000) -> EchoMeasurement:
-    """Play espeak-ng speech into ``sink`` while recording ``source`` (and its raw mic)."""
-    from transports.rig_audio import Playback, Recorder, rms_dbfs, synth_speech
+    """Play espeak-ng speech into ``sink`` (paplay) while recording ``source`` and its raw mic (parec)."""
+    from agent.stt_probe import write_speech_wav
 
-    try:
-        signal = synth_speech(AEC_TEST_TEXT, sample_rate)
-    except (OSError, RuntimeError) as e:
-        raise AudioCheckError(f"cannot synthesize the test signal ({e}); install espeak-ng and sox") from e
+    for tool in ("paplay", "parec"):
+        if shutil.which(tool) is None:
+            raise AudioCheckError(f"{tool} is not installed (Debian package pulseaudio-utils)")
     raw_mic = echo_cancel_master(source, server)
-    recorders = {}
-    try:
-        recorders["source"] = Recorder(server, source, sample_rate)
-        if raw_mic:
-            recorders["raw"] = Recorder(server, raw_mic, sample_rate)
-        time.sleep(0.2)  # streams running before the signal starts
-        playback = Playback(server, sink, signal, sample_rate)
-        playback.wait(timeout=len(signal) / sample_rate + 10)
-        time.sleep(SETTLE_S)
-    except RuntimeError as e:
-        raise AudioCheckError(f"cannot play into {sink!r} or record {source!r}: {e}") from e
-    finally:
-        recordings = {name: rec.stop() for name, rec in recorders.items()}
-    start, end = playback.started_at + CONVERGE_S, playback.finished_at
-    played = rms_dbfs(signal[int(CONVERGE_S * sample_rate) :])
-    levels = {name: rms_dbfs(rec.between(start, end)) for name, rec in recordings.items()}
+    env = dict(os.environ) | ({"PULSE_SERVER": server} if server else {})
+    with tempfile.TemporaryDirectory(prefix="annie-aec-") as tmp:
+        wav = Path(tmp) / "signal.wav"
+        try:
+            write_speech_wav(AEC_TEST_TEXT, wav, sample_rate)
+        except (OSError, RuntimeError) as e:
+            raise AudioCheckError(f"cannot synthesize the test signal ({e}); install espeak-ng and sox") from e
+        signal = _read_wav(wav)
+        devices = {"source": source} | ({"raw": raw_mic} if raw_mic else {})
+        recorders = {name: _Parec(dev, Path(tmp) / f"{name}.raw", sample_rate, env) for name, dev in devices.items()}
+        try:
+            time.sleep(0.3)  # recording before the signal starts
+            play_start = time.monotonic()
+            played = subprocess.run(
+                ["paplay", f"--device={sink}", str(wav)], env=env, capture_output=True, text=True,
+                timeout=len(signal) / sample_rate + 15,
+            )
+            play_end = time.monotonic()
+            time.sleep(SETTLE_S)
+        finally:
+            for rec in recorders.values():
+                rec.stop()
+        if played.returncode != 0:
+            raise AudioCheckError(f"cannot play into {sink!r}: {played.stderr.strip() or 'paplay failed'}")
+        levels = {}
+        for name, rec in recorders.items():
+            if rec.failed:
+                raise AudioCheckError(f"cannot record {devices[name]!r}: {rec.error}")
+            levels[name] = rms_dbfs(rec.window(play_start + CONVERGE_S, play_end))
     return EchoMeasurement(
-        played_dbfs=round(played, 1),
+        played_dbfs=round(rms_dbfs(signal[int(CONVERGE_S * sample_rate) :]), 1),
         source_dbfs=round(levels["source"], 1),
         raw_mic=raw_mic,
         raw_mic_dbfs=round(levels["raw"], 1) if "raw" in levels else None,
     )
 
+
+def rms_dbfs(samples: np.ndarray) -> float:
+    """RMS level of int16 audio in dBFS (-120 for silence or nothing)."""
+    if samples.size == 0:
+        return SILENCE_DBFS
+    rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+    return max(SILENCE_DBFS, 20.0 * np.log10(rms / 32768.0 + 1e-12))
+
+
+def _read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+
+
+class _Parec:
+    """``parec`` recording a source into a raw file; ``window()`` maps monotonic times to samples."""
+
+    def __init__(self, device: str, path: Path, sample_rate: int, env: dict[str, str]) -> None:
+        self._path, self._rate = path, sample_rate
+        self._out = open(path, "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            ["parec", f"--device={device}", "--format=s16le", f"--rate={sample_rate}", "--channels=1",
+             "--raw", "--latency-msec=20"],
+            env=env, stdout=self._out, stderr=subprocess.PIPE,
+        )
+        self.started_at = time.monotonic()
+        self.error = ""
+
+    @property
+    def failed(self) -> bool:
+        return self._proc.returncode not in (None, 0, -signal_module.SIGTERM)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+        try:
+            _, err = self._proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+        self.error = (err or b"").decode(errors="replace").strip() or f"parec exited with {self._proc.returncode}"
+        self._out.close()
+
+    def window(self, start: float, end: float) -> np.ndarray:
+        samples = np.frombuffer(self._path.read_bytes(), dtype=np.int16)
+        first = max(0, int((start - self.started_at) * self._rate))
+        last = max(first, int((end - self.started_at) * self._rate))
+        return samples[first:last]
