@@ -1,0 +1,344 @@
+"""Synchronous cache-aware streaming ASR engine for nvidia/nemotron-speech-streaming-en-0.6b.
+
+torch and NeMo only, no asyncio: the Pipecat service (``processors.nemotron_stt``) runs it on one
+worker thread. One :class:`NemotronStreamingEngine` holds the model; each call (stream) has its
+own :class:`StreamState`. PCM of any frame size goes in; one ``conformer_stream_step`` per chunk
+gives the running hypothesis (the partial transcript); :meth:`NemotronStreamingEngine.finalize`
+returns the final text and resets the stream.
+
+Streaming is token-identical to offline inference (fp32, greedy): every step recomputes its mel
+frames from the raw samples around them, so each frame is exactly the frame a whole-utterance
+pass would produce, and the steps follow NeMo's rules (first chunk of ``chunk_size[0]`` frames
+with nothing dropped; later chunks with ``pre_encode_cache_size`` frames of history and
+``drop_extra_pre_encoded``; the tail, however short, with ``keep_all_outputs=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from processors.errors import SetupError
+from processors.nemotron_audio import MODEL_SAMPLE_RATE, Resampler, SampleWindow, pcm_to_float
+from processors.nemotron_model import LoadedModel, load_streaming_model
+
+# Chunk size (ms) -> right attention context R of att_context_size=[70, R].
+CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
+
+
+@dataclass
+class StreamState:
+    """Everything one stream (one call) needs between steps; no engine references.
+
+    Memory is bounded: the sample window keeps only what the next mel frames need, the
+    encoder caches have a fixed size, and the hypothesis holds the tokens of the current turn.
+    """
+
+    sample_rate: int = MODEL_SAMPLE_RATE
+    window: SampleWindow = field(default_factory=SampleWindow)
+    resampler: Resampler | None = None
+    carry: bytes = b""  # an odd trailing byte of int16 PCM
+    frames_done: int = 0  # mel frames already fed to the encoder
+    steps: int = 0
+    cache_channel: torch.Tensor | None = None
+    cache_time: torch.Tensor | None = None
+    cache_len: torch.Tensor | None = None
+    hypothesis: Any = None  # NeMo Hypothesis of the current turn
+    text: str = ""
+    audio_s: float = 0.0  # seconds of audio received since the last reset
+
+    def __post_init__(self) -> None:
+        if self.resampler is None:
+            self.resampler = Resampler(self.sample_rate)
+
+    def reset(self) -> None:
+        """Forget the turn: audio, caches and hypothesis (the sample rate stays)."""
+        self.window = SampleWindow()
+        self.resampler.reset()
+        self.carry = b""
+        self.frames_done = 0
+        self.steps = 0
+        self.cache_channel = self.cache_time = self.cache_len = None
+        self.hypothesis = None
+        self.text = ""
+        self.audio_s = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the audio window and the encoder caches (not the turn's tokens)."""
+        caches = (self.cache_channel, self.cache_time, self.cache_len)
+        return self.window.nbytes + sum(int(c.numel() * c.element_size()) for c in caches if c is not None)
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.hypothesis is None else len(self.hypothesis.y_sequence)
+
+
+@dataclass
+class _Job:
+    """One encoder step's input for one stream."""
+
+    state: StreamState
+    samples: np.ndarray  # the 16 kHz samples behind the frames
+    skip: int  # window frames before the first wanted one
+    count: int  # mel frames wanted (history plus new)
+    first: bool
+    drop: int  # subsampled history frames to drop (drop_extra_pre_encoded)
+    new_frames: int
+
+
+class NemotronStreamingEngine:
+    """A loaded cache-aware RNN-T model plus the streaming rules around it.
+
+    Thread-safe: model calls take a lock, so several worker threads may share one engine; each
+    :class:`StreamState` must be used by one thread at a time.
+    """
+
+    def __init__(self, loaded: LoadedModel, chunk_ms: int, *, final_pad_ms: int | None = None):
+        self._model = loaded.model
+        self.device = loaded.device
+        self.precision = loaded.precision
+        self.chunk_ms = chunk_ms
+        self.right_context = CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms]
+        cfg = self._model.encoder.streaming_cfg
+        self._first_frames = _second(cfg.chunk_size, 0)
+        self._shift_frames = _second(cfg.shift_size, 1)
+        self._pre_cache = _second(cfg.pre_encode_cache_size, 1)
+        self._drop = cfg.drop_extra_pre_encoded
+        self._valid_out = int(cfg.valid_out_len)  # encoder frames per full chunk
+        featurizer = self._model.preprocessor.featurizer
+        self._hop = int(featurizer.hop_length)
+        self._half_fft = int(featurizer.n_fft) // 2
+        self._features = int(featurizer.nfilt)
+        # Samples before a frame's centre that its window (and pre-emphasis) can reach.
+        self._left_frames = -(-(self._half_fft + 1) // self._hop)
+        self.final_pad_ms = chunk_ms if final_pad_ms is None else final_pad_ms
+        self._lock = threading.Lock()
+        if self.device.type == "cuda" and self.precision == "bf16":
+            self._autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            self._autocast = contextlib.nullcontext
+
+    @classmethod
+    def load(
+        cls,
+        model_path: Path | str | None,
+        chunk_ms: int,
+        device: str = "auto",
+        *,
+        precision: str = "auto",
+        final_pad_ms: int | None = None,
+        cuda_graph_decoder: bool = False,
+        warm_up: bool = True,
+    ) -> NemotronStreamingEngine:
+        """Load a local ``.nemo`` cache-aware RNN-T model for ``chunk_ms`` chunks.
+
+        ``device``: "auto" (CUDA when available, else CPU with a warning), "cuda" or "cpu".
+        ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
+        ``final_pad_ms``: digital silence appended at :meth:`finalize` as right context for the
+        last words (default: one chunk). Raises :class:`SetupError` naming the setting at fault.
+        """
+        if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
+            allowed = ", ".join(str(c) for c in CHUNK_MS_TO_RIGHT_CONTEXT)
+            raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}): allowed values are {allowed}.")
+        loaded = load_streaming_model(
+            model_path,
+            right_context=CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms],
+            device=device,
+            precision=precision,
+            cuda_graph_decoder=cuda_graph_decoder,
+        )
+        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms)
+        if warm_up:
+            started = time.perf_counter()
+            engine.warm_up()
+            logger.debug(f"{engine}: warm-up took {1e3 * (time.perf_counter() - started):.0f} ms")
+        return engine
+
+    def __repr__(self) -> str:
+        return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision})"
+
+    @property
+    def sample_rate(self) -> int:
+        return MODEL_SAMPLE_RATE
+
+    @property
+    def model(self):
+        """The underlying NeMo model (eval mode, streaming context set); for tests and benches."""
+        return self._model
+
+    def new_stream(self, sample_rate: int = MODEL_SAMPLE_RATE) -> StreamState:
+        """A fresh stream; audio at another ``sample_rate`` is resampled to 16 kHz."""
+        return StreamState(sample_rate=sample_rate)
+
+    # ----- audio in -------------------------------------------------------------------------
+
+    def feed(self, state: StreamState, pcm: np.ndarray | bytes) -> None:
+        """Append PCM (16-bit bytes, int16 or float array) to the stream; no model work."""
+        samples, state.carry = pcm_to_float(pcm, state.carry)
+        state.audio_s += samples.size / state.sample_rate
+        state.window.append(state.resampler(samples))
+
+    def ready(self, state: StreamState) -> bool:
+        """Whether the stream holds enough audio for its next encoder step."""
+        need = self._first_frames if state.steps == 0 else self._shift_frames
+        return self._frames_settled(state.window.total) - state.frames_done >= need
+
+    def accept(self, state: StreamState, pcm: np.ndarray | bytes) -> str | None:
+        """Feed PCM and step every complete chunk; the new partial text if it changed, else None."""
+        self.feed(state, pcm)
+        changed = None
+        while self.ready(state):
+            text = self.step([state])[0]
+            changed = text if text is not None else changed
+        return changed
+
+    # ----- steps ----------------------------------------------------------------------------
+
+    def step(self, states: Sequence[StreamState]) -> list[str | None]:
+        """One chunk for every ready stream, batched; per stream the new text if it changed.
+
+        Streams on their first chunk and streams in steady state need different NeMo arguments,
+        so they form separate batches (two at most, three for 80 ms chunks). Streams that are not ready are skipped (None).
+        """
+        before = {id(s): s.text for s in states}
+        groups: dict[tuple[bool, int], list[_Job]] = {}
+        for s in states:
+            if self.ready(s):
+                need = self._first_frames if s.steps == 0 else self._shift_frames
+                job = self._job(s, s.frames_done + need)
+                groups.setdefault((job.first, job.drop), []).append(job)
+        for jobs in groups.values():
+            self._run(jobs, keep_all=False)
+        return [s.text if s.text != before[id(s)] else None for s in states]
+
+    def finalize(self, state: StreamState, pad_ms: int | None = None) -> str:
+        """Step the rest of the turn (plus ``pad_ms`` of silence), return its text, reset the stream."""
+        pad_ms = self.final_pad_ms if pad_ms is None else pad_ms
+        tail = state.resampler(np.zeros(0, dtype=np.float32), last=True)
+        state.window.append(tail)
+        if state.window.total > 0 and pad_ms > 0:
+            state.window.append(np.zeros(MODEL_SAMPLE_RATE * pad_ms // 1000, dtype=np.float32))
+        end = state.window.total // self._hop  # frame count of an offline pass over the same audio
+        while end > state.frames_done:
+            need = self._first_frames if state.steps == 0 else self._shift_frames
+            last = end - state.frames_done <= need
+            stop = end if last else state.frames_done + need
+            self._run([self._job(state, stop)], keep_all=last)
+        text = state.text
+        state.reset()
+        return text
+
+    def warm_up(self) -> None:
+        """Run a first, a steady and a final step on silence so the first call is not slow."""
+        state = self.new_stream()
+        samples = MODEL_SAMPLE_RATE * 3 * self.chunk_ms // 1000
+        self.accept(state, np.zeros(samples, dtype=np.int16))
+        self.finalize(state)
+
+    # ----- internals ------------------------------------------------------------------------
+
+    def _frames_settled(self, total: int) -> int:
+        """Mel frames whose whole window lies inside the first ``total`` samples."""
+        return 0 if total < self._half_fft else (total - self._half_fft) // self._hop + 1
+
+    def _job(self, state: StreamState, end_frame: int) -> _Job:
+        """The samples behind the next step's mel frames [start, end_frame), history included.
+
+        NeMo's rules: the first chunk goes in alone with nothing dropped; later chunks carry
+        ``pre_encode_cache_size`` frames of history whose extra subsampled outputs are dropped.
+        While fewer history frames exist (only 80 ms chunks, second step) the input starts at
+        frame 0 and the encoder frames already emitted are dropped: zero-padding the history,
+        as NeMo's own buffer does, would not match an offline pass.
+        """
+        first = state.steps == 0
+        if first:
+            start, drop = 0, 0
+        elif state.frames_done < self._pre_cache:
+            start, drop = 0, state.steps * self._valid_out
+        else:
+            start, drop = state.frames_done - self._pre_cache, self._drop
+        window_start = max(0, start - self._left_frames) * self._hop
+        window_end = min(state.window.total, (end_frame - 1) * self._hop + self._half_fft)
+        samples = state.window.slice(window_start, window_end)
+        skip = start - window_start // self._hop
+        return _Job(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
+
+    def _mel(self, jobs: list[_Job]) -> list[torch.Tensor]:
+        """Every job's mel frames, exactly as a whole-utterance preprocessor pass computes them.
+
+        One batched preprocessor call; a frame never reaches past its own job's samples, so
+        the zero padding of shorter rows does not touch the frames that are kept.
+        """
+        width = max(job.samples.size for job in jobs)
+        batch = np.zeros((len(jobs), width), dtype=np.float32)
+        for row, job in zip(batch, jobs):
+            row[: job.samples.size] = job.samples
+        signal = torch.from_numpy(batch).to(self.device)
+        lengths = torch.tensor([job.samples.size for job in jobs], device=self.device)
+        with torch.inference_mode():
+            mel, _ = self._model.preprocessor(input_signal=signal, length=lengths)
+        return [mel[i, :, job.skip : job.skip + job.count] for i, job in enumerate(jobs)]
+
+    def _run(self, jobs: list[_Job], keep_all: bool) -> None:
+        """One ``conformer_stream_step`` over ``jobs`` (all with the same ``first`` and ``drop``)."""
+        is_first, drop = jobs[0].first, jobs[0].drop
+        inputs, lengths = self._stack_inputs(jobs)
+        states = [job.state for job in jobs]
+        for s in states:
+            if s.cache_channel is None:
+                s.cache_channel, s.cache_time, s.cache_len = self._model.encoder.get_initial_cache_state(
+                    batch_size=1, device=self.device
+                )
+        single = len(states) == 1
+        caches = [
+            states[0].cache_channel if single else torch.cat([s.cache_channel for s in states], dim=1),
+            states[0].cache_time if single else torch.cat([s.cache_time for s in states], dim=1),
+            states[0].cache_len if single else torch.cat([s.cache_len for s in states], dim=0),
+        ]
+        hyps = None if is_first else [s.hypothesis for s in states]
+        with self._lock, torch.inference_mode(), self._autocast():
+            result = self._model.conformer_stream_step(
+                processed_signal=inputs,
+                processed_signal_length=lengths,
+                cache_last_channel=caches[0],
+                cache_last_time=caches[1],
+                cache_last_channel_len=caches[2],
+                keep_all_outputs=keep_all,
+                previous_hypotheses=hyps,
+                drop_extra_pre_encoded=drop,
+                return_transcription=True,
+            )
+        _, _, channel, time_cache, cache_len, best = result
+        for i, (job, s) in enumerate(zip(jobs, states)):
+            s.cache_channel, s.cache_time = channel[:, i : i + 1], time_cache[:, i : i + 1]
+            s.cache_len = cache_len[i : i + 1]
+            s.hypothesis = best[i]
+            s.text = best[i].text if isinstance(best[i].text, str) else ""
+            s.frames_done += job.new_frames
+            s.steps += 1
+            keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
+            s.window.forget_before(keep_from)
+
+    def _stack_inputs(self, jobs: list[_Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The jobs' mel frames as one zero-padded batch, with their lengths."""
+        rows = self._mel(jobs)
+        lengths = torch.tensor([r.shape[1] for r in rows], device=self.device, dtype=torch.long)
+        if len(rows) == 1:
+            return rows[0].unsqueeze(0), lengths
+        width = max(r.shape[1] for r in rows)
+        return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows]), lengths
+
+
+def _second(value: int | list[int], index: int) -> int:
+    """NeMo streaming sizes are either one int or [first step, later steps]."""
+    return int(value[index]) if isinstance(value, (list, tuple)) else int(value)
