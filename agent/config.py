@@ -52,6 +52,12 @@ class AgentSettings(BaseSettings):
     vad_confidence: float = Field(0.7, gt=0.0, lt=1.0)
     vad_start_ms: int = Field(200, ge=20, le=2000)
     vad_stop_ms: int = Field(200, ge=20, le=2000)
+    barge_in_pause_first: bool = True
+    barge_in_decide_ms: int = Field(800, ge=100, le=3000)
+    backchannel_words: str = Field(
+        "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
+    )
+    resume_backup_ms: int = Field(0, ge=0, le=1000)
 
     # Audio (PulseAudio)
     pulse_source: str = Field("echo_cancel_source", min_length=1)
@@ -81,7 +87,7 @@ class AgentSettings(BaseSettings):
     chatterbox_url: str = "http://127.0.0.1:4123"
     chatterbox_voice: str = Field("default", min_length=1)
     chatterbox_streaming: bool = True
-    chatterbox_exaggeration: float = Field(0.5, ge=0.0, le=2.0)
+    chatterbox_exaggeration: float = Field(0.5, ge=0.25, le=2.0)
     chatterbox_first_byte_timeout_s: float = Field(3.0, gt=0.0, le=60.0)
 
     # Operations
@@ -104,6 +110,10 @@ class AgentSettings(BaseSettings):
         if self.stt_backend == "parakeet-http" and not self.parakeet_url:
             raise ValueError("PARAKEET_URL: required when STT_BACKEND=parakeet-http")
         return self
+
+    @property
+    def backchannels(self) -> list[str]:
+        return [w.strip().lower() for w in self.backchannel_words.split(",") if w.strip()]
 
     @property
     def asr_right_context(self) -> int:

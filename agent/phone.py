@@ -47,8 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configure_logging(level: str) -> None:
+    """loguru to stderr. Pipecat's own DEBUG lines quote what was said ("Generating TTS [...]",
+    LLM messages), so below INFO they are shown only at TRACE, like our own transcripts."""
     logger.remove()
-    logger.add(sys.stderr, level=level, backtrace=False, diagnose=False)
+
+    def private(record) -> bool:
+        return level == "TRACE" or record["level"].no >= 20 or not record["name"].startswith("pipecat")
+
+    logger.add(sys.stderr, level=level, filter=private, backtrace=False, diagnose=False)
 
 
 async def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

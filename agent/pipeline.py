@@ -31,6 +31,9 @@ from pipecat.services.tts_service import TTSService
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
+from transports.playback import PausablePlayback
+
+from agent.barge_in import PauseThenDecideStartStrategy
 from agent.config import AgentSettings
 from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, user_turn_strategies
 
@@ -44,14 +47,45 @@ class CallPipeline:
     context: LLMContext
     user_aggregator: LLMUserAggregator
     assistant_aggregator: LLMAssistantAggregator
+    pause_first: PauseThenDecideStartStrategy | None = None
 
 
-def user_aggregator_params(settings: AgentSettings, vad_analyzer: VADAnalyzer | None) -> LLMUserAggregatorParams:
+def pause_first_strategy(
+    settings: AgentSettings, output: FrameProcessor, stt_streams_partials: bool
+) -> PauseThenDecideStartStrategy | None:
+    """The pause-then-decide start strategy, when barge-in is on and everything it needs is there."""
+    if not (settings.enable_barge_in and settings.barge_in_pause_first):
+        return None
+    if not isinstance(output, PausablePlayback):
+        logger.info("barge-in: this output cannot pause playback; Annie stops at the caller's first sound")
+        return None
+    if not stt_streams_partials:
+        logger.info(
+            f"barge-in: STT_BACKEND={settings.stt_backend} gives no partial transcripts; "
+            "Annie stops at the caller's first sound (no pause-then-decide)"
+        )
+        return None
+    logger.info(f"barge-in: pause first, decide within {settings.barge_in_decide_ms} ms from partial transcripts")
+    return PauseThenDecideStartStrategy(
+        playback=output,
+        window_s=settings.barge_in_decide_ms / 1000,
+        backchannels=settings.backchannels,
+        resume_backup_ms=settings.resume_backup_ms,
+    )
+
+
+def user_aggregator_params(
+    settings: AgentSettings,
+    vad_analyzer: VADAnalyzer | None,
+    start: PauseThenDecideStartStrategy | None = None,
+) -> LLMUserAggregatorParams:
     """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute."""
     mute = [] if settings.enable_barge_in else [HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000)]
     return LLMUserAggregatorParams(
         vad_analyzer=vad_analyzer,
-        user_turn_strategies=user_turn_strategies(speech_timeout_s=settings.user_speech_timeout_ms / 1000),
+        user_turn_strategies=user_turn_strategies(
+            speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None
+        ),
         user_mute_strategies=mute,
         # A barge-in with no words (a cough, a bang) must not make Annie answer by itself.
         empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=None, idle_prompt=None),
@@ -67,11 +101,19 @@ def build_call_pipeline(
     tts: TTSService | FrameProcessor,
     vad_analyzer: VADAnalyzer | None,
     observers: list[BaseObserver] | None = None,
+    stt_streams_partials: bool | None = None,
 ) -> CallPipeline:
-    """Wire the services into one pipeline and a worker that runs until told to stop."""
+    """Wire the services into one pipeline and a worker that runs until told to stop.
+
+    ``stt_streams_partials`` defaults to whether the configured STT backend streams partial
+    transcripts (only ``nemotron`` does); pause-then-decide barge-in needs them.
+    """
+    if stt_streams_partials is None:
+        stt_streams_partials = settings.stt_backend == "nemotron"
+    start = pause_first_strategy(settings, transport.output(), stt_streams_partials)
     context = LLMContext(messages=[])
     user_agg, assistant_agg = LLMContextAggregatorPair(
-        context, user_params=user_aggregator_params(settings, vad_analyzer)
+        context, user_params=user_aggregator_params(settings, vad_analyzer, start)
     )
 
     @assistant_agg.event_handler("on_assistant_turn_stopped")
@@ -93,4 +135,4 @@ def build_call_pipeline(
         observers=observers or [],
     )
     logger.debug(f"call pipeline assembled (barge-in {'on' if settings.enable_barge_in else 'off'})")
-    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg)
+    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg, start)

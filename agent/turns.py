@@ -20,7 +20,11 @@ from loguru import logger
 from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame, Frame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.turns.user_mute import BaseUserMuteStrategy
-from pipecat.turns.user_start import TranscriptionUserTurnStartStrategy, VADUserTurnStartStrategy
+from pipecat.turns.user_start import (
+    BaseUserTurnStartStrategy,
+    TranscriptionUserTurnStartStrategy,
+    VADUserTurnStartStrategy,
+)
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
@@ -50,7 +54,9 @@ class HalfDuplexMuteStrategy(BaseUserMuteStrategy):
         return self._bot_speaking or time.monotonic() < self._muted_until
 
 
-def user_turn_strategies(*, speech_timeout_s: float) -> UserTurnStrategies:
+def user_turn_strategies(
+    *, speech_timeout_s: float, start: list[BaseUserTurnStartStrategy] | None = None
+) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
     Turns end after ``speech_timeout_s`` of silence (predictable, unlike smart-turn, which can
@@ -61,7 +67,8 @@ def user_turn_strategies(*, speech_timeout_s: float) -> UserTurnStrategies:
     ``enable_interruptions=False`` instead would queue answers behind ignored speech.
     """
     return UserTurnStrategies(
-        start=[
+        start=start
+        or [
             VADUserTurnStartStrategy(enable_interruptions=True),
             TranscriptionUserTurnStartStrategy(enable_interruptions=True),
         ],

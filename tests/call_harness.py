@@ -60,6 +60,10 @@ class CallHarness:
     def loudspeaker(self):
         return self.transport.loudspeaker
 
+    async def send(self, *frames: Frame) -> float:
+        await self.call.worker.queue_frames(list(frames))
+        return time.monotonic()
+
     async def caller_says(self, text: str, *, speech_s: float = 0.3, interim: bool = True) -> float:
         """Inject one caller utterance (VAD start, partial, final, VAD stop); returns its onset time."""
         onset = time.monotonic()
@@ -115,6 +119,7 @@ async def running_call(
     llm_base_url: str,
     tts: FrameProcessor,
     stt: FrameProcessor | None = None,
+    stt_streams_partials: bool | None = None,
 ):
     """Start the call pipeline, yield a :class:`CallHarness`, then cancel it cleanly."""
     transport = SimulatedPhoneTransport()
@@ -127,6 +132,7 @@ async def running_call(
         tts=tts,
         vad_analyzer=None,
         observers=[log],
+        stt_streams_partials=stt_streams_partials,
     )
     runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
     await runner.add_workers(call.worker)

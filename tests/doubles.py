@@ -24,6 +24,7 @@ class ToneTTSService(TTSService):
         )
         self._ms_per_char = ms_per_char
         self.requests: list[str] = []
+        self.produced = bytearray()  # every sample synthesised, in order
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -34,6 +35,7 @@ class ToneTTSService(TTSService):
         n = int(rate * self._ms_per_char / 1000 * max(1, len(text.strip())))
         t = np.arange(n) / rate
         pcm = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).tobytes()
+        self.produced += pcm
         step = int(rate * 0.04) * 2
         await self.stop_ttfb_metrics()
         for i in range(0, len(pcm), step):

@@ -18,11 +18,19 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from pipecat.frames.frames import InputAudioRawFrame, InterruptionFrame, OutputAudioRawFrame, StartFrame
+from pipecat.frames.frames import (
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    TTSTextFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
+
+from transports.playback import PlaybackGate
 
 
 class SimulatedPhoneParams(TransportParams):
@@ -116,52 +124,102 @@ class SimulatedCallerInput(BaseInputTransport):
 
 
 class RecordingLoudspeakerOutput(BaseOutputTransport):
-    """Plays audio in real time into a recording; an interruption drops the device buffer."""
+    """Plays audio in real time into a recording; an interruption drops the device buffer.
+
+    Implements :class:`transports.playback.PausablePlayback`.
+    """
 
     _params: SimulatedPhoneParams
 
     def __init__(self, params: SimulatedPhoneParams):
         super().__init__(params)
         self.played: deque[PlayedChunk] = deque()
+        self.pauses: list[tuple[float, float | None]] = []  # (paused at, resumed at)
         self._clock = 0.0  # monotonic time at which the queued audio ends
         self._max_chunks = int(params.max_recording_s * 1000 / 10)
+        self._gate = PlaybackGate()
 
     async def start(self, frame: StartFrame):
         await super().start(frame)
         await self.set_transport_ready(frame)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
-        now = time.monotonic()
-        start = max(now, self._clock)
-        chunk = PlayedChunk(t=start, pcm=frame.audio, sample_rate=frame.sample_rate)
-        self.played.append(chunk)
-        while len(self.played) > self._max_chunks:
-            self.played.popleft()
-        self._clock = start + chunk.duration
+        if not await self._gate.wait_open():
+            return True  # dropped by an interruption while paused
+        self._play(frame.audio, frame.sample_rate)
         # A sound card blocks the writer until its buffer has room.
         ahead = self._clock - time.monotonic() - self._params.device_buffer_ms / 1000
         if ahead > 0:
             await asyncio.sleep(ahead)
         return True
 
+    def _play(self, pcm: bytes, sample_rate: int) -> None:
+        if not pcm:
+            return
+        now = time.monotonic()
+        start = max(now, self._clock)
+        chunk = PlayedChunk(t=start, pcm=pcm, sample_rate=sample_rate)
+        self.played.append(chunk)
+        while len(self.played) > self._max_chunks:
+            self.played.popleft()
+        self._clock = start + chunk.duration
+
     async def process_frame(self, frame, direction: FrameDirection):
+        if isinstance(frame, InterruptionFrame):
+            self._gate.drop()
+            if self.pauses and self.pauses[-1][1] is None:
+                self.pauses[-1] = (self.pauses[-1][0], time.monotonic())
+        elif isinstance(frame, TTSTextFrame):
+            self._gate.note_spoken(frame.text)
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
             self.flush_playback()
 
-    def flush_playback(self) -> None:
-        """Drop what the device still had queued: the caller hears nothing after now."""
+    def flush_playback(self) -> bytes:
+        """Drop what the device still had queued: the caller hears nothing after now.
+
+        Returns the dropped (unplayed) audio.
+        """
         now = time.monotonic()
         kept: deque[PlayedChunk] = deque()
+        unplayed = bytearray()
         for chunk in self.played:
             if chunk.t >= now:
+                unplayed += chunk.pcm
                 continue
             if chunk.t + chunk.duration > now:
                 samples = int((now - chunk.t) * chunk.sample_rate)
+                unplayed += chunk.pcm[samples * 2 :]
                 chunk = PlayedChunk(chunk.t, chunk.pcm[: samples * 2], chunk.sample_rate)
             kept.append(chunk)
         self.played = kept
         self._clock = min(self._clock, now)
+        return bytes(unplayed)
+
+    # -- PausablePlayback ------------------------------------------------------------------
+    async def pause_playback(self) -> None:
+        if not self._gate.paused:
+            self._gate.close(self.flush_playback())
+            self.pauses.append((time.monotonic(), None))
+
+    async def resume_playback(self, backup_ms: int = 0) -> None:
+        if not self._gate.paused:
+            return
+        rate = self.sample_rate
+        replay = self._last_played(int(rate * backup_ms / 1000) * 2) if backup_ms else b""
+        self._play(replay + self._gate.open(), rate)
+        self.pauses[-1] = (self.pauses[-1][0], time.monotonic())
+
+    def recent_bot_words(self) -> set[str]:
+        return set(self._gate.spoken_words)
+
+    def _last_played(self, nbytes: int) -> bytes:
+        tail = bytearray()
+        for chunk in reversed(self.played):
+            tail[:0] = chunk.pcm
+            if len(tail) >= nbytes:
+                break
+        return bytes(tail[-nbytes:]) if nbytes else b""
 
     def audible_until(self, threshold_rms: float = 200.0) -> float | None:
         """Wall-clock end of the last chunk louder than ``threshold_rms``."""

@@ -1,0 +1,155 @@
+"""Pause first, then decide: barge-in that survives coughs, TV bursts and "mm-hm".
+
+Pipecat cancels everything on the first sound and cannot resume. With streaming partial
+transcripts Annie can do better. :class:`PauseThenDecideStartStrategy` is a user-turn start
+strategy (Pipecat 1.x) that, while Annie speaks:
+
+1. pauses her playback at the sink the moment VAD hears the caller (so the caller is never
+   talked over; the reply that was generated is kept);
+2. decides from the partial transcripts within ``window_s``:
+   - real words that are not a backchannel and not an echo of Annie's own words -> commit: the
+     caller's turn starts with an interruption (LLM and TTS cancelled, queued audio dropped);
+   - the caller still speaking when the window ends -> commit (a caller who keeps talking wins);
+   - the speech ended with only backchannel words ("mm-hm", "okay") or none at all (a cough,
+     a door) -> resume Annie's speech where it paused; the LLM context is unchanged.
+
+When Annie is not speaking, a turn starts on VAD or on a transcript, as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+from loguru import logger
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.turns.types import ProcessFrameResult
+from pipecat.turns.user_start import BaseUserTurnStartStrategy
+
+from transports.playback import PausablePlayback, words_of
+
+DEFAULT_BACKCHANNELS = (
+    "mm", "hm", "mhm", "mm-hm", "mmhm", "uh-huh", "uh", "huh", "um", "hmm", "yeah", "yes", "yep",
+    "ok", "okay", "right", "sure", "alright", "i see", "aha", "oh",
+)
+
+
+class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
+    """Start the caller's turn; while Annie speaks, pause her first and decide (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        playback: PausablePlayback,
+        window_s: float = 0.8,
+        final_grace_s: float = 0.35,
+        backchannels: Iterable[str] = DEFAULT_BACKCHANNELS,
+        resume_backup_ms: int = 0,
+    ):
+        super().__init__(enable_interruptions=True)
+        self._playback = playback
+        self._window_s = window_s
+        self._final_grace_s = final_grace_s
+        self._backchannels = {w for phrase in backchannels for w in words_of(phrase)}
+        self._resume_backup_ms = resume_backup_ms
+        self._bot_speaking = False
+        self._caller_speaking = False
+        self._paused_at: float | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.Task | None = None
+        self.decisions: list[tuple[str, float]] = []  # ("commit" | "resume", seconds after the pause)
+
+    async def handle_user_turn_started(self):
+        self._cancel_timer()
+        self._paused_at = None
+
+    async def cleanup(self):
+        self._cancel_timer()
+        await super().cleanup()
+
+    async def process_frame(self, frame: Frame) -> ProcessFrameResult:
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_speaking = False
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._caller_speaking = True
+            return await self._on_voice()
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._caller_speaking = False
+            if self._paused_at is not None:
+                # Wait a moment for the final transcript before resuming.
+                self._deadline = min(self._deadline, time.monotonic() + self._final_grace_s)
+        elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)):
+            return await self._on_words(frame.text)
+        return ProcessFrameResult.CONTINUE
+
+    async def _on_voice(self) -> ProcessFrameResult:
+        if not self._bot_speaking or self._paused_at is not None:
+            if self._paused_at is None:
+                await self.trigger_user_turn_started()
+                return ProcessFrameResult.STOP
+            return ProcessFrameResult.CONTINUE
+        await self._playback.pause_playback()
+        self._paused_at = time.monotonic()
+        self._deadline = self._paused_at + self._window_s
+        self._timer = self.task_manager.create_task(self._decide_at_deadline(), f"{self}::decide")
+        logger.debug(f"{self}: caller voice while Annie speaks: playback paused, deciding")
+        return ProcessFrameResult.CONTINUE
+
+    async def _on_words(self, text: str) -> ProcessFrameResult:
+        words = words_of(text)
+        if not words:
+            return ProcessFrameResult.CONTINUE
+        if self._paused_at is None and not self._bot_speaking:
+            await self.trigger_user_turn_started()
+            return ProcessFrameResult.STOP
+        content = [w for w in words if w not in self._backchannels]
+        echo = self._playback.recent_bot_words()
+        if content and not all(w in echo for w in content):
+            await self._commit("words")
+            return ProcessFrameResult.STOP
+        return ProcessFrameResult.CONTINUE
+
+    async def _decide_at_deadline(self) -> None:
+        while time.monotonic() < self._deadline:
+            await asyncio.sleep(max(0.005, self._deadline - time.monotonic()))
+        self._timer = None
+        if self._paused_at is None:
+            return
+        if self._caller_speaking:
+            await self._commit("kept talking")
+        else:
+            await self._resume()
+
+    async def _commit(self, why: str) -> None:
+        self._record("commit")
+        logger.debug(f"{self}: interruption committed ({why})")
+        self._cancel_timer()
+        self._paused_at = None
+        await self.trigger_user_turn_started()
+
+    async def _resume(self) -> None:
+        self._record("resume")
+        logger.debug(f"{self}: no real words: resuming Annie")
+        self._paused_at = None
+        await self.trigger_reset_aggregation()
+        await self._playback.resume_playback(self._resume_backup_ms)
+
+    def _record(self, decision: str) -> None:
+        if self._paused_at is not None:
+            self.decisions.append((decision, time.monotonic() - self._paused_at))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        self._timer = None

@@ -1,0 +1,143 @@
+"""Pause first, then decide: commit on real words, resume on noise, backchannels and echo.
+
+The pipeline is the agent's, with barge-in on and a streaming-STT pipeline (partials), the LLM
+is the stand-in server, the loudspeaker is the simulated sink that records every sample played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from pipecat.frames.frames import (
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+
+from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
+from tests.call_harness import running_call
+from tests.doubles import ToneTTSService
+
+REPLY = "Once upon a time. There was a little village by the sea, where fishermen lived. The end."
+
+
+def interim(text: str) -> InterimTranscriptionFrame:
+    return InterimTranscriptionFrame(text=text, user_id="caller", timestamp="")
+
+
+def final(text: str) -> TranscriptionFrame:
+    return TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True)
+
+
+@pytest.fixture
+async def llm():
+    async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.05, token_delay_s=0.05)) as server:
+        server.queue_reply(REPLY)
+        server.queue_reply("All right.")
+        yield server
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings(enable_barge_in=True, barge_in_decide_ms=600)
+
+
+def nonzero(pcm: bytes | np.ndarray) -> np.ndarray:
+    samples = np.frombuffer(bytes(pcm), dtype=np.int16) if not isinstance(pcm, np.ndarray) else pcm
+    return samples[samples != 0]
+
+
+async def annie_speaking(call):
+    await call.caller_says("tell me a story")
+    await call.wait_speaking()
+    await asyncio.sleep(0.8)
+
+
+def interruptions_after(call, t: float) -> list[float]:
+    return [x for x in call.log.times(InterruptionFrame) if x >= t]
+
+
+async def test_real_words_commit_the_interruption(settings, llm):
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        await call.wait_until(lambda: call.loudspeaker.pauses, 1, "the pause")
+        paused_at = call.loudspeaker.pauses[0][0]
+        assert paused_at - onset < 0.05, "playback must pause at the caller's first sound"
+        assert call.audible_since(paused_at + 0.01) == 0.0
+        assert not interruptions_after(call, onset), "nothing is cancelled before the decision"
+
+        await call.send(interim("wait"))
+        await call.wait_until(lambda: interruptions_after(call, onset), 1, "the committed interruption")
+        await asyncio.sleep(0.3)
+        await call.send(final("wait what was that"), VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        assert llm.requests[1].messages[-1] == {"role": "user", "content": "wait what was that"}
+        assert llm.requests[0].disconnected_at is not None or llm.requests[0].completed
+        assert call.call.pause_first.decisions[0][0] == "commit"
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([], id="noise-no-words"),
+        pytest.param([interim("mm"), final("Mm-hm.")], id="backchannel"),
+        pytest.param([interim("okay"), final("Okay, yeah.")], id="backchannel-phrase"),
+        pytest.param([interim("once upon"), final("Once upon a time.")], id="echo-of-annie"),
+    ],
+)
+async def test_no_real_words_resume_annie_with_nothing_lost_or_repeated(settings, llm, frames):
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        for frame in frames:
+            await asyncio.sleep(0.1)
+            await call.send(frame)
+        await asyncio.sleep(0.15)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 3, "the resume")
+        await call.wait_silent(quiet_s=1.0)
+
+        assert not interruptions_after(call, onset)
+        paused, resumed = call.loudspeaker.pauses[0]
+        assert call.audible_since(paused + 0.01) - call.audible_since(resumed) < 0.011, "silent while paused"
+        assert " ".join(tts.requests).split() == REPLY.split(), "the reply was kept whole"
+        played = nonzero(call.loudspeaker.audio())
+        produced = nonzero(tts.produced)
+        assert played.size == produced.size and np.array_equal(played, produced), "audio lost or repeated"
+
+        await asyncio.sleep(0.5)
+        assert len(llm.requests) == 1, "no answer to a backchannel or noise"
+        await call.caller_says("and then what")
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        users = [m["content"] for m in llm.requests[1].messages if m["role"] == "user"]
+        assert users == ["tell me a story", "and then what"], "the backchannel must not reach the context"
+        assert call.call.pause_first.decisions == [("resume", pytest.approx(0.5, abs=0.35))]
+
+
+async def test_a_caller_who_keeps_talking_wins(settings, llm):
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        # Speech goes on past the 600 ms window and the STT has no words yet.
+        await call.wait_until(lambda: interruptions_after(call, onset), 2, "the interruption")
+        committed = min(interruptions_after(call, onset))
+        assert 0.5 < committed - onset < 0.9
+        await call.send(final("I really need to tell you something"), VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        assert llm.requests[1].messages[-1]["content"] == "I really need to tell you something"
+
+
+async def test_falls_back_to_cancel_on_speech_without_partials(settings, llm):
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=False) as call:
+        assert call.call.pause_first is None
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        await call.wait_until(lambda: interruptions_after(call, onset), 1, "the immediate interruption")
+        assert not call.loudspeaker.pauses

@@ -1,0 +1,79 @@
+"""Pausable playback: what an output transport offers the pause-then-decide barge-in.
+
+An output that implements :class:`PausablePlayback` can be paused the moment the caller makes a
+sound while Annie speaks: it silences the sink at once, keeps what it had not played yet, and
+either resumes from exactly there (a backchannel, a cough) or drops it all when the interruption
+is committed (an ``InterruptionFrame``). It also remembers the words Annie is saying, so an
+echo of her own voice can be told apart from the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from typing import Protocol, runtime_checkable
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words, punctuation dropped ("Mm-hm, okay!" -> ["mm", "hm", "okay"])."""
+    return _WORD.findall(text.lower())
+
+
+@runtime_checkable
+class PausablePlayback(Protocol):
+    async def pause_playback(self) -> None:
+        """Silence the sink now; keep the audio not yet played."""
+
+    async def resume_playback(self, backup_ms: int = 0) -> None:
+        """Play on from where the pause cut in (``backup_ms`` earlier, to repeat a cut word)."""
+
+    def recent_bot_words(self) -> set[str]:
+        """Words of what Annie is saying or just said (for the echo guard)."""
+
+
+class PlaybackGate:
+    """The state an output keeps for pausing: a gate for the writer and the held audio.
+
+    The output's writer awaits :meth:`wait_open` before each write; it returns False when the
+    wait ended because an interruption dropped the held audio (the chunk must not be played).
+    """
+
+    def __init__(self, bot_words: int = 60):
+        self._open = asyncio.Event()
+        self._open.set()
+        self._generation = 0
+        self.held = b""
+        self.spoken_words: deque[str] = deque(maxlen=bot_words)
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+    def close(self, held: bytes) -> None:
+        self.held = held
+        self._open.clear()
+
+    def open(self) -> bytes:
+        """Reopen the gate; returns the held audio, which the caller plays first."""
+        held, self.held = self.held, b""
+        self._open.set()
+        return held
+
+    def drop(self) -> None:
+        """An interruption: forget the held audio and release a waiting writer without playing."""
+        self._generation += 1
+        self.held = b""
+        self._open.set()
+
+    async def wait_open(self) -> bool:
+        if self._open.is_set():
+            return True
+        generation = self._generation
+        await self._open.wait()
+        return generation == self._generation
+
+    def note_spoken(self, text: str) -> None:
+        self.spoken_words.extend(words_of(text))
