@@ -76,28 +76,38 @@ async def run_phone(settings: AgentSettings, stop: asyncio.Event) -> None:
 
     from agent.pipeline import build_call_pipeline
     from agent.services import build_services
+    from agent.status import CallStatus, StatusObserver, StatusServer
 
-    services = build_services(settings)
-    call = build_call_pipeline(
-        settings,
-        transport=services.transport,
-        stt=services.stt,
-        llm=services.llm,
-        tts=services.tts,
-        vad_analyzer=services.vad_analyzer,
-    )
-    runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
-    await runner.add_workers(call.worker)
-    run_task = asyncio.create_task(runner.run())
-    stop_task = asyncio.create_task(stop.wait())
-    logger.info(f"Annie is on the line (barge-in {'on' if settings.enable_barge_in else 'off'})")
-    done, _ = await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    if stop_task in done:
-        logger.info("shutting down: cancelling the call")
-        await call.worker.cancel(reason="signal")
-    else:
-        stop_task.cancel()
-    await run_task
+    status = CallStatus.from_settings(settings)
+    token = settings.internal_token.get_secret_value() if settings.internal_token else None
+    server = StatusServer(status, port=settings.status_port, token=token)
+    await server.start()
+    try:
+        services = build_services(settings)
+        status.model_loaded = True
+        call = build_call_pipeline(
+            settings,
+            transport=services.transport,
+            stt=services.stt,
+            llm=services.llm,
+            tts=services.tts,
+            vad_analyzer=services.vad_analyzer,
+            observers=[StatusObserver(status)],
+        )
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(call.worker)
+        run_task = asyncio.create_task(runner.run())
+        stop_task = asyncio.create_task(stop.wait())
+        logger.info(f"Annie is on the line (barge-in {'on' if settings.enable_barge_in else 'off'}); status on {server.url}")
+        done, _ = await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_task in done:
+            logger.info("shutting down: cancelling the call")
+            await call.worker.cancel(reason="signal")
+        else:
+            stop_task.cancel()
+        await run_task
+    finally:
+        await server.stop()
     logger.info("stopped")
 
 
