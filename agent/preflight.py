@@ -9,7 +9,8 @@ themselves are wrong. The gates, in order:
 - ``tts``: Chatterbox answers and a cancelled utterance really stops (the TTS smoke test).
 - ``gpu``: enough free GPU memory for the speech model (skipped on CPU).
 - ``stt``: the configured speech model loads and transcribes an espeak-ng test WAV.
-- ``aec``: echo cancellation attenuates a played test signal by at least 20 dB at the source.
+- ``aec``: echo cancellation attenuates a played test signal by at least 20 dB at the source
+  (measured twice when the first try falls short; both values are reported).
 
 Nothing here needs the agent to be stopped, but ``aec`` plays a test sentence into the line.
 """
@@ -35,6 +36,7 @@ from agent.config import AgentSettings, ConfigError, load_settings
 
 Verdict = Literal["PASS", "FAIL", "SKIP"]
 MIN_AEC_ATTENUATION_DB = 20.0
+AEC_ATTEMPTS = 2
 STT_TEST_TEXT = "Hello Annie, please call my daughter tomorrow morning."
 MIN_WORDS_HEARD = 0.6
 GIB = 1024**3
@@ -210,16 +212,28 @@ async def gate_stt(settings: AgentSettings) -> GateResult:
     return _pass("stt", summary, **details)
 
 
-async def gate_aec(settings: AgentSettings) -> GateResult:
+async def gate_aec(settings: AgentSettings, attempts: int = AEC_ATTEMPTS) -> GateResult:
+    """Play a test sentence into the sink, measure it at the source; a second try if the first
+    falls short (a canceller still converging, a moment of CPU starvation), both reported."""
     from agent.preflight_audio import measure_echo
 
-    m = await asyncio.to_thread(measure_echo, settings.pulse_sink, settings.pulse_source)
+    tries = []
+    for _ in range(attempts):
+        tries.append(await asyncio.to_thread(measure_echo, settings.pulse_sink, settings.pulse_source))
+        if tries[-1].attenuation_db >= MIN_AEC_ATTENUATION_DB:
+            break
+    m = max(tries, key=lambda t: t.attenuation_db)
     erle = f", raw mic {m.raw_mic!r} {m.raw_mic_dbfs:.1f} dBFS (ERLE {m.erle_db:.1f} dB)" if m.raw_mic else ""
+    shown = " / ".join(f"{t.attenuation_db:.1f}" for t in tries)
     summary = (
         f"test signal {m.played_dbfs:.1f} dBFS into {settings.pulse_sink!r}, "
-        f"{m.source_dbfs:.1f} dBFS at {settings.pulse_source!r}: {m.attenuation_db:.1f} dB down{erle}"
+        f"{m.source_dbfs:.1f} dBFS at {settings.pulse_source!r}: {shown} dB down{erle}"
     )
-    details = asdict(m) | {"attenuation_db": m.attenuation_db, "erle_db": m.erle_db}
+    details = asdict(m) | {
+        "attenuation_db": m.attenuation_db,
+        "erle_db": m.erle_db,
+        "attempts_db": [t.attenuation_db for t in tries],
+    }
     if m.attenuation_db < MIN_AEC_ATTENUATION_DB:
         return _fail("aec", f"{summary}; need {MIN_AEC_ATTENUATION_DB:.0f} dB (is module-echo-cancel loaded?)", **details)
     return _pass("aec", summary, **details)
@@ -232,7 +246,7 @@ GATES: dict[str, tuple[Gate, float]] = {
     "tts": (gate_tts, 60.0),
     "gpu": (gate_gpu, 30.0),
     "stt": (gate_stt, 300.0),
-    "aec": (gate_aec, 60.0),
+    "aec": (gate_aec, 90.0),
 }
 
 

@@ -80,12 +80,12 @@ class EchoMeasurement:
     @property
     def attenuation_db(self) -> float:
         """How much quieter the played signal is at the configured source."""
-        return self.played_dbfs - self.source_dbfs
+        return round(self.played_dbfs - self.source_dbfs, 1)
 
     @property
     def erle_db(self) -> float | None:
         """Echo return loss enhancement: raw mic level minus the cancelled level."""
-        return None if self.raw_mic_dbfs is None else self.raw_mic_dbfs - self.source_dbfs
+        return None if self.raw_mic_dbfs is None else round(self.raw_mic_dbfs - self.source_dbfs, 1)
 
 
 def measure_echo(sink: str, source: str, server: str | None = None, sample_rate: int = 16000) -> EchoMeasurement:
@@ -124,12 +124,12 @@ def measure_echo(sink: str, source: str, server: str | None = None, sample_rate:
         for name, rec in recorders.items():
             if rec.failed:
                 raise AudioCheckError(f"cannot record {devices[name]!r}: {rec.error}")
-            levels[name] = rms_dbfs(rec.window(play_start + CONVERGE_S, play_end))
+            levels[name] = round(rms_dbfs(rec.window(play_start + CONVERGE_S, play_end)), 1)
     return EchoMeasurement(
         played_dbfs=round(rms_dbfs(signal[int(CONVERGE_S * sample_rate) :]), 1),
-        source_dbfs=round(levels["source"], 1),
+        source_dbfs=levels["source"],
         raw_mic=raw_mic,
-        raw_mic_dbfs=round(levels["raw"], 1) if "raw" in levels else None,
+        raw_mic_dbfs=levels.get("raw"),
     )
 
 
@@ -138,7 +138,7 @@ def rms_dbfs(samples: np.ndarray) -> float:
     if samples.size == 0:
         return SILENCE_DBFS
     rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
-    return max(SILENCE_DBFS, 20.0 * np.log10(rms / 32768.0 + 1e-12))
+    return max(SILENCE_DBFS, 20.0 * float(np.log10(rms / 32768.0 + 1e-12)))
 
 
 def _read_wav(path: Path) -> np.ndarray:

@@ -87,6 +87,7 @@ async def test_aec_gate_fails_on_the_raw_mic(on_rig, make_settings):
     result = await run_gate("aec", settings)
     assert result.verdict == "FAIL"
     assert "need 20 dB" in result.reason and result.details["attenuation_db"] < 20
+    assert len(result.details["attempts_db"]) == 2  # tried twice before failing
 
 
 @needs_rig
