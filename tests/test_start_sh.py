@@ -184,3 +184,85 @@ def test_status_when_no_agent_listens(env):
     env.update(STATUS_PORT=str(port), INTERNAL_TOKEN="tok")
     result = run(["status"], env)
     assert result.returncode == 7 and "is the agent running?" in result.stderr
+
+
+# --- the real agent on a private PulseAudio rig ------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def live_line(env, tmp_path):
+    """A rig, the LLM and TTS stand-ins as servers: what `start.sh phone` needs to run for real."""
+    pytest.importorskip("transports.pulse", reason="the PulseAudio transport (transports/pulse.py) is not available")
+    rig_module = pytest.importorskip("transports.pulse_rig", reason="the PulseAudio rig is not available")
+    if not rig_module.pulseaudio_available():
+        pytest.skip("pulseaudio/pactl not installed")
+    llm_port, tts_port = _free_port(), _free_port()
+    servers = [
+        subprocess.Popen([sys.executable, "-m", "agent.standins.llm_server", "--port", str(llm_port)], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "agent.standins.tts_server", "--port", str(tts_port)], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        with rig_module.PulseRig() as rig:
+            line = dict(env) | {k: rig.env[k] for k in ("PULSE_SERVER", "XDG_RUNTIME_DIR", "HOME")}
+            line.update(
+                PULSE_SOURCE=rig.SOURCE, PULSE_SINK=rig.SINK, STT_BACKEND="whisper", ASR_DEVICE="cpu",
+                LLM_BASE_URL=f"http://127.0.0.1:{llm_port}/v1", CHATTERBOX_URL=f"http://127.0.0.1:{tts_port}",
+                ANNIE_LOCK_DIR=env["ANNIE_LOCK_DIR"], ANNIE_LOG_FILE=env["ANNIE_LOG_FILE"],
+                STATUS_PORT=str(_free_port()), INTERNAL_TOKEN="live-line-token",
+            )
+            yield line
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_real_agent_holds_its_audio_source_until_stopped(live_line):
+    log = Path(live_line["ANNIE_LOG_FILE"])
+    agent = subprocess.Popen(["bash", str(START), "phone"], env=live_line, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: log.exists() and "Annie is on the line" in log.read_text() or agent.poll() is not None,
+                  90, "the agent to come up")
+        assert agent.poll() is None, log.read_text()[-3000:]
+        lock = _lock_path(live_line, "echo_cancel_source")
+        assert lock.read_text().strip() == str(agent.pid)  # start.sh exec'd the agent: same pid
+
+        # The operator's view of the running agent, through start.sh and the status endpoint.
+        _wait_for(lambda: run(["status"], live_line).returncode == 0, 30, "the status endpoint")
+        body = json.loads(run(["status"], live_line).stdout)
+        assert body["state"] == "idle" and body["barge_in"] == "off"
+        assert body["stt"]["backend"] == "whisper" and body["stt"]["model_loaded"] is True
+
+        second = run(["phone"], live_line)
+        assert second.returncode == 3, second.stderr
+        assert f"pid {agent.pid}" in second.stderr and "echo_cancel_source" in second.stderr
+
+        stopped = run(["stop"], live_line)
+        assert stopped.returncode == 0 and f"pid {agent.pid}" in stopped.stdout, stopped.stderr
+        assert agent.wait(timeout=20) == 0  # SIGTERM is a clean shutdown
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
