@@ -72,6 +72,7 @@ class AgentSettings(BaseSettings):
     asr_device: Literal["auto", "cuda", "cpu"] = "auto"
     whisper_model_path: Path | None = None
     parakeet_url: str | None = None
+    parakeet_request_format: Literal["multipart", "raw"] = "multipart"
 
     # LLM (Gemma on an OpenAI-compatible server)
     llm_base_url: str = "http://127.0.0.1:8000/v1"
@@ -94,6 +95,14 @@ class AgentSettings(BaseSettings):
     internal_token: SecretStr | None = None
     status_port: int = Field(8765, ge=0, le=65535)
     log_level: LogLevel = "INFO"
+
+    @field_validator("asr_chunk_ms", "audio_in_sample_rate", "audio_out_sample_rate", mode="before")
+    @classmethod
+    def _int_from_text(cls, value: Any) -> Any:
+        # Environment variables are text; Literal[80, 160, ...] only matches ints.
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        return value
 
     @field_validator("llm_base_url", "chatterbox_url", "parakeet_url")
     @classmethod

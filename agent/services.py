@@ -56,11 +56,13 @@ def build_stt(settings: AgentSettings) -> FrameProcessor:
         if backend == "whisper":
             from processors.whisper_stt import make_whisper_stt
 
-            return make_whisper_stt(settings.whisper_model_path)
+            return make_whisper_stt(settings.whisper_model_path, device=settings.asr_device)
         from processors.parakeet_stt import ParakeetHTTPSTTService
 
         token = settings.internal_token.get_secret_value() if settings.internal_token else None
-        return ParakeetHTTPSTTService(url=settings.parakeet_url, token=token)
+        return ParakeetHTTPSTTService(
+            url=settings.parakeet_url, token=token, request_format=settings.parakeet_request_format
+        )
     except ImportError as e:
         raise SetupError(
             f"Setting STT_BACKEND={backend} needs a package that is not installed ({e.name}); "

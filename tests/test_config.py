@@ -33,8 +33,13 @@ def test_enable_barge_in_from_the_environment(monkeypatch, value, expected):
 
 
 @pytest.mark.parametrize("chunk_ms, right", sorted(CHUNK_MS_TO_RIGHT_CONTEXT.items()))
-def test_chunk_sizes_map_to_right_context(make_settings, chunk_ms, right):
-    assert make_settings(asr_chunk_ms=chunk_ms).asr_right_context == right
+def test_chunk_sizes_from_the_environment_map_to_right_context(monkeypatch, chunk_ms, right):
+    monkeypatch.setenv("STT_BACKEND", "whisper")
+    monkeypatch.setenv("ASR_CHUNK_MS", str(chunk_ms))
+    monkeypatch.setenv("AUDIO_OUT_SAMPLE_RATE", "16000")
+    settings = load_settings()
+    assert (settings.asr_chunk_ms, settings.asr_right_context) == (chunk_ms, right)
+    assert settings.audio_out_sample_rate == 16000
 
 
 def test_environment_wins_over_the_toml_file(monkeypatch, tmp_path):
