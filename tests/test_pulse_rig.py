@@ -104,8 +104,8 @@ def test_daemon_dies_with_a_killed_owner():
     try:
         daemon = int(owner.stdout.readline())
         assert Path(f"/proc/{daemon}").exists()
+        # Not reaped yet: a killed owner may stay a zombie for a while, which must count as dead.
         owner.send_signal(signal.SIGKILL)
-        owner.wait(timeout=10)
         deadline = time.monotonic() + 5
         while Path(f"/proc/{daemon}").exists() and time.monotonic() < deadline:
             status = Path(f"/proc/{daemon}/status").read_text() if Path(f"/proc/{daemon}").exists() else ""
@@ -114,6 +114,7 @@ def test_daemon_dies_with_a_killed_owner():
             time.sleep(0.05)
         status = Path(f"/proc/{daemon}/status").read_text() if Path(f"/proc/{daemon}").exists() else ""
         assert status == "" or "State:\tZ" in status, f"daemon {daemon} outlived its owner"
+        owner.wait(timeout=10)
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -122,6 +123,19 @@ def test_daemon_dies_with_a_killed_owner():
     with PulseRig():
         leftovers = [p for p in (Path("/tmp") / "annie-pulse-rig").iterdir() if p.name.startswith(f"{owner.pid}-")]
     assert leftovers == []
+
+
+def test_daemon_started_from_a_short_lived_thread_survives_it():
+    """A rig restarted from an executor thread keeps its daemon after that thread exits."""
+    import threading
+
+    with PulseRig() as rig:
+        worker = threading.Thread(target=rig.restart_daemon)
+        worker.start()
+        worker.join()
+        time.sleep(1.2)  # longer than the watchdog's poll
+        assert Path(f"/proc/{rig.pid}").exists()
+        assert rig.SOURCE in rig.devices("sources")
 
 
 def test_echo_only_is_cancelled_by_at_least_20_db(rig):

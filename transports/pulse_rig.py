@@ -21,15 +21,15 @@ Usage::
 Each rig runs its own daemon in its own runtime directory (``XDG_RUNTIME_DIR``,
 ``PULSE_RUNTIME_PATH``, ``HOME`` all private), reachable only at :attr:`PulseRig.server`; it never
 touches a user's session. The daemon is stopped by its pid on exit. If the owning process is
-killed instead, the daemon gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``, so create the rig
-on the main thread or a thread that outlives it), and the next rig started on the machine removes
-whatever is left over. Works as root (CI) and as a normal user.
+killed instead, a small watchdog (``sh``, polling every half second) stops the daemon, and the
+next rig started on the machine removes whatever is left over. (Not ``PR_SET_PDEATHSIG``: that
+fires when the *thread* that started the daemon exits, e.g. an executor thread.) Works as root
+(CI) and as a normal user, from any thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -61,13 +61,6 @@ class RigError(RuntimeError):
 def pulseaudio_available() -> bool:
     """Whether the ``pulseaudio`` and ``pactl`` binaries are installed (tests skip otherwise)."""
     return bool(shutil.which("pulseaudio") and shutil.which("pactl"))
-
-
-def _die_with_parent() -> None:
-    """In the daemon's child process: ask the kernel for SIGTERM when our creator dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _pid_alive(pid: int) -> bool:
@@ -147,6 +140,7 @@ class PulseRig:
         self._aec_args = aec_args
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
         self._echo_cancel_module: int | None = None
 
@@ -342,10 +336,26 @@ class PulseRig:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            preexec_fn=_die_with_parent,
+            start_new_session=True,  # a Ctrl-C in the test's terminal is not for the daemon
         )
         (self._dir / "daemon.pid").write_text(str(self._proc.pid))
+        self._watchdog = self._start_watchdog(self._proc.pid)
         self._wait_ready()
+
+    @staticmethod
+    def _start_watchdog(daemon_pid: int) -> subprocess.Popen[bytes]:
+        """A shell loop that stops the daemon if this process dies without cleaning up."""
+        owner = os.getpid()
+        # A killed owner may linger as a zombie until its parent reaps it: that counts as dead.
+        owner_alive = f"[ -n \"$(grep '^State:' /proc/{owner}/status 2>/dev/null | grep -v Z)\" ]"
+        script = (
+            f"while {owner_alive} && kill -0 {daemon_pid} 2>/dev/null; "
+            f"do sleep 0.5; done; kill -TERM {daemon_pid} 2>/dev/null"
+        )
+        return subprocess.Popen(
+            ["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -369,6 +379,10 @@ class PulseRig:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
         log, self._log_file = self._log_file, None
         if log is not None:
             log.close()  # type: ignore[attr-defined]

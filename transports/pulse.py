@@ -1,0 +1,334 @@
+"""PulseAudio transport: the caller's (echo-cancelled) mic in, Annie's voice out.
+
+Shaped like pipecat's ``LocalAudioTransport``: a params subclass, an input processor fed by a
+capture thread, an output processor whose blocking writes run on one worker thread, and a facade.
+What it adds for a phone call:
+
+- **Pinned devices.** It listens to one named source (``PULSE_SOURCE``, default
+  ``echo_cancel_source``) and plays to one named sink (``PULSE_SINK``). When either disappears
+  (the phone's Bluetooth link drops, the server restarts) it logs once, passes no audio, and
+  reattaches when the device is back; it never follows PulseAudio's fallback to another device.
+- **A small playback buffer, flushed on interruption.** PulseAudio keeps only
+  ``audio_out_buffer_ms`` of our audio queued, and an ``InterruptionFrame`` drops even that, so
+  Annie stops at the sink within a few tens of milliseconds instead of finishing her sentence.
+- **Clear start-up errors.** No server, or no such source or sink, raises
+  :class:`~processors.errors.SetupError` naming ``PULSE_SOURCE``/``PULSE_SINK``/``PULSE_SERVER``.
+
+Libraries: ``pasimple`` carries the audio (blocking read/write/flush over ``libpulse-simple``, small,
+no compiled parts, the buffer attributes we need) and ``pulsectl`` (the maintained libpulse
+binding) answers "does this device exist, and is my stream still on it", which the simple API
+cannot; ``pulsectl-asyncio`` would add nothing here because every call already runs off the event
+loop. See :mod:`transports._pulse_io`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from loguru import logger
+from pipecat.frames.frames import (
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from pipecat.transports.base_input import BaseInputTransport
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+from pipecat.utils.utils import obj_id
+from pydantic import Field
+
+from transports._pulse_io import PinnedStream, StreamSpec, check_device
+
+# While the source is away, how long the capture thread sleeps between looks (it also wakes on
+# any device event, so reattaching is quicker than this).
+_DETACHED_POLL_S = 0.25
+
+
+class PulseAudioParams(TransportParams):
+    """Transport parameters: pipecat's, plus the PulseAudio devices and buffer sizes.
+
+    Parameters:
+        source: Source to capture (``PULSE_SOURCE``), normally the echo-cancelled mic.
+        sink: Sink to play to (``PULSE_SINK``).
+        server: PulseAudio server string (``unix:/path/native``); None uses libpulse's default
+            (``PULSE_SERVER``, else the user's session daemon).
+        audio_in_block_ms: Duration of each captured frame.
+        audio_out_buffer_ms: Audio PulseAudio keeps queued for playback (its ``tlength``): the
+            most that can still play after an interruption if flushing were off, and the
+            margin against underruns.
+        flush_on_interruption: Drop what PulseAudio still holds when an ``InterruptionFrame``
+            arrives (off only to measure what it buys).
+        audio_out_10ms_chunks: Size of each playback write, in 10 ms (pipecat's default is 4);
+            also the granularity at which pipecat's own queue can be interrupted.
+    """
+
+    source: str = Field("echo_cancel_source", min_length=1)
+    sink: str = Field("echo_cancel_sink", min_length=1)
+    server: str | None = None
+    audio_in_block_ms: int = Field(20, ge=10, le=20)
+    audio_out_buffer_ms: int = Field(60, ge=20, le=500)
+    flush_on_interruption: bool = True
+    audio_out_10ms_chunks: int = 2
+
+
+class PulseAudioInputTransport(BaseInputTransport):
+    """Captures the named source on a thread and hands 16-bit frames to the event loop."""
+
+    _params: PulseAudioParams
+
+    def __init__(self, params: PulseAudioParams, **kwargs: object) -> None:
+        """Initialize the input; the device is checked in :meth:`setup`.
+
+        Args:
+            params: Transport parameters.
+            **kwargs: Passed to :class:`BaseInputTransport`.
+        """
+        super().__init__(params, **kwargs)
+        self._stream: PinnedStream | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_capture = threading.Event()
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:
+        """Check that the server answers and has the source.
+
+        Raises:
+            SetupError: No server, or no such source (names ``PULSE_SOURCE``).
+        """
+        await super().setup(setup)
+        if self._params.audio_in_enabled:
+            await asyncio.to_thread(check_device, self._params.server, "source", self._params.source)
+
+    async def start(self, frame: StartFrame) -> None:
+        """Start capturing."""
+        await super().start(frame)
+        if self._params.audio_in_enabled and self._thread is None:
+            block_bytes = self._block_frames * self._params.audio_in_channels * 2
+            spec = StreamSpec(
+                kind="source",
+                device=self._params.source,
+                sample_rate=self.sample_rate,
+                channels=self._params.audio_in_channels,
+                server=self._params.server,
+                fragsize=block_bytes,
+                # Past half a second behind, old audio is worth less than being current.
+                maxlength=block_bytes * (500 // self._params.audio_in_block_ms),
+            )
+            self._stream = PinnedStream(spec, str(self))
+            self._stop_capture.clear()
+            self._thread = threading.Thread(
+                target=self._capture, args=(self._stream, block_bytes, self.get_event_loop()),
+                name=f"{self}-capture", daemon=True,
+            )
+            self._thread.start()
+        await self.set_transport_ready(frame)
+
+    async def stop(self, frame) -> None:  # noqa: ANN001 - pipecat's signature
+        """Stop capturing, then the base input."""
+        await self._stop_thread()
+        await super().stop(frame)
+
+    async def cancel(self, frame) -> None:  # noqa: ANN001 - pipecat's signature
+        """Stop capturing, then the base input."""
+        await self._stop_thread()
+        await super().cancel(frame)
+
+    async def cleanup(self) -> None:
+        """Release everything; safe after stop or cancel."""
+        await super().cleanup()
+        await self._stop_thread()
+
+    @property
+    def _block_frames(self) -> int:
+        return self.sample_rate * self._params.audio_in_block_ms // 1000
+
+    async def _stop_thread(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop_capture.set()
+        # The thread owns the stream and closes it itself: freeing it here, during a blocking
+        # read, would crash libpulse. One block, or one detached poll, is the most we wait.
+        await asyncio.to_thread(thread.join, 2.0)
+        if thread.is_alive():
+            logger.warning(f"{self}: capture thread did not stop within 2 s")
+
+    def _capture(self, stream: PinnedStream, block_bytes: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Capture thread: read blocks, hand them over; wait (never spin) while detached."""
+        try:
+            while not self._stop_capture.is_set():
+                if not stream.is_open and not stream.try_open():
+                    stream.wait_for_change(_DETACHED_POLL_S)
+                    continue
+                audio = stream.read(block_bytes)
+                if audio is None:
+                    continue
+                frame = InputAudioRawFrame(
+                    audio=audio,
+                    sample_rate=self.sample_rate,
+                    num_channels=self._params.audio_in_channels,
+                )
+                asyncio.run_coroutine_threadsafe(self.push_audio_frame(frame), loop)
+        except RuntimeError as e:
+            # The event loop closed under us (process shutting down): nothing left to feed.
+            logger.debug(f"{self}: capture ended ({e})")
+        finally:
+            stream.close()
+
+
+class PulseAudioOutputTransport(BaseOutputTransport):
+    """Plays to the named sink; blocking writes and flushes share one worker thread."""
+
+    _params: PulseAudioParams
+
+    def __init__(self, params: PulseAudioParams, **kwargs: object) -> None:
+        """Initialize the output; the device is checked and opened in :meth:`setup`.
+
+        Args:
+            params: Transport parameters.
+            **kwargs: Passed to :class:`BaseOutputTransport`.
+        """
+        super().__init__(params, **kwargs)
+        self._stream: PinnedStream | None = None
+        # Writes and flushes must not overlap (libpulse-simple is not thread-safe) and must stay
+        # in order, so one thread does all of them.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulse-out")
+        # Interruptible audio chunked before the last interruption is stale: see write_audio_frame.
+        self._stale_before_id = 0
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:
+        """Check the server and sink, and open the playback stream.
+
+        Raises:
+            SetupError: No server, or no such sink (names ``PULSE_SINK``).
+        """
+        await super().setup(setup)
+        if not self._params.audio_out_enabled:
+            return
+        await asyncio.to_thread(check_device, self._params.server, "sink", self._params.sink)
+        bytes_per_ms = self.sample_rate * self._params.audio_out_channels * 2 // 1000
+        tlength = bytes_per_ms * self._params.audio_out_buffer_ms
+        spec = StreamSpec(
+            kind="sink",
+            device=self._params.sink,
+            sample_rate=self.sample_rate,
+            channels=self._params.audio_out_channels,
+            server=self._params.server,
+            tlength=tlength,
+            # Start playing as soon as one write arrived, rather than waiting for a full buffer.
+            prebuf=min(tlength, self.audio_chunk_size),
+            minreq=bytes_per_ms * 10,
+            maxlength=tlength * 2,
+        )
+        self._stream = PinnedStream(spec, str(self))
+        await self._run_blocking(self._stream.try_open)
+
+    async def start(self, frame: StartFrame) -> None:
+        """Start the output."""
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def cleanup(self) -> None:
+        """Close the stream on the worker thread, then stop it; safe to call twice."""
+        try:
+            await super().cleanup()
+            stream, self._stream = self._stream, None
+            if stream is not None:
+                await self._run_blocking(stream.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Handle frames as pipecat does, then flush PulseAudio on an interruption."""
+        if isinstance(frame, InterruptionFrame):
+            self._stale_before_id = obj_id()
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame) and self._params.flush_on_interruption:
+            await self.flush_playback()
+
+    async def flush_playback(self) -> None:
+        """Drop the audio PulseAudio still holds for us: the sink goes silent now.
+
+        Runs after the write in progress (same worker thread), so what that write queued is
+        dropped too.
+        """
+        if self._stream is not None:
+            await self._run_blocking(self._stream.flush)
+            logger.debug(f"{self}: playback flushed")
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        """Write one chunk; returns once PulseAudio has room for it (this paces playback).
+
+        Returns:
+            Whether the audio went to the sink; False for stale audio and while detached.
+        """
+        # The base class keeps writing the chunk it had already taken off its queue when an
+        # interruption came; that chunk is from before the interruption and must not play.
+        if frame.interruptible and frame.id < self._stale_before_id:
+            return False
+        if self._stream is None:
+            return False
+        written = await self._run_blocking(self._stream.write, frame.audio)
+        if not written:
+            # No sink: keep real-time pace so the pipeline neither races ahead nor spins.
+            frames = len(frame.audio) // (2 * frame.num_channels)
+            await asyncio.sleep(frames / frame.sample_rate)
+        return written
+
+    async def _run_blocking(self, func, *args):  # noqa: ANN001, ANN202 - thin executor wrapper
+        return await self.get_event_loop().run_in_executor(self._executor, func, *args)
+
+
+class PulseAudioTransport(BaseTransport):
+    """PulseAudio input and output for one phone call."""
+
+    def __init__(self, params: PulseAudioParams, **kwargs: object) -> None:
+        """Initialize the transport; nothing touches PulseAudio until the pipeline sets up.
+
+        Args:
+            params: Devices, sample rates and buffer sizes.
+            **kwargs: Passed to :class:`BaseTransport`.
+        """
+        super().__init__(**kwargs)
+        self._params = params
+        self._input: PulseAudioInputTransport | None = None
+        self._output: PulseAudioOutputTransport | None = None
+
+    def check_devices(self) -> None:
+        """Check, synchronously, that the server and the enabled devices exist (for start-up).
+
+        Raises:
+            SetupError: One sentence naming PULSE_SERVER, PULSE_SOURCE or PULSE_SINK.
+        """
+        if self._params.audio_in_enabled:
+            check_device(self._params.server, "source", self._params.source)
+        if self._params.audio_out_enabled:
+            check_device(self._params.server, "sink", self._params.sink)
+
+    #
+    # BaseTransport
+    #
+
+    def input(self) -> FrameProcessor:
+        """The input processor (created once)."""
+        if self._input is None:
+            self._input = PulseAudioInputTransport(self._params, name=f"{self}#input")
+        return self._input
+
+    def output(self) -> FrameProcessor:
+        """The output processor (created once)."""
+        if self._output is None:
+            self._output = PulseAudioOutputTransport(self._params, name=f"{self}#output")
+        return self._output
+
+
+__all__ = [
+    "PulseAudioInputTransport",
+    "PulseAudioOutputTransport",
+    "PulseAudioParams",
+    "PulseAudioTransport",
+]
