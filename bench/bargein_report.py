@@ -1,0 +1,155 @@
+"""The barge-in benchmark's report: JSON, a markdown table with every target, and two plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGETS = "stop latency p95 <= 200 ms; 0 false barge-ins in 10 min of echo-only speech; >= 98 % of interruptions stop Annie; 0 stale chunks; >= 95 % of noise bursts and backchannels resumed; 0 interruptions wrongly resumed"
+
+
+def _f(x, fmt: str = "{:.0f}") -> str:
+    return "-" if x is None or x != x else fmt.format(x)
+
+
+def _rate(k: int, n: int) -> str:
+    return f"{k}/{n} ({100 * k / n:.0f} %)" if n else "0/0"
+
+
+def targets(p: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for one pass."""
+    s = p["summary"]
+    rows = []
+    p95 = s["stop_latency"]["p95_ms"]
+    rows.append(("stop latency p95 <= 200 ms", f"{_f(p95)} ms (median {_f(s['stop_latency']['median_ms'])}, n={s['stop_latency']['n']})",
+                 "-" if p95 is None else ("met" if p95 <= 200 else f"missed by {p95 - 200:.0f} ms")))
+    n, k = s["interruptions"], s["barge_in_success"]
+    rows.append((">= 98 % of interruptions stop Annie", _rate(k, n),
+                 "-" if not n else ("met" if k / n >= 0.98 else f"missed by {98 - 100 * k / n:.0f} points")))
+    rows.append(("0 stale chunks", f"{s['stale_chunks']} chunks, {s['stale_s']:.2f} s of speech",
+                 "met" if s["stale_chunks"] == 0 and s["stale_s"] < 0.05 else "missed"))
+    e = s["echo_only"]
+    mins = e["annie_speech_without_caller_s"] / 60
+    verdict = "met" if e["false_barge_ins"] == 0 else f"missed ({e['false_barge_ins']} false)"
+    if not p["has_echo"]:
+        verdict = "not measurable (no echo on this line)"
+    elif mins < 10:
+        verdict += f" (scaled down: {mins:.1f} of 10 min)"
+    rows.append(("0 false barge-ins in 10 min echo-only", f"{e['false_barge_ins']} in {mins:.1f} min of Annie's speech"
+                 + (f" ({e['false_pauses']} pauses)" if p["pause_first"] else ""), verdict))
+    bb = [s["backchannel"], s["burst"]]
+    ev = sum(g["events"] for g in bb)
+    kept = sum(g["kept_talking"] for g in bb)
+    resumed = sum(g["resumed"] for g in bb)
+    trig = sum(g["triggered"] for g in bb)
+    rows.append((">= 95 % of noise bursts and backchannels: Annie goes on",
+                 f"{_rate(kept, ev)} went on; {resumed} of {trig} pauses/stops resumed",
+                 "-" if not ev else ("met" if kept / ev >= 0.95 else f"missed by {95 - 100 * kept / ev:.0f} points")))
+    rows.append(("0 interruptions wrongly resumed", str(s["wrongly_resumed"]),
+                 "met" if s["wrongly_resumed"] == 0 else f"missed ({s['wrongly_resumed']})"))
+    gaps = s["backchannel"]["resume_gaps_samples"] + s["burst"]["resume_gaps_samples"]
+    if p["pause_first"]:
+        bad = [g for g in gaps if g != 0]
+        rows.append(("0 samples lost or repeated at a resume", f"{len(gaps) - len(bad)} of {len(gaps)} resumes exact"
+                     + (f"; off by {', '.join(str(g) for g in bad)} samples" if bad else ""),
+                     "met" if gaps and not bad else ("-" if not gaps else "missed")))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    out = ["# Barge-in benchmark results", "",
+           f"Command: `{results.get('command', 'python -m bench.bargein_bench')}` ({results.get('wall_s', 0):.0f} s wall, "
+           f"{results['machine']['cpus']} CPUs, load at start {results['machine']['load_avg_at_start'][0]:.1f})", "",
+           "- STT: Whisper tiny.en (the fallback; no Nemotron .nemo model on this machine)",
+           f"- LLM: {results.get('llm')}", f"- TTS: {results.get('tts')}", ""]
+    for name, why in results.get("skipped", {}).items():
+        out.append(f"- **{name} not run**: {why}")
+    for p in results["passes"]:
+        s = p["summary"]
+        out += ["", f"## {p['pass']}: {p['line']}", "",
+                f"Barge-in: {'pause first, then decide (issue 10)' if p['pause_first'] else 'stop at the first sound (cancel)'}; "
+                f"STT {p['stt']}; {p['duration_s']:.0f} s of call.", "",
+                "| target | measured | verdict |", "|---|---|---|"]
+        out += [f"| {a} | {b} | {c} |" for a, b, c in targets(p)]
+        out += ["", "| metric | value |", "|---|---|",
+                f"| detect latency (onset -> pause/interruption frame), median / p95 | {_f(s['detect_latency']['median_ms'])} / {_f(s['detect_latency']['p95_ms'])} ms |",
+                f"| response latency after an interruption (FD-Bench), median / p95 | {_f(s['response_latency']['median_ms'])} / {_f(s['response_latency']['p95_ms'])} ms |",
+                f"| voice-to-voice, median / p95 (n) | {_f(s['voice_to_voice']['median_ms'])} / {_f(s['voice_to_voice']['p95_ms'])} ms ({s['voice_to_voice']['n']}) |",
+                "| voice-to-voice stages (median ms) | " + ", ".join(f"{k} {_f(v)}" for k, v in s["voice_to_voice_stages_median_ms"].items()) + " |",
+                f"| our code vs servers (median stages) | {_f(s['voice_to_voice_share']['our_code_ms'])} ms ours, {_f(s['voice_to_voice_share']['servers_ms'])} ms servers ({_f((s['voice_to_voice_share']['our_share'] or 0) * 100)} % ours) |"]
+        for g in ("backchannel", "burst", "noise"):
+            d = s[g]
+            out.append(f"| {g}: events / triggered / false barge-ins / resumed | {d['events']} / {d['triggered']} / {d['false_barge_ins']} / {d['resumed']} |")
+        if s["noise_by_snr"]:
+            out += ["", "| noise @ SNR | events | triggered (pause or stop) | false barge-ins |", "|---|---|---|---|"]
+            out += [f"| {d['kind']} @ {d['snr_db']:g} dB | {d['events']} | {d['triggered']} | {d['false_barge_ins']} |" for d in s["noise_by_snr"]]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    passes = results["passes"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (key, title) in zip(axes, (("stop_latency_ms", "stop latency (onset -> Annie silent at the ear)"),
+                                       ("response_latency_ms", "response after an interruption"),
+                                       ("voice_to_voice_ms", "voice-to-voice (question end -> audible)"))):
+        data, labels = [], []
+        for p in passes:
+            vals = [r[key] for r in p["events"] if r.get(key) is not None and (key != "stop_latency_ms" or r.get("success"))]
+            if vals:
+                data.append(vals)
+                labels.append(f"{p['pass']}\n(n={len(vals)})")
+        if data:
+            ax.boxplot(data, whis=(5, 95))
+            ax.set_xticks(range(1, len(data) + 1), labels, fontsize=8)
+            for i, vals in enumerate(data, 1):
+                ax.plot([i] * len(vals), vals, ".", alpha=0.5)
+        if key == "stop_latency_ms":
+            ax.axhline(200, color="red", ls="--", lw=1, label="target p95 200 ms")
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("ms")
+    fig.tight_layout()
+    paths.append(out / "bargein_latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for p in passes:
+        rows = p["summary"]["noise_by_snr"]
+        for kind in sorted({d["kind"] for d in rows}):
+            pts = sorted((d["snr_db"], d["triggered"] / d["events"], d["false_barge_ins"] / d["events"]) for d in rows if d["kind"] == kind)
+            if pts:
+                snr, trig, false = zip(*pts)
+                line = ax.plot(snr, false, "o-", label=f"{p['pass']} {kind}: false barge-in")[0]
+                ax.plot(snr, trig, "x:", color=line.get_color(), label=f"{p['pass']} {kind}: paused/stopped")
+    ax.set_xlabel("SNR against the caller's nominal level (dB)")
+    ax.set_ylabel("share of events")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Room noise during Annie's speech: false triggers against SNR", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "bargein_snr.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    for p in results["passes"]:
+        p["targets"] = [{"target": a, "measured": b, "verdict": c} for a, b, c in targets(p)]
+    paths = [out / "bargein_results.json", out / "bargein_results.md"]
+    paths[0].write_text(json.dumps(results, indent=1, default=float))
+    paths[1].write_text(markdown(results))
+    try:
+        paths += plot(results, out)
+    except ImportError:
+        pass  # matplotlib is in the bench extra; the JSON and markdown are enough without it
+    return paths

@@ -1,0 +1,220 @@
+"""The scripted caller of the barge-in benchmark: asks, listens, interrupts, coughs, says "mm-hm".
+
+One :class:`CallerScript` drives one running call. Annie is kept talking by asking her for a
+story (the LLM's scripted story is long); every event is played into the caller's microphone at a
+random moment of her speech, with a random voice and level. Each event and every caller
+utterance is logged with its wall-clock window, so the analysis can tell a barge-in the caller
+caused from one nobody caused (echo, or the VAD on its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bench import bargein_audio as audio
+from bench.bargein_probe import FrameTimes
+
+STORIES = (
+    "Once upon a time, a little boat sailed out to sea on a bright summer morning. The sailor sang to "
+    "the waves while the gulls circled above the mast. At noon a big grey whale came up beside the "
+    "boat and sang back to him, low and slow. They sang together all afternoon, and the sun went "
+    "down in gold and pink. Then the sailor rowed home, tired and happy, and told his daughter "
+    "every word of the whale's song before she fell asleep.",
+    "There was once a baker in a small village who rose every day before the sun. She made round "
+    "loaves, sweet buns and a cake for anyone who had a birthday. One winter the snow was so deep "
+    "that nobody could reach her shop, so she put on her boots and carried the bread from door to "
+    "door. The whole village remembered that winter, and every year since then they have baked her "
+    "a cake of her own on the first snowy day.",
+    "Long ago a gardener planted an apple tree beside a quiet river. For years it gave no fruit at "
+    "all, and the neighbours laughed at him. He watered it anyway and talked to it every evening. "
+    "In the tenth spring the tree was covered with white blossom, and by autumn the branches bent "
+    "under red apples. He shared them with everyone who had laughed, and they all agreed they had "
+    "never tasted anything so good in their lives.",
+)
+ANSWERS = {
+    "weather": "It is sunny and mild today, a good day for a short walk.",
+    "day": "Today is Wednesday, the twenty-fifth.",
+    "lunch": "Lunch is at half past twelve, as usual.",
+    "visit": "Your son is coming to visit on Saturday afternoon.",
+}
+STORY_REQUEST = "Please tell me a story."
+START_TIMEOUT_S = 45.0
+
+
+def scripted_reply(messages: list[dict]) -> str:
+    """The LLM stand-in: a short answer to the known questions, else the next long story."""
+    last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+    last = str(last).lower()
+    for key, answer in ANSWERS.items():
+        if key in last and "story" not in last:
+            return answer
+    users = sum(1 for m in messages if m.get("role") == "user")
+    return STORIES[users % len(STORIES)]
+
+
+@dataclass
+class Event:
+    """One thing the caller did, and when (monotonic seconds)."""
+
+    kind: str  # question | interruption | backchannel | cough/door/burst | babble/tv/second_voice
+    group: str  # question | interruption | backchannel | burst | noise
+    start: float
+    end: float
+    text: str | None = None
+    voice: int = 0
+    level_dbfs: float = audio.CALLER_LEVEL_DBFS
+    snr_db: float | None = None
+    annie_speaking: bool = False
+    warmup: bool = False
+    decisions: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """How many of each event one pass plays."""
+
+    questions: int = 3
+    interruptions: int = 10
+    backchannels: int = 8
+    bursts: int = 6
+    noise_per_snr: int = 1  # per noise kind and SNR
+    snrs: tuple[float, ...] = (20.0, 10.0, 5.0, 0.0)
+    echo_block_s: float = 30.0
+
+    def events(self, rng: np.random.Generator) -> list[tuple[str, str, float | None]]:
+        todo: list[tuple[str, str, float | None]] = []
+        todo += [("interruption", "interruption", None)] * self.interruptions
+        todo += [("backchannel", "backchannel", None)] * self.backchannels
+        todo += [(audio.BURST_KINDS[i % 3], "burst", None) for i in range(self.bursts)]
+        todo += [(k, "noise", s) for k in audio.NOISE_KINDS for s in self.snrs for _ in range(self.noise_per_snr)]
+        order = rng.permutation(len(todo))
+        return [todo[i] for i in order]
+
+
+class CallerScript:
+    def __init__(self, line, times: FrameTimes, pause_first, rng: np.random.Generator, log=print):
+        self.line = line
+        self.times = times
+        self.pause_first = pause_first
+        self.rng = rng
+        self.log = log
+        self.utterances: list[tuple[float, float, str]] = []  # every caller sound: (start, end, kind)
+        self.events: list[Event] = []
+        self.echo_blocks: list[tuple[float, float]] = []
+        self._n = 0
+
+    # -- state ------------------------------------------------------------------------------
+    def annie_speaking(self) -> bool:
+        started = self.times.times.get("bot_started", [])
+        stopped = self.times.times.get("bot_stopped", [])
+        return bool(started) and (not stopped or started[-1] > stopped[-1])
+
+    async def _wait(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _play(self, pcm: np.ndarray, kind: str) -> tuple[float, float]:
+        await self._wait(lambda: not self.line.caller_busy(), 10)
+        start = time.monotonic()
+        self.line.play(pcm)
+        end = start + len(pcm) / audio.RATE
+        self.utterances.append((start, end, kind))
+        return start, end
+
+    async def _say(self, text: str, kind: str) -> tuple[float, float]:
+        self._n += 1
+        pcm = await asyncio.to_thread(audio.speech, text, self._n)
+        return await self._play(pcm, kind)
+
+    # -- the call ---------------------------------------------------------------------------
+    async def run(self, plan: Plan, deadline: float) -> None:
+        await asyncio.sleep(1.0)
+        for i in range(plan.questions + 1):  # the first one warms the models up and is not scored
+            await self.question(audio.QUESTIONS[i % len(audio.QUESTIONS)], warmup=i == 0)
+        if plan.echo_block_s > 0:
+            await self.echo_only(plan.echo_block_s)
+        todo = plan.events(self.rng)
+        for n, (kind, group, snr) in enumerate(todo, 1):
+            if time.monotonic() > deadline:
+                self.log(f"  time is up after {n - 1} of {len(todo)} events")
+                break
+            await self.event(kind, group, snr)
+            if n % 10 == 0:
+                self.log(f"  {n}/{len(todo)} events")
+
+    async def question(self, text: str, warmup: bool = False) -> None:
+        await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
+        await asyncio.sleep(0.8)
+        start, end = await self._say(text, "question")
+        self.events.append(Event("question", "question", start, end, text=text, voice=self._n, warmup=warmup))
+        await self._wait(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
+        await asyncio.sleep(0.3)
+        await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
+        await asyncio.sleep(0.5)
+
+    async def ensure_speaking(self) -> bool:
+        if self.annie_speaking():
+            return True
+        await asyncio.sleep(0.6)
+        if self.annie_speaking():
+            return True
+        _, end = await self._say(STORY_REQUEST, "story request")
+        started = await self._wait(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
+        await asyncio.sleep(0.5)
+        return started
+
+    async def echo_only(self, seconds: float) -> None:
+        """Annie speaks, the caller stays silent (the echo-only scenario)."""
+        if not await self.ensure_speaking():
+            return
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            if not self.annie_speaking():
+                self.echo_blocks.append((start, time.monotonic()))
+                if not await self.ensure_speaking():
+                    return
+                start = time.monotonic()
+            await asyncio.sleep(0.1)
+        self.echo_blocks.append((start, time.monotonic()))
+
+    async def event(self, kind: str, group: str, snr: float | None) -> None:
+        if not await self.ensure_speaking():
+            return
+        await asyncio.sleep(float(self.rng.uniform(0.6, 2.0)))
+        if not await self.ensure_speaking():
+            return
+        self._n += 1
+        level = audio.CALLER_LEVEL_DBFS + float(self.rng.choice([-6.0, -3.0, 0.0, 3.0]))
+        text = None
+        if group == "interruption":
+            text = audio.INTERRUPTIONS[self._n % len(audio.INTERRUPTIONS)]
+            pcm = await asyncio.to_thread(audio.speech, text, self._n, level)
+        elif group == "backchannel":
+            text = audio.BACKCHANNELS[self._n % len(audio.BACKCHANNELS)]
+            pcm = await asyncio.to_thread(audio.speech, text, self._n, level)
+        elif group == "burst":
+            pcm = audio.burst(kind, self.rng, level + 6.0)
+        else:
+            pcm = await asyncio.to_thread(audio.room_noise, kind, self.rng, snr)
+        decided = len(self.pause_first.decisions) if self.pause_first else 0
+        speaking = self.annie_speaking()
+        start, end = await self._play(pcm, group)
+        ev = Event(kind, group, start, end, text=text, voice=self._n, level_dbfs=level, snr_db=snr,
+                   annie_speaking=speaking)
+        self.events.append(ev)
+        if group == "interruption":
+            # Annie answers the interruption (with a new story): wait for her to start.
+            await self._wait(lambda: self.times.first("bot_started", end) is not None, 12)
+            await asyncio.sleep(0.5)
+        else:
+            await asyncio.sleep(end - time.monotonic() + 1.6)
+        if self.pause_first:
+            ev.decisions = list(self.pause_first.decisions[decided:])

