@@ -206,13 +206,14 @@ async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
             await asyncio.sleep(2.0)
             cpu_during_outage = time.process_time() - cpu
             await played(noise)
+            returning = time.monotonic()
             rig.load_echo_cancel()
             back = time.monotonic()
             await asyncio.sleep(0.3)
         annie_elsewhere = elsewhere.recording.between(outage, back)
 
         await wait_for(lambda: tap.captured(back), 5, "capture to resume")
-        resumed = min(t for t, _ in tap.audio if t > back)
+        resumed = min(t for t, _ in tap.audio if t > returning)
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
         await asyncio.sleep(0.3)
@@ -221,9 +222,9 @@ async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
             await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
             await asyncio.sleep(1.4)
 
-    during = tap.captured(outage + 0.1, back)
+    during = tap.captured(outage + 0.1, returning)
     print(f"outage: {len(during)} frames pushed while the source was gone, capture back "
-          f"{1000 * (resumed - back):.0f} ms after the source returned, "
+          f"{1000 * (resumed - returning):.0f} ms after it was reloaded, "
           f"{cpu_during_outage:.2f} s CPU in 2 s of outage")
     assert not [f for f in during if rms_dbfs(pcm(f)) > LOUD_DBFS], "captured the fallback device"
     assert len(during) < 10

@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from loguru import logger
 from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
     Frame,
     InputAudioRawFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     StartFrame,
+    TTSTextFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pipecat.transports.base_input import BaseInputTransport
@@ -43,10 +48,13 @@ from pipecat.utils.utils import obj_id
 from pydantic import Field
 
 from transports._pulse_io import PinnedStream, StreamSpec, check_device
+from transports.playback import PlaybackGate
 
 # While the source is away, how long the capture thread sleeps between looks (it also wakes on
 # any device event, so reattaching is quicker than this).
 _DETACHED_POLL_S = 0.25
+
+T = TypeVar("T")
 
 
 class PulseAudioParams(TransportParams):
@@ -127,12 +135,12 @@ class PulseAudioInputTransport(BaseInputTransport):
             self._thread.start()
         await self.set_transport_ready(frame)
 
-    async def stop(self, frame) -> None:  # noqa: ANN001 - pipecat's signature
+    async def stop(self, frame: EndFrame) -> None:
         """Stop capturing, then the base input."""
         await self._stop_thread()
         await super().stop(frame)
 
-    async def cancel(self, frame) -> None:  # noqa: ANN001 - pipecat's signature
+    async def cancel(self, frame: CancelFrame) -> None:
         """Stop capturing, then the base input."""
         await self._stop_thread()
         await super().cancel(frame)
@@ -181,7 +189,12 @@ class PulseAudioInputTransport(BaseInputTransport):
 
 
 class PulseAudioOutputTransport(BaseOutputTransport):
-    """Plays to the named sink; blocking writes and flushes share one worker thread."""
+    """Plays to the named sink; blocking writes and flushes share one worker thread.
+
+    Implements :class:`transports.playback.PausablePlayback`: a pause flushes PulseAudio and
+    keeps what it had not played yet (its latency's worth of the last writes), a resume writes
+    that first, an interruption drops it.
+    """
 
     _params: PulseAudioParams
 
@@ -199,6 +212,9 @@ class PulseAudioOutputTransport(BaseOutputTransport):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulse-out")
         # Interruptible audio chunked before the last interruption is stale: see write_audio_frame.
         self._stale_before_id = 0
+        self._gate = PlaybackGate()
+        self._tail = bytearray()  # the last audio written (enough to cover PulseAudio's buffer)
+        self._tail_max = 0
 
     async def setup(self, setup: FrameProcessorSetup) -> None:
         """Check the server and sink, and open the playback stream.
@@ -225,6 +241,7 @@ class PulseAudioOutputTransport(BaseOutputTransport):
             maxlength=tlength * 2,
         )
         self._stream = PinnedStream(spec, str(self))
+        self._tail_max = max(spec.maxlength, bytes_per_ms * 1000)
         await self._run_blocking(self._stream.try_open)
 
     async def start(self, frame: StartFrame) -> None:
@@ -246,6 +263,9 @@ class PulseAudioOutputTransport(BaseOutputTransport):
         """Handle frames as pipecat does, then flush PulseAudio on an interruption."""
         if isinstance(frame, InterruptionFrame):
             self._stale_before_id = obj_id()
+            self._gate.drop()
+        elif isinstance(frame, TTSTextFrame):
+            self._gate.note_spoken(frame.text)
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame) and self._params.flush_on_interruption:
             await self.flush_playback()
@@ -270,16 +290,64 @@ class PulseAudioOutputTransport(BaseOutputTransport):
         # interruption came; that chunk is from before the interruption and must not play.
         if frame.interruptible and frame.id < self._stale_before_id:
             return False
+        if not await self._gate.wait_open():
+            return False  # an interruption came while playback was paused
         if self._stream is None:
             return False
-        written = await self._run_blocking(self._stream.write, frame.audio)
+        written = await self._run_blocking(self._write_and_remember, frame.audio)
         if not written:
             # No sink: keep real-time pace so the pipeline neither races ahead nor spins.
             frames = len(frame.audio) // (2 * frame.num_channels)
             await asyncio.sleep(frames / frame.sample_rate)
         return written
 
-    async def _run_blocking(self, func, *args):  # noqa: ANN001, ANN202 - thin executor wrapper
+    def _write_and_remember(self, data: bytes) -> bool:
+        assert self._stream is not None
+        written = self._stream.write(data)
+        if written:
+            self._tail += data
+            del self._tail[: max(0, len(self._tail) - self._tail_max)]
+        return written
+
+    def _flush_keeping_unplayed(self) -> bytes:
+        """Flush PulseAudio; return what it still held (from its latency), newest audio last."""
+        assert self._stream is not None
+        latency_us = self._stream.latency_us() or 0
+        self._stream.flush()
+        frame_bytes = 2 * self._params.audio_out_channels
+        unplayed = int(latency_us * self.sample_rate / 1_000_000) * frame_bytes
+        unplayed = min(unplayed, len(self._tail))
+        held = bytes(self._tail[len(self._tail) - unplayed :]) if unplayed else b""
+        del self._tail[len(self._tail) - unplayed :]
+        return held
+
+    # -- PausablePlayback ------------------------------------------------------------------
+    async def pause_playback(self) -> None:
+        if self._gate.paused or self._stream is None:
+            return
+        self._gate.close(b"")
+        self._gate.held = await self._run_blocking(self._flush_keeping_unplayed)
+        logger.debug(f"{self}: playback paused ({len(self._gate.held) // 2} samples held)")
+
+    async def resume_playback(self, backup_ms: int = 0) -> None:
+        if not self._gate.paused:
+            return
+        frame_bytes = 2 * self._params.audio_out_channels
+        backup = min(len(self._tail), int(self.sample_rate * backup_ms / 1000) * frame_bytes)
+        replay = (bytes(self._tail[len(self._tail) - backup :]) if backup else b"") + self._gate.held
+        # Queue the held audio on the writer thread before the waiting writer goes on.
+        pending = None
+        if replay and self._stream is not None:
+            pending = self.get_event_loop().run_in_executor(self._executor, self._write_and_remember, replay)
+        self._gate.open()
+        if pending is not None:
+            await pending
+        logger.debug(f"{self}: playback resumed")
+
+    def recent_bot_words(self) -> set[str]:
+        return set(self._gate.spoken_words)
+
+    async def _run_blocking(self, func: Callable[..., T], *args: object) -> T:
         return await self.get_event_loop().run_in_executor(self._executor, func, *args)
 
 
