@@ -262,6 +262,8 @@ def test_real_agent_holds_its_audio_source_until_stopped(live_line):
         stopped = run(["stop"], live_line)
         assert stopped.returncode == 0 and f"pid {agent.pid}" in stopped.stdout, stopped.stderr
         assert agent.wait(timeout=20) == 0  # SIGTERM is a clean shutdown
+        shutdown = log.read_text() + agent.stderr.read()
+        assert "Traceback" not in shutdown and "stopped" in shutdown, shutdown[-3000:]
     finally:
         if agent.poll() is None:
             agent.kill()

@@ -1,0 +1,123 @@
+"""Pause and resume at a real PulseAudio sink (the pause-then-decide barge-in, issue 10).
+
+Three seconds of a rising chirp go to the rig's echo-cancel sink; playback is paused one second
+in and resumed half a second later. At the speaker: silence during the pause, and exactly three
+seconds of audio in all, continuing at the frequency where it stopped (nothing lost, nothing
+repeated: PulseAudio's buffer is flushed on the pause and its unplayed audio replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+from pipecat.frames.frames import InterruptionFrame
+
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+
+from tests.test_pulse_transport import IN_RATE, LOUD_DBFS, OUT_RATE, rig_params, tts_frames
+from transports.pulse import PulseAudioTransport
+from transports.pulse_rig import PulseRig, pulseaudio_available
+from transports.rig_audio import rms_dbfs
+
+pytestmark = pytest.mark.skipif(not pulseaudio_available(), reason="pulseaudio/pactl not installed")
+
+SECONDS = 3.0
+
+
+def chirp(seconds: float, rate: int, f0: float = 300.0, f1: float = 1500.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
+    return (0.25 * 32767 * np.sin(phase)).astype(np.int16)
+
+
+def loud_seconds(samples: np.ndarray, rate: int) -> float:
+    """Seconds of signal, to the sample: a 5 ms running peak of |x| above -30 dBFS."""
+    width = rate // 200
+    peaks = np.lib.stride_tricks.sliding_window_view(np.abs(samples.astype(np.int32)), width).max(axis=1)
+    return float((peaks > 1000).sum() + width - 1) / rate if (peaks > 1000).any() else 0.0
+
+
+def dominant_hz(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.argmax(spectrum) * rate / len(samples))
+
+
+@asynccontextmanager
+async def playing(rig):
+    """An output-only pipeline on the rig's sink; yields (worker, output transport)."""
+    transport = PulseAudioTransport(rig_params(rig, audio_in_enabled=False))
+    worker = PipelineWorker(
+        Pipeline([transport.output()]),
+        params=PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=OUT_RATE),
+        idle_timeout_secs=None,
+    )
+    runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+    await runner.add_workers(worker)
+    task = asyncio.create_task(runner.run())
+    try:
+        await asyncio.sleep(0.5)
+        yield worker, transport.output()
+    finally:
+        await worker.cancel(reason="test over")
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+def rig():
+    with PulseRig() as r:
+        yield r
+
+
+async def test_pause_then_resume_loses_and_repeats_nothing(rig):
+    audio = chirp(SECONDS, OUT_RATE)
+    async with playing(rig) as (worker, output):
+        # The same audio once without a pause, measured the same way: the reference.
+        with rig.record(rig.SPEAKER_MONITOR, sample_rate=OUT_RATE) as reference:
+            queued = time.monotonic()
+            await worker.queue_frames(tts_frames(audio, chunk_ms=40))
+            await asyncio.sleep(SECONDS + 0.5)
+        expected = loud_seconds(reference.recording.between(queued, float("inf")), OUT_RATE)
+        with rig.record(rig.SPEAKER_MONITOR, sample_rate=OUT_RATE) as speaker:
+            queued = time.monotonic()
+            await worker.queue_frames(tts_frames(audio, chunk_ms=40))
+            await asyncio.sleep(1.0)
+            paused = time.monotonic()
+            await output.pause_playback()
+            await asyncio.sleep(0.5)
+            resumed = time.monotonic()
+            await output.resume_playback()
+            await asyncio.sleep(SECONDS)
+    rec = speaker.recording
+    during_pause = rec.between(paused + 0.03, resumed)
+    assert rms_dbfs(during_pause) < -80, "the sink must be silent while paused"
+    total = loud_seconds(rec.between(queued, float("inf")), OUT_RATE)
+    print(f"pause/resume at the sink: {total:.3f} s of audio played, {expected:.3f} s without a pause")
+    # PulseAudio held ~50 ms when paused: losing or repeating it would show as a 50 ms difference.
+    assert total == pytest.approx(expected, abs=0.02), "audio lost or repeated across the pause"
+    last = rec.last_loud_time(LOUD_DBFS, queued)
+    before = rec.between(paused - 0.06, paused - 0.01)
+    after_start = rec.first_loud_time(LOUD_DBFS, resumed)
+    after = rec.between(after_start + 0.01, after_start + 0.06)
+    assert abs(dominant_hz(before, OUT_RATE) - dominant_hz(after, OUT_RATE)) < 60, "resumed elsewhere"
+    assert last > after_start
+
+
+async def test_interruption_while_paused_drops_the_held_audio(rig):
+    audio = chirp(SECONDS, OUT_RATE)
+    async with playing(rig) as (worker, output):
+        with rig.record(rig.SPEAKER_MONITOR, sample_rate=OUT_RATE) as speaker:
+            await worker.queue_frames(tts_frames(audio, chunk_ms=40))
+            await asyncio.sleep(1.0)
+            paused = time.monotonic()
+            await output.pause_playback()
+            await asyncio.sleep(0.3)
+            await worker.queue_frames([InterruptionFrame()])
+            await asyncio.sleep(1.5)
+    rec = speaker.recording
+    assert rms_dbfs(rec.between(paused + 0.03, float("inf"))) < -80, "held audio played after the interruption"
