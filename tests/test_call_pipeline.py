@@ -236,3 +236,20 @@ async def test_barge_in_closes_the_chatterbox_request_and_drops_its_audio(make_s
             await call.wait_silent()
             answer = [r for r in speech.requests if "All right" in r.body.get("input", "")]
             assert answer and answer[-1].completed
+
+
+async def test_half_duplex_hold_off_covers_the_playback_tail(make_settings, llm_server):
+    """Speech right after Annie's last audio (her echo tail) is ignored; after the hold-off it is heard."""
+    from pipecat.frames.frames import BotStoppedSpeakingFrame
+
+    llm_server.queue_reply("Good morning.")
+    settings = make_settings(enable_barge_in=False, half_duplex_holdoff_ms=600)
+    async with running_call(settings, llm_base_url=llm_server.base_url, tts=ToneTTSService()) as call:
+        await call.caller_says("hello")
+        await call.wait_until(lambda: call.log.times(BotStoppedSpeakingFrame), 10, "Annie to finish")
+        await call.caller_says("tail of the echo", speech_s=0.1)  # within the 600 ms hold-off
+        await asyncio.sleep(1.0)
+        assert len(llm_server.requests) == 1, "speech inside the hold-off started a turn"
+        await call.caller_says("a real question")
+        await llm_server.wait_for(lambda: len(llm_server.requests) == 2, timeout=5)
+        assert user_texts(llm_server.requests[1].messages) == ["hello", "a real question"]
