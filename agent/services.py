@@ -98,7 +98,7 @@ def build_tts(settings: AgentSettings, base_url: str | None = None) -> FrameProc
 def build_pulse_transport(settings: AgentSettings) -> BaseTransport:
     from transports.pulse import PulseAudioParams, PulseAudioTransport
 
-    return PulseAudioTransport(
+    transport = PulseAudioTransport(
         PulseAudioParams(
             source=settings.pulse_source,
             sink=settings.pulse_sink,
@@ -108,6 +108,8 @@ def build_pulse_transport(settings: AgentSettings) -> BaseTransport:
             audio_out_sample_rate=settings.audio_out_sample_rate,
         )
     )
+    transport.check_devices()  # a missing source/sink or server: SetupError naming the setting, now
+    return transport
 
 
 def build_services(settings: AgentSettings) -> CallServices:

@@ -133,3 +133,11 @@ def test_bad_config_exits_2_with_one_sentence(env, setting):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and setting in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_no_pulseaudio_server_exits_2_naming_the_setting():
+    result = run_phone(env={"STT_BACKEND": "whisper", "PULSE_SERVER": "unix:/nonexistent/native"}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("annie: ") and "PULSE_" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
