@@ -68,27 +68,31 @@ class SampleWindow:
     """The tail of a stream's 16 kHz samples, addressed by absolute sample index."""
 
     def __init__(self) -> None:
-        self.base = 0  # absolute index of samples[0]
+        self.base = 0  # absolute index of the first kept sample
         self.total = 0  # samples received so far
         self._samples = np.zeros(0, dtype=np.float32)
+        self._offset = 0  # forgotten samples still at the front of the array
 
     def append(self, samples: np.ndarray) -> None:
         if samples.size:
-            self._samples = np.concatenate([self._samples, samples.astype(np.float32, copy=False)])
+            self._samples = np.concatenate([self._samples[self._offset :], samples.astype(np.float32, copy=False)])
+            self._offset = 0
             self.total += int(samples.size)
 
     def slice(self, start: int, end: int) -> np.ndarray:
         """Samples [start, end) in absolute indices; start must not precede the kept base."""
         if start < self.base or end > self.total:
             raise IndexError(f"samples [{start}, {end}) are outside the kept window [{self.base}, {self.total})")
-        return self._samples[start - self.base : end - self.base]
+        first = self._offset + start - self.base
+        return self._samples[first : first + end - start]
 
     def forget_before(self, start: int) -> None:
         """Drop samples before absolute index ``start`` (they are no longer needed)."""
         start = min(max(start, self.base), self.total)
-        self._samples = self._samples[start - self.base :].copy()
+        self._offset += start - self.base
         self.base = start
 
     @property
     def nbytes(self) -> int:
-        return int(self._samples.nbytes)
+        """Bytes of the samples still kept (what the next append leaves in memory)."""
+        return int(self._samples[self._offset :].nbytes)

@@ -29,7 +29,7 @@ from loguru import logger
 
 from processors.errors import SetupError
 from processors.nemotron_audio import MODEL_SAMPLE_RATE, Resampler, SampleWindow, pcm_to_float
-from processors.nemotron_model import LoadedModel, load_streaming_model
+from processors.nemotron_model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
 
 # Chunk size (ms) -> right attention context R of att_context_size=[70, R].
 CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
@@ -49,9 +49,10 @@ class StreamState:
     carry: bytes = b""  # an odd trailing byte of int16 PCM
     frames_done: int = 0  # mel frames already fed to the encoder
     steps: int = 0
-    cache_channel: torch.Tensor | None = None
-    cache_time: torch.Tensor | None = None
-    cache_len: torch.Tensor | None = None
+    # Encoder caches: this stream's row of the batch tensors its last step produced, so that
+    # the same streams stepped together again need no gathering (see _Caches).
+    caches: _Caches | None = None
+    row: int = 0
     hypothesis: Any = None  # NeMo Hypothesis of the current turn
     text: str = ""
     audio_s: float = 0.0  # seconds of audio received since the last reset
@@ -67,7 +68,8 @@ class StreamState:
         self.carry = b""
         self.frames_done = 0
         self.steps = 0
-        self.cache_channel = self.cache_time = self.cache_len = None
+        self.caches = None
+        self.row = 0
         self.hypothesis = None
         self.text = ""
         self.audio_s = 0.0
@@ -75,12 +77,43 @@ class StreamState:
     @property
     def nbytes(self) -> int:
         """Bytes held by the audio window and the encoder caches (not the turn's tokens)."""
-        caches = (self.cache_channel, self.cache_time, self.cache_len)
-        return self.window.nbytes + sum(int(c.numel() * c.element_size()) for c in caches if c is not None)
+        rows = () if self.caches is None else self.caches.rows(self.row)
+        return self.window.nbytes + sum(int(c.numel() * c.element_size()) for c in rows)
+
+    @property
+    def cache_channel(self) -> torch.Tensor | None:
+        return None if self.caches is None else self.caches.rows(self.row)[0]
+
+    @property
+    def cache_time(self) -> torch.Tensor | None:
+        return None if self.caches is None else self.caches.rows(self.row)[1]
 
     @property
     def num_tokens(self) -> int:
         return 0 if self.hypothesis is None else len(self.hypothesis.y_sequence)
+
+
+@dataclass(eq=False)
+class _Caches:
+    """Encoder caches of a batch of streams: [layers, B, ...] tensors and lengths [B]."""
+
+    channel: torch.Tensor
+    time: torch.Tensor
+    length: torch.Tensor
+
+    def rows(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.channel[:, row : row + 1], self.time[:, row : row + 1], self.length[row : row + 1]
+
+    @staticmethod
+    def gather(states: Sequence[StreamState]) -> _Caches:
+        """The batch for ``states``: reused as is when they are the last step's batch in order."""
+        first = states[0].caches
+        if first.channel.shape[1] == len(states) and all(
+            s.caches is first and s.row == i for i, s in enumerate(states)
+        ):
+            return first
+        rows = [s.caches.rows(s.row) for s in states]
+        return _Caches(*(torch.cat([r[k] for r in rows], dim=1 if k < 2 else 0) for k in range(3)))
 
 
 @dataclass
@@ -115,6 +148,7 @@ class NemotronStreamingEngine:
         self._pre_cache = _second(cfg.pre_encode_cache_size, 1)
         self._drop = cfg.drop_extra_pre_encoded
         self._valid_out = int(cfg.valid_out_len)  # encoder frames per full chunk
+        self._final_in_one_step = cfg.last_channel_cache_size % (self.right_context + 1) == 0
         featurizer = self._model.preprocessor.featurizer
         self._hop = int(featurizer.hop_length)
         self._half_fft = int(featurizer.n_fft) // 2
@@ -162,6 +196,24 @@ class NemotronStreamingEngine:
             started = time.perf_counter()
             engine.warm_up()
             logger.debug(f"{engine}: warm-up took {1e3 * (time.perf_counter() - started):.0f} ms")
+        return engine
+
+    @classmethod
+    def from_model(
+        cls, model, chunk_ms: int, device: str = "auto", *, precision: str = "auto", cuda_graph_decoder: bool = False
+    ) -> NemotronStreamingEngine:
+        """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed."""
+        if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
+            raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}).")
+        loaded = prepare_streaming_model(
+            model,
+            right_context=CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms],
+            device=resolve_device(device),
+            precision=precision,
+            cuda_graph_decoder=cuda_graph_decoder,
+        )
+        engine = cls(loaded, chunk_ms)
+        engine.warm_up()
         return engine
 
     def __repr__(self) -> str:
@@ -230,10 +282,12 @@ class NemotronStreamingEngine:
             state.window.append(np.zeros(MODEL_SAMPLE_RATE * pad_ms // 1000, dtype=np.float32))
         end = state.window.total // self._hop  # frame count of an offline pass over the same audio
         while end > state.frames_done:
+            # One step for all the rest, however many chunks, when the left cache (70 frames)
+            # is a whole number of chunks: the chunked attention mask then stays aligned with
+            # the offline pass. keep_all_outputs keeps the short last chunk.
             need = self._first_frames if state.steps == 0 else self._shift_frames
-            last = end - state.frames_done <= need
-            stop = end if last else state.frames_done + need
-            self._run([self._job(state, stop)], keep_all=last)
+            last = self._final_in_one_step or end - state.frames_done <= need
+            self._run([self._job(state, end if last else state.frames_done + need)], keep_all=last)
         text = state.text
         state.reset()
         return text
@@ -273,71 +327,62 @@ class NemotronStreamingEngine:
         skip = start - window_start // self._hop
         return _Job(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
 
-    def _mel(self, jobs: list[_Job]) -> list[torch.Tensor]:
-        """Every job's mel frames, exactly as a whole-utterance preprocessor pass computes them.
+    def _mel(self, jobs: list[_Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The jobs' mel frames as one [B, features, T] batch (zero-padded) and their lengths.
 
-        One batched preprocessor call; a frame never reaches past its own job's samples, so
-        the zero padding of shorter rows does not touch the frames that are kept.
+        Frames are exactly what a whole-utterance preprocessor pass computes: one batched call,
+        and a kept frame never reaches past its own job's samples, so the zero padding of
+        shorter rows does not touch it.
         """
         width = max(job.samples.size for job in jobs)
         batch = np.zeros((len(jobs), width), dtype=np.float32)
         for row, job in zip(batch, jobs):
             row[: job.samples.size] = job.samples
         signal = torch.from_numpy(batch).to(self.device)
-        lengths = torch.tensor([job.samples.size for job in jobs], device=self.device)
+        sizes = torch.tensor([job.samples.size for job in jobs]).to(self.device)
         with torch.inference_mode():
-            mel, _ = self._model.preprocessor(input_signal=signal, length=lengths)
-        return [mel[i, :, job.skip : job.skip + job.count] for i, job in enumerate(jobs)]
+            mel, _ = self._model.preprocessor(input_signal=signal, length=sizes)
+        counts = [job.count for job in jobs]
+        lengths = torch.tensor(counts).to(self.device)
+        if all(job.skip == jobs[0].skip and job.count == counts[0] for job in jobs):
+            return mel[:, :, jobs[0].skip : jobs[0].skip + counts[0]], lengths  # steady state
+        frames = torch.zeros(len(jobs), mel.shape[1], max(counts), dtype=mel.dtype, device=mel.device)
+        for i, job in enumerate(jobs):
+            frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
+        return frames, lengths
 
     def _run(self, jobs: list[_Job], keep_all: bool) -> None:
         """One ``conformer_stream_step`` over ``jobs`` (all with the same ``first`` and ``drop``)."""
         is_first, drop = jobs[0].first, jobs[0].drop
-        inputs, lengths = self._stack_inputs(jobs)
+        inputs, lengths = self._mel(jobs)
         states = [job.state for job in jobs]
-        for s in states:
-            if s.cache_channel is None:
-                s.cache_channel, s.cache_time, s.cache_len = self._model.encoder.get_initial_cache_state(
-                    batch_size=1, device=self.device
-                )
-        single = len(states) == 1
-        caches = [
-            states[0].cache_channel if single else torch.cat([s.cache_channel for s in states], dim=1),
-            states[0].cache_time if single else torch.cat([s.cache_time for s in states], dim=1),
-            states[0].cache_len if single else torch.cat([s.cache_len for s in states], dim=0),
-        ]
+        if all(s.caches is None for s in states):
+            caches = _Caches(*self._model.encoder.get_initial_cache_state(batch_size=len(states), device=self.device))
+        else:  # a group mixes only streams past their first step (first steps form their own)
+            caches = _Caches.gather(states)
         hyps = None if is_first else [s.hypothesis for s in states]
         with self._lock, torch.inference_mode(), self._autocast():
             result = self._model.conformer_stream_step(
                 processed_signal=inputs,
                 processed_signal_length=lengths,
-                cache_last_channel=caches[0],
-                cache_last_time=caches[1],
-                cache_last_channel_len=caches[2],
+                cache_last_channel=caches.channel,
+                cache_last_time=caches.time,
+                cache_last_channel_len=caches.length,
                 keep_all_outputs=keep_all,
                 previous_hypotheses=hyps,
                 drop_extra_pre_encoded=drop,
                 return_transcription=True,
             )
         _, _, channel, time_cache, cache_len, best = result
+        produced = _Caches(channel, time_cache, cache_len)
         for i, (job, s) in enumerate(zip(jobs, states)):
-            s.cache_channel, s.cache_time = channel[:, i : i + 1], time_cache[:, i : i + 1]
-            s.cache_len = cache_len[i : i + 1]
+            s.caches, s.row = produced, i
             s.hypothesis = best[i]
             s.text = best[i].text if isinstance(best[i].text, str) else ""
             s.frames_done += job.new_frames
             s.steps += 1
             keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
             s.window.forget_before(keep_from)
-
-    def _stack_inputs(self, jobs: list[_Job]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The jobs' mel frames as one zero-padded batch, with their lengths."""
-        rows = self._mel(jobs)
-        lengths = torch.tensor([r.shape[1] for r in rows], device=self.device, dtype=torch.long)
-        if len(rows) == 1:
-            return rows[0].unsqueeze(0), lengths
-        width = max(r.shape[1] for r in rows)
-        return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows]), lengths
-
 
 def _second(value: int | list[int], index: int) -> int:
     """NeMo streaming sizes are either one int or [first step, later steps]."""

@@ -116,19 +116,35 @@ def load_streaming_model(
     precision: str = "auto",
     cuda_graph_decoder: bool = False,
 ) -> LoadedModel:
-    """Load, check and prepare the model: eval mode, no dither, greedy decoding, context [L, R]."""
+    """Load a local ``.nemo`` and prepare it with :func:`prepare_streaming_model`."""
     path = _check_path(model_path)
     torch_device = resolve_device(device)
+    model = _restore(path, torch_device)
+    return prepare_streaming_model(
+        model, right_context=right_context, device=torch_device, precision=precision,
+        cuda_graph_decoder=cuda_graph_decoder, source=path,
+    )
+
+
+def prepare_streaming_model(
+    model,
+    *,
+    right_context: int,
+    device: torch.device,
+    precision: str = "auto",
+    cuda_graph_decoder: bool = False,
+    source: Path | str = "the model",
+) -> LoadedModel:
+    """Check and prepare a model: eval mode, no dither, greedy decoding, context [L, R]."""
     if precision == "auto":
-        precision = "bf16" if torch_device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise SetupError(f"ASR precision {precision!r} is invalid: allowed values are auto, fp32, bf16.")
-    model = _restore(path, torch_device)
-    context = _check_streaming(model, path, right_context)
-    model.eval()
+    context = _check_streaming(model, Path(source), right_context)
+    model = model.to(device).eval()
     model.preprocessor.featurizer.dither = 0.0
     model.preprocessor.featurizer.pad_to = 0
     model.encoder.set_default_att_context_size(context)
     _greedy_decoding(model, cuda_graph_decoder)
-    logger.debug(f"Loaded {path.name}: att_context_size={context}, {torch_device.type}, {precision}")
-    return LoadedModel(model=model, device=torch_device, precision=precision)
+    logger.debug(f"Prepared {Path(source).name}: att_context_size={context}, {device.type}, {precision}")
+    return LoadedModel(model=model, device=device, precision=precision)

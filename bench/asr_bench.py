@@ -1,0 +1,261 @@
+"""Step latency and time to final of the streaming Nemotron engine, per chunk size and batch size.
+
+    python bench/asr_bench.py --tiny              # tiny random model, CPU (what CI machines have)
+    python bench/asr_bench.py --full              # full-size architecture, random weights, GPU
+
+``--full`` builds nvidia/nemotron-speech-streaming-en-0.6b's architecture (24 layers, d_model
+1024, 8 heads, vocab 1024, 128 mel) with RANDOM weights and the joint biased toward blank so that
+greedy decoding emits about as rarely as a trained model: the latencies are real, the text is
+not. B streams advance in lockstep, each receiving one chunk of audio per step as it would in
+real time; one batched ``engine.step`` serves them all. Batch B runs in real time when the step's
+p95 is below the chunk duration. Time to final is ``engine.finalize`` on one stream (the rest of
+the turn plus one chunk of silence as right context). Prints a table, writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from processors.nemotron_engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine  # noqa: E402
+from tests.nemo_tiny import build_model, save_random_nemo, speechlike  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINE = {"source": "eager NeMo 3.0, H100, bf16, 160 ms (shared/DESIGN.md)", "b1_p50_ms": 38.4, "b1_p95_ms": 68.5, "b256_p95_ms": 81.2}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def sync(engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_steps(engine, batch: int, steps: int, warmup: int) -> dict:
+    """B streams in lockstep: feed one chunk each, step them as one batch; time the step."""
+    chunk = 16 * engine.chunk_ms
+    audio = (speechlike(16000 * 20, seed=1) * 32767).astype(np.int16)
+    states = [engine.new_stream() for _ in range(batch)]
+    offsets = [(i * 7919) % (len(audio) - chunk) for i in range(batch)]  # streams hear different audio
+    step_ms, feed_ms, tokens = [], [], 0
+    for n in range(warmup + steps):
+        t0 = time.perf_counter()
+        for i, state in enumerate(states):
+            start = (offsets[i] + n * chunk) % (len(audio) - chunk)
+            engine.feed(state, audio[start : start + chunk])
+        t1 = time.perf_counter()
+        while any(engine.ready(s) for s in states):
+            engine.step(states)
+        sync(engine)
+        t2 = time.perf_counter()
+        if n >= warmup:
+            feed_ms.append(1e3 * (t1 - t0))
+            step_ms.append(1e3 * (t2 - t1))
+    tokens = sum(s.num_tokens for s in states) / batch
+    p95 = percentile(step_ms, 95)
+    return {
+        "chunk_ms": engine.chunk_ms,
+        "batch": batch,
+        "steps": steps,
+        "step_p50_ms": round(percentile(step_ms, 50), 2),
+        "step_p95_ms": round(p95, 2),
+        "feed_p50_ms": round(percentile(feed_ms, 50), 2),
+        "real_time": bool(p95 + percentile(feed_ms, 95) < engine.chunk_ms),
+        "streams_real_time_est": int(batch * engine.chunk_ms / (p95 + percentile(feed_ms, 50))),
+        "tokens_per_stream": round(tokens, 1),
+    }
+
+
+def bench_raw_nemo(engine, batch: int, steps: int, warmup: int) -> dict:
+    """NeMo's bare ``conformer_stream_step`` on fixed random mel (as the DESIGN.md baseline was
+    measured), on this machine: what the engine adds on top is the difference."""
+    model, cfg = engine.model, engine.model.encoder.streaming_cfg
+    frames = cfg.pre_encode_cache_size[1] + cfg.chunk_size[1]
+    caches = model.encoder.get_initial_cache_state(batch_size=batch, device=engine.device)
+    signal = torch.randn(batch, model.preprocessor.featurizer.nfilt, frames, device=engine.device)
+    lengths = torch.full((batch,), frames, device=engine.device, dtype=torch.long)
+    hyps, times = None, []
+    for n in range(warmup + steps):
+        sync(engine)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), engine._autocast():
+            _, _, *caches, hyps = model.conformer_stream_step(
+                processed_signal=signal, processed_signal_length=lengths, cache_last_channel=caches[0],
+                cache_last_time=caches[1], cache_last_channel_len=caches[2], keep_all_outputs=False,
+                previous_hypotheses=hyps, drop_extra_pre_encoded=cfg.drop_extra_pre_encoded, return_transcription=True,
+            )
+        sync(engine)
+        if n >= warmup:
+            times.append(1e3 * (time.perf_counter() - t0))
+    return {"chunk_ms": engine.chunk_ms, "batch": batch, "step_p50_ms": round(percentile(times, 50), 2), "step_p95_ms": round(percentile(times, 95), 2)}
+
+
+def bench_final(engine, turns: int) -> dict:
+    """Stream a turn on one stream, then time finalize (tail + one chunk of silence)."""
+    final_ms = []
+    for turn in range(turns):
+        pcm = (speechlike(16000 + 16 * engine.chunk_ms * 2 + 160 * (turn * 3 % 17), seed=turn) * 32767).astype(np.int16)
+        state = engine.new_stream()
+        for i in range(0, len(pcm), 320):
+            engine.accept(state, pcm[i : i + 320])
+        sync(engine)
+        t0 = time.perf_counter()
+        engine.finalize(state)
+        sync(engine)
+        final_ms.append(1e3 * (time.perf_counter() - t0))
+    return {"final_p50_ms": round(percentile(final_ms, 50), 2), "final_p95_ms": round(percentile(final_ms, 95), 2), "turns": turns}
+
+
+def verify_streaming_equals_offline(model, device: str, label: str) -> list[dict]:
+    """fp32: streamed text equals NeMo's whole-utterance text (same random model)."""
+    from tests.nemo_tiny import offline_text
+
+    out = []
+    for chunk_ms in sorted(CHUNK_MS_TO_RIGHT_CONTEXT):
+        engine = NemotronStreamingEngine.from_model(model, chunk_ms, device, precision="fp32")
+        for seconds in (1.3, 3.7):
+            pcm = (speechlike(int(16000 * seconds), seed=int(seconds)) * 32767).astype(np.int16)
+            state = engine.new_stream()
+            for i in range(0, len(pcm), 320):
+                engine.accept(state, pcm[i : i + 320])
+            streamed = engine.finalize(state, pad_ms=0)
+            signal = pcm / 32768.0
+            with torch.autocast(engine.device.type, enabled=False):
+                reference, _ = offline_text(_OnDevice(engine.model, engine.device), signal)
+            out.append({"model": label, "chunk_ms": chunk_ms, "seconds": seconds, "equal": streamed == reference, "chars": len(reference)})
+    return out
+
+
+class _OnDevice:
+    """Lets ``offline_text`` (written for CPU tensors) run a model that lives on a GPU."""
+
+    def __init__(self, model, device):
+        self._model, self._device = model, device
+        self.preprocessor = lambda input_signal, length: model.preprocessor(
+            input_signal=input_signal.to(device), length=length.to(device)
+        )
+        self.encoder = model.encoder
+        self.decoding = model.decoding
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for chunk_ms in sorted({r["chunk_ms"] for r in results["steps"]}):
+        rows = [r for r in results["steps"] if r["chunk_ms"] == chunk_ms]
+        (line,) = ax.plot([r["batch"] for r in rows], [r["step_p95_ms"] for r in rows], marker="o", label=f"{chunk_ms} ms p95")
+        ax.plot([r["batch"] for r in rows], [r["step_p50_ms"] for r in rows], ls="--", color=line.get_color(), alpha=0.6)
+        ax.axhline(chunk_ms, color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("streams per batched step")
+    ax.set_ylabel("step latency (ms); dashed p50, dotted = real-time limit")
+    ax.set_title(f"{results['model']} on {results['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", action="store_true", help="tiny random model (2 layers, d_model 64) on CPU")
+    size.add_argument("--full", action="store_true", help="full-size architecture, random weights, GPU if present")
+    parser.add_argument("--chunks", default="80,160,560,1120")
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=20, help="finalize timings per chunk size")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--cuda-graph-decoder", action="store_true")
+    parser.add_argument("--verify", action="store_true", help="also check streaming == offline in fp32")
+    parser.add_argument("--raw", action="store_true", help="also time bare NeMo steps (same chunks and batches)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    device = "cpu" if args.tiny else "auto"
+    if args.tiny:
+        torch.manual_seed(0)
+        nemo = save_random_nemo(Path(tempfile.mkdtemp()) / "tiny.nemo", blank_bias=0.0, input_sensitive=True)
+        make = lambda ms: NemotronStreamingEngine.load(nemo, ms, device, precision=args.precision)  # noqa: E731
+        label = "tiny random cache-aware FastConformer RNN-T (2 layers, d_model 64), loaded from .nemo"
+    else:
+        model = build_model("full", blank_bias=4.0)
+        label = "nemotron-0.6b architecture, RANDOM weights, joint biased toward blank (+4)"
+        make = lambda ms: NemotronStreamingEngine.from_model(  # noqa: E731
+            model, ms, device, precision=args.precision, cuda_graph_decoder=args.cuda_graph_decoder
+        )
+    first = make(int(args.chunks.split(",")[0]))
+    results = {
+        "model": label,
+        "params_M": round(sum(p.numel() for p in first.model.parameters()) / 1e6, 1),
+        "device": torch.cuda.get_device_name() if first.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "precision": first.precision,
+        "cuda_graph_decoder": args.cuda_graph_decoder,
+        "torch": torch.__version__,
+        "baseline": BASELINE,
+        "steps": [],
+        "raw_nemo": [],
+        "finals": [],
+    }
+    print(f"# {label}; {results['params_M']} M params; {results['device']}; {first.precision}", flush=True)
+    print(f"{'chunk':>6} {'batch':>5} {'step p50':>9} {'step p95':>9} {'feed p50':>9} {'real time':>9} {'streams':>7} {'tok/str':>7}")
+    for chunk_ms in [int(c) for c in args.chunks.split(",")]:
+        engine = first if chunk_ms == first.chunk_ms else make(chunk_ms)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            row = bench_steps(engine, batch, args.steps, args.warmup)
+            results["steps"].append(row)
+            print(
+                f"{chunk_ms:>6} {batch:>5} {row['step_p50_ms']:>9.2f} {row['step_p95_ms']:>9.2f} {row['feed_p50_ms']:>9.2f}"
+                f" {str(row['real_time']):>9} {row['streams_real_time_est']:>7} {row['tokens_per_stream']:>7}",
+                flush=True,
+            )
+            if args.raw:
+                raw = bench_raw_nemo(engine, batch, args.steps, args.warmup)
+                results["raw_nemo"].append(raw)
+                print(f"{'':>6} {'':>5} {raw['step_p50_ms']:>9.2f} {raw['step_p95_ms']:>9.2f}   <- bare NeMo step, same machine", flush=True)
+        final = {"chunk_ms": chunk_ms, **bench_final(engine, args.turns)}
+        results["finals"].append(final)
+        print(f"{chunk_ms:>6} time to final (1 stream, finalize incl. {chunk_ms} ms pad): p50 {final['final_p50_ms']} ms, p95 {final['final_p95_ms']} ms", flush=True)
+        save(results, args, first)
+    if args.verify:
+        models = {"bench model": first.model, "tiny input-sensitive": build_model("tiny", input_sensitive=True)}
+        results["verify_fp32"] = [v for label, m in models.items() for v in verify_streaming_equals_offline(m, device, label)]
+        for v in results["verify_fp32"]:
+            print(f"streaming == offline (fp32, {v['model']}, {v['chunk_ms']} ms, {v['seconds']} s): {v['equal']} ({v['chars']} chars)")
+    path = save(results, args, first)
+    plot(results, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
+
+
+def save(results: dict, args, engine) -> Path:
+    """Write the JSON (after every chunk size, so a cut-off run still leaves its numbers)."""
+    if args.tiny:
+        name = "asr_tiny_cpu"
+    else:
+        gpu = results["device"].replace("NVIDIA", "").split()[0].lower() if engine.device.type == "cuda" else "cpu"
+        name = f"asr_full_{gpu}" + ("_cgdec" if args.cuda_graph_decoder else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
+if __name__ == "__main__":
+    main()
