@@ -424,8 +424,11 @@ async def test_tts_frozen_mid_utterance_then_caller_speaks(make_settings, llm, b
         speech.stop()
 
 
-@BOTH_MODES
-@pytest.mark.parametrize("fault", ["garbage", "bad_header", "odd_length"])
+@pytest.mark.parametrize(
+    "fault, barge_in",
+    [("garbage", False), ("garbage", True), ("bad_header", False), ("odd_length", True)],
+    ids=["garbage-half-duplex", "garbage-barge-in", "bad_header-half-duplex", "odd_length-barge-in"],
+)
 async def test_tts_returns_garbage(make_settings, llm, barge_in, fault):
     """Noise without a WAV header, a header announcing 8-bit stereo float, a stray odd byte."""
     settings = make_settings(enable_barge_in=barge_in)
