@@ -43,63 +43,100 @@ def sync(engine) -> None:
         torch.cuda.synchronize()
 
 
-def bench_steps(engine, batch: int, steps: int, warmup: int) -> dict:
-    """B streams in lockstep: feed one chunk each, step them as one batch; time the step."""
-    chunk = 16 * engine.chunk_ms
-    audio = (speechlike(16000 * 20, seed=1) * 32767).astype(np.int16)
-    states = [engine.new_stream() for _ in range(batch)]
-    offsets = [(i * 7919) % (len(audio) - chunk) for i in range(batch)]  # streams hear different audio
-    step_ms, feed_ms, tokens = [], [], 0
-    for n in range(warmup + steps):
-        t0 = time.perf_counter()
-        for i, state in enumerate(states):
-            start = (offsets[i] + n * chunk) % (len(audio) - chunk)
-            engine.feed(state, audio[start : start + chunk])
-        t1 = time.perf_counter()
-        while any(engine.ready(s) for s in states):
-            engine.step(states)
-        sync(engine)
-        t2 = time.perf_counter()
-        if n >= warmup:
-            feed_ms.append(1e3 * (t1 - t0))
-            step_ms.append(1e3 * (t2 - t1))
-    tokens = sum(s.num_tokens for s in states) / batch
-    p95 = percentile(step_ms, 95)
-    return {
-        "chunk_ms": engine.chunk_ms,
-        "batch": batch,
-        "steps": steps,
-        "step_p50_ms": round(percentile(step_ms, 50), 2),
-        "step_p95_ms": round(p95, 2),
-        "feed_p50_ms": round(percentile(feed_ms, 50), 2),
-        "real_time": bool(p95 + percentile(feed_ms, 95) < engine.chunk_ms),
-        "streams_real_time_est": int(batch * engine.chunk_ms / (p95 + percentile(feed_ms, 50))),
-        "tokens_per_stream": round(tokens, 1),
-    }
+class EngineLoad:
+    """B engine streams in lockstep: each step feeds one chunk per stream, then steps them all."""
+
+    def __init__(self, engine, batch: int):
+        self.engine, self.batch = engine, batch
+        self.chunk = 16 * engine.chunk_ms
+        self.audio = (speechlike(16000 * 20, seed=1) * 32767).astype(np.int16)
+        self.states = [engine.new_stream() for _ in range(batch)]
+        self.offsets = [(i * 7919) % (len(self.audio) - self.chunk) for i in range(batch)]  # different audio
+        self.n = 0
+        self.step_ms: list[float] = []
+        self.feed_ms: list[float] = []
+
+    def run(self, steps: int, record: bool = True) -> None:
+        engine, span = self.engine, len(self.audio) - self.chunk
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            for state, offset in zip(self.states, self.offsets):
+                start = (offset + self.n * self.chunk) % span
+                engine.feed(state, self.audio[start : start + self.chunk])
+            t1 = time.perf_counter()
+            while any(engine.ready(s) for s in self.states):
+                engine.step(self.states)
+            sync(engine)
+            t2 = time.perf_counter()
+            self.n += 1
+            if record:
+                self.feed_ms.append(1e3 * (t1 - t0))
+                self.step_ms.append(1e3 * (t2 - t1))
+
+    def row(self) -> dict:
+        chunk_ms, p95, feed95 = self.engine.chunk_ms, percentile(self.step_ms, 95), percentile(self.feed_ms, 95)
+        return {
+            "chunk_ms": chunk_ms,
+            "batch": self.batch,
+            "steps": len(self.step_ms),
+            "step_p50_ms": round(percentile(self.step_ms, 50), 2),
+            "step_p95_ms": round(p95, 2),
+            "feed_p50_ms": round(percentile(self.feed_ms, 50), 2),
+            "real_time": bool(p95 + feed95 < chunk_ms),
+            "streams_real_time_est": int(self.batch * chunk_ms / (p95 + feed95)),
+            "tokens_per_stream": round(sum(s.num_tokens for s in self.states) / self.batch, 1),
+        }
 
 
-def bench_raw_nemo(engine, batch: int, steps: int, warmup: int) -> dict:
-    """NeMo's bare ``conformer_stream_step`` on fixed random mel (as the DESIGN.md baseline was
-    measured), on this machine: what the engine adds on top is the difference."""
-    model, cfg = engine.model, engine.model.encoder.streaming_cfg
-    frames = cfg.pre_encode_cache_size[1] + cfg.chunk_size[1]
-    caches = model.encoder.get_initial_cache_state(batch_size=batch, device=engine.device)
-    signal = torch.randn(batch, model.preprocessor.featurizer.nfilt, frames, device=engine.device)
-    lengths = torch.full((batch,), frames, device=engine.device, dtype=torch.long)
-    hyps, times = None, []
-    for n in range(warmup + steps):
-        sync(engine)
-        t0 = time.perf_counter()
-        with torch.inference_mode(), engine._autocast():
-            _, _, *caches, hyps = model.conformer_stream_step(
-                processed_signal=signal, processed_signal_length=lengths, cache_last_channel=caches[0],
-                cache_last_time=caches[1], cache_last_channel_len=caches[2], keep_all_outputs=False,
-                previous_hypotheses=hyps, drop_extra_pre_encoded=cfg.drop_extra_pre_encoded, return_transcription=True,
-            )
-        sync(engine)
-        if n >= warmup:
-            times.append(1e3 * (time.perf_counter() - t0))
-    return {"chunk_ms": engine.chunk_ms, "batch": batch, "step_p50_ms": round(percentile(times, 50), 2), "step_p95_ms": round(percentile(times, 95), 2)}
+class RawLoad:
+    """NeMo's bare ``conformer_stream_step`` on fixed random mel, as the DESIGN.md baseline was
+    measured (research/probes/asr_step_bench.py): no audio, no features, no per-stream state."""
+
+    def __init__(self, engine, batch: int):
+        self.engine, self.batch = engine, batch
+        model, cfg = engine.model, engine.model.encoder.streaming_cfg
+        frames = cfg.pre_encode_cache_size[1] + cfg.chunk_size[1]
+        self.caches = model.encoder.get_initial_cache_state(batch_size=batch, device=engine.device)
+        self.signal = torch.randn(batch, model.preprocessor.featurizer.nfilt, frames, device=engine.device)
+        self.lengths = torch.full((batch,), frames, device=engine.device, dtype=torch.long)
+        self.hyps = None
+        self.step_ms: list[float] = []
+
+    def run(self, steps: int, record: bool = True) -> None:
+        engine, model = self.engine, self.engine.model
+        for _ in range(steps):
+            sync(engine)
+            t0 = time.perf_counter()
+            with torch.inference_mode(), engine._autocast():
+                _, _, *self.caches, self.hyps = model.conformer_stream_step(
+                    processed_signal=self.signal, processed_signal_length=self.lengths,
+                    cache_last_channel=self.caches[0], cache_last_time=self.caches[1],
+                    cache_last_channel_len=self.caches[2], keep_all_outputs=False, previous_hypotheses=self.hyps,
+                    drop_extra_pre_encoded=model.encoder.streaming_cfg.drop_extra_pre_encoded, return_transcription=True,
+                )
+            sync(engine)
+            if record:
+                self.step_ms.append(1e3 * (time.perf_counter() - t0))
+
+    def row(self) -> dict:
+        return {
+            "chunk_ms": self.engine.chunk_ms,
+            "batch": self.batch,
+            "steps": len(self.step_ms),
+            "step_p50_ms": round(percentile(self.step_ms, 50), 2),
+            "step_p95_ms": round(percentile(self.step_ms, 95), 2),
+        }
+
+
+def bench_batch(engine, batch: int, steps: int, warmup: int, raw: bool) -> tuple[dict, dict | None]:
+    """Engine (and bare NeMo) steps, alternating blocks of 10 so machine drift hits both alike."""
+    loads = [EngineLoad(engine, batch)] + ([RawLoad(engine, batch)] if raw else [])
+    for load in loads:
+        load.run(warmup, record=False)
+    for _ in range(max(1, steps // 10)):
+        for load in loads:
+            load.run(10)
+    return loads[0].row(), (loads[1].row() if raw else None)
 
 
 def bench_final(engine, turns: int) -> dict:
@@ -156,17 +193,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for chunk_ms in sorted({r["chunk_ms"] for r in results["steps"]}):
         rows = [r for r in results["steps"] if r["chunk_ms"] == chunk_ms]
-        (line,) = ax.plot([r["batch"] for r in rows], [r["step_p95_ms"] for r in rows], marker="o", label=f"{chunk_ms} ms p95")
+        (line,) = ax.plot([r["batch"] for r in rows], [r["step_p95_ms"] for r in rows], marker="o", label=f"{chunk_ms} ms: engine p95")
         ax.plot([r["batch"] for r in rows], [r["step_p50_ms"] for r in rows], ls="--", color=line.get_color(), alpha=0.6)
+        raw = [r for r in results.get("raw_nemo", []) if r["chunk_ms"] == chunk_ms]
+        if raw:
+            ax.scatter([r["batch"] for r in raw], [r["step_p95_ms"] for r in raw], marker="x", color=line.get_color())
         ax.axhline(chunk_ms, color=line.get_color(), ls=":", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("streams per batched step")
-    ax.set_ylabel("step latency (ms); dashed p50, dotted = real-time limit")
-    ax.set_title(f"{results['model']} on {results['device']}")
+    ax.set_ylabel("step latency (ms)")
+    ax.set_title(
+        f"{results['model']}\n{results['device']}, {results['precision']}: p95 solid, p50 dashed, "
+        "bare NeMo p95 x, real-time limit dotted",
+        fontsize=8,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -219,17 +263,16 @@ def main() -> None:
     for chunk_ms in [int(c) for c in args.chunks.split(",")]:
         engine = first if chunk_ms == first.chunk_ms else make(chunk_ms)
         for batch in [int(b) for b in args.batches.split(",")]:
-            row = bench_steps(engine, batch, args.steps, args.warmup)
+            row, raw = bench_batch(engine, batch, args.steps, args.warmup, args.raw)
             results["steps"].append(row)
             print(
                 f"{chunk_ms:>6} {batch:>5} {row['step_p50_ms']:>9.2f} {row['step_p95_ms']:>9.2f} {row['feed_p50_ms']:>9.2f}"
                 f" {str(row['real_time']):>9} {row['streams_real_time_est']:>7} {row['tokens_per_stream']:>7}",
                 flush=True,
             )
-            if args.raw:
-                raw = bench_raw_nemo(engine, batch, args.steps, args.warmup)
+            if raw:
                 results["raw_nemo"].append(raw)
-                print(f"{'':>6} {'':>5} {raw['step_p50_ms']:>9.2f} {raw['step_p95_ms']:>9.2f}   <- bare NeMo step, same machine", flush=True)
+                print(f"{'':>6} {'':>5} {raw['step_p50_ms']:>9.2f} {raw['step_p95_ms']:>9.2f}   <- bare NeMo step, same machine, interleaved", flush=True)
         final = {"chunk_ms": chunk_ms, **bench_final(engine, args.turns)}
         results["finals"].append(final)
         print(f"{chunk_ms:>6} time to final (1 stream, finalize incl. {chunk_ms} ms pad): p50 {final['final_p50_ms']} ms, p95 {final['final_p95_ms']} ms", flush=True)

@@ -10,7 +10,10 @@ Streaming is token-identical to offline inference (fp32, greedy): every step rec
 frames from the raw samples around them, so each frame is exactly the frame a whole-utterance
 pass would produce, and the steps follow NeMo's rules (first chunk of ``chunk_size[0]`` frames
 with nothing dropped; later chunks with ``pre_encode_cache_size`` frames of history and
-``drop_extra_pre_encoded``; the tail, however short, with ``keep_all_outputs=True``).
+``drop_extra_pre_encoded``; the tail, however short, with ``keep_all_outputs=True``). One
+departure: for 80 ms chunks the second step has only one frame of history, and instead of
+zero-padding it (NeMo's ``CacheAwareStreamingAudioBuffer`` does, and then differs from offline)
+its input starts at frame 0 and the already-emitted encoder frame is dropped.
 """
 
 from __future__ import annotations
@@ -143,9 +146,9 @@ class NemotronStreamingEngine:
         self.chunk_ms = chunk_ms
         self.right_context = CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms]
         cfg = self._model.encoder.streaming_cfg
-        self._first_frames = _second(cfg.chunk_size, 0)
-        self._shift_frames = _second(cfg.shift_size, 1)
-        self._pre_cache = _second(cfg.pre_encode_cache_size, 1)
+        self._first_frames = _pick(cfg.chunk_size, 0)
+        self._shift_frames = _pick(cfg.shift_size, 1)
+        self._pre_cache = _pick(cfg.pre_encode_cache_size, 1)
         self._drop = cfg.drop_extra_pre_encoded
         self._valid_out = int(cfg.valid_out_len)  # encoder frames per full chunk
         self._final_in_one_step = cfg.last_channel_cache_size % (self.right_context + 1) == 0
@@ -384,6 +387,6 @@ class NemotronStreamingEngine:
             keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
             s.window.forget_before(keep_from)
 
-def _second(value: int | list[int], index: int) -> int:
+def _pick(value: int | list[int], index: int) -> int:
     """NeMo streaming sizes are either one int or [first step, later steps]."""
     return int(value[index]) if isinstance(value, (list, tuple)) else int(value)
