@@ -70,6 +70,7 @@ class AgentSettings(BaseSettings):
     stt_model_path: Path | None = None
     asr_chunk_ms: ChunkMs = 160
     asr_device: Literal["auto", "cuda", "cpu"] = "auto"
+    asr_precision: Literal["auto", "fp32", "bf16"] = "auto"
     whisper_model_path: Path | None = None
     parakeet_url: str | None = None
     parakeet_request_format: Literal["multipart", "raw"] = "multipart"

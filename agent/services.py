@@ -51,7 +51,9 @@ def build_stt(settings: AgentSettings) -> FrameProcessor:
             from processors.nemotron_engine import NemotronStreamingEngine
             from processors.nemotron_stt import NemotronStreamingSTTService
 
-            engine = NemotronStreamingEngine.load(settings.stt_model_path, settings.asr_chunk_ms, settings.asr_device)
+            engine = NemotronStreamingEngine.load(
+                settings.stt_model_path, settings.asr_chunk_ms, settings.asr_device, precision=settings.asr_precision
+            )
             return NemotronStreamingSTTService(engine=engine)
         if backend == "whisper":
             from processors.whisper_stt import make_whisper_stt
