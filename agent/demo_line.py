@@ -40,8 +40,8 @@ class DemoLine(Protocol):
     def sink_loud_seconds(self, start: float, end: float) -> float:
         """Seconds of sound that reached the caller's ear between two monotonic times."""
 
-    def sink_last_loud(self) -> float | None:
-        """When sound last reached the caller's ear."""
+    def sink_last_loud(self, before: float | None = None) -> float | None:
+        """When sound last reached the caller's ear (before ``before``, if given)."""
 
     def write_wavs(self, out: Path, t0: float) -> dict[str, Path]:
         """Write the call's recordings (timeline starting at ``t0``); name -> path."""
@@ -53,6 +53,12 @@ class DemoLine(Protocol):
 def loud_seconds(pcm: np.ndarray, rate: int) -> float:
     """Seconds of 10 ms blocks louder than :data:`LOUD_RMS` in int16 audio."""
     return float(_loud_blocks(pcm, rate).sum() * BLOCK_S)
+
+
+def loud_onset(pcm: np.ndarray, rate: int) -> float:
+    """Seconds from the start of int16 audio to its first loud 10 ms block (0 if none)."""
+    loud = np.flatnonzero(_loud_blocks(pcm, rate))
+    return float(loud[0] * BLOCK_S) if loud.size else 0.0
 
 
 def _loud_blocks(pcm: np.ndarray, rate: int) -> np.ndarray:
@@ -107,8 +113,17 @@ class SimulatedLine:
             total += loud_seconds(samples[first:last], chunk.sample_rate)
         return total
 
-    def sink_last_loud(self) -> float | None:
-        return self.transport.loudspeaker.audible_until(threshold_rms=LOUD_RMS)
+    def sink_last_loud(self, before: float | None = None) -> float | None:
+        for chunk in reversed(list(self.transport.loudspeaker.played)):
+            if before is not None and chunk.t >= before:
+                continue
+            samples = np.frombuffer(chunk.pcm, dtype=np.int16)
+            if before is not None:
+                samples = samples[: max(0, int((before - chunk.t) * chunk.sample_rate))]
+            loud = np.flatnonzero(_loud_blocks(samples, chunk.sample_rate))
+            if loud.size:
+                return chunk.t + (loud[-1] + 1) * BLOCK_S
+        return None
 
     def write_wavs(self, out: Path, t0: float) -> dict[str, Path]:
         paths = {"caller": out / "caller.wav", "annie": out / "annie.wav"}
@@ -180,8 +195,10 @@ class RigLine:
         loud, times = self._earpiece_blocks()
         return float((loud & (times > start) & (times <= end)).sum() * BLOCK_S)
 
-    def sink_last_loud(self) -> float | None:
+    def sink_last_loud(self, before: float | None = None) -> float | None:
         loud, times = self._earpiece_blocks()
+        if before is not None:
+            loud = loud & (times < before)
         return float(times[loud][-1]) if loud.any() else None
 
     def write_wavs(self, out: Path, t0: float) -> dict[str, Path]:

