@@ -1,0 +1,335 @@
+"""Soak: one long simulated call with many barge-ins; does anything grow, does every turn get an answer?
+
+The assembled call pipeline (barge-in on, pause-then-decide) runs on the simulated phone line,
+with the Gemma service and the Chatterbox service talking HTTP to the stand-in servers, each in
+its own child process (so their memory is not counted here). A scripted caller speaks a turn
+(injected VAD and transcription frames, as in the tests), waits until Annie starts to answer,
+lets her speak a random 0.2-0.8 s, then cuts in with the next turn; every tenth answer is heard
+to the end. Everything runs in real time; the ``--dense`` default simply leaves little idle time
+between the events, so a run has many more barge-ins per minute than a real call would.
+
+Every ``--sample-s`` it records this process's RSS, open file descriptors, asyncio tasks and
+threads, and the size of the LLM context. At the end it prints start/end figures, checks them
+against the bounds below (after a warm-up of ``--warmup-turns`` turns), and writes
+``bench/results/soak_<label>.json`` and a PNG.
+
+    python bench/soak.py --minutes 14 --label 14min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from loguru import logger  # noqa: E402
+from pipecat.frames.frames import (  # noqa: E402
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    ErrorFrame,
+    InterimTranscriptionFrame,
+    InterruptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed  # noqa: E402
+from pipecat.processors.filters.identity_filter import IdentityFilter  # noqa: E402
+from pipecat.workers.runner import WorkerRunner  # noqa: E402
+
+from agent.config import AgentSettings  # noqa: E402
+from agent.pipeline import build_call_pipeline  # noqa: E402
+from agent.services import build_llm, build_tts  # noqa: E402
+from agent.standins.tts_server import TTSStandInProcess  # noqa: E402
+from transports.simulated import SimulatedPhoneParams, SimulatedPhoneTransport  # noqa: E402
+
+# Growth allowed between the end of the warm-up and the end of the run.
+BOUNDS = {"rss_mb": 40.0, "fds": 4, "tasks": 4, "threads": 2}
+QUESTIONS = [
+    "what is the weather like", "tell me a story", "what time is it", "when is the doctor coming",
+    "read me the news", "what did my daughter say", "is it going to rain", "what day is it today",
+]
+
+
+@dataclass
+class Sample:
+    t: float
+    turns: int
+    barge_ins: int
+    rss_mb: float
+    fds: int
+    tasks: int
+    threads: int
+    context_messages: int
+    context_chars: int
+
+
+@dataclass(eq=False)
+class Counters(BaseObserver):
+    """Counts frames once each (a frame is reported at every hop)."""
+
+    bot_started: list[float] = field(default_factory=list)
+    bot_stopped: int = 0
+    interruptions: int = 0
+    errors: int = 0
+    speaking: bool = False
+
+    def __post_init__(self):
+        super().__init__()
+        self._seen: dict[int, None] = {}
+
+    async def on_push_frame(self, data: FramePushed):
+        frame = data.frame
+        if not isinstance(frame, (BotStartedSpeakingFrame, BotStoppedSpeakingFrame, InterruptionFrame, ErrorFrame)):
+            return
+        if frame.id in self._seen:
+            return
+        self._seen[frame.id] = None
+        if len(self._seen) > 1000:
+            self._seen.pop(next(iter(self._seen)))
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self.bot_started.append(time.monotonic())
+            del self.bot_started[:-50]
+            self.speaking = True
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self.bot_stopped += 1
+            self.speaking = False
+        elif isinstance(frame, InterruptionFrame):
+            self.interruptions += 1
+        else:
+            self.errors += 1
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class LLMChild:
+    """The LLM stand-in in a child process (``--port 0``; it prints its URL)."""
+
+    def __init__(self, token_delay_s: float):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent.standins.llm_server", "--port", "0", "--token-delay", str(token_delay_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        line = self.process.stdout.readline()  # type: ignore[union-attr]
+        match = re.search(r"http://\S+", line)
+        if not match:
+            self.close()
+            raise RuntimeError(f"the LLM stand-in did not start: {line!r}")
+        self.url = match.group(0)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class Caller:
+    def __init__(self, worker, counters: Counters):
+        self.worker = worker
+        self.counters = counters
+
+    async def say(self, text: str, speech_s: float) -> float:
+        await self.worker.queue_frames([VADUserStartedSpeakingFrame(start_secs=0.2)])
+        await self.worker.queue_frames([InterimTranscriptionFrame(text=text.split()[0], user_id="caller", timestamp="")])
+        await asyncio.sleep(speech_s)
+        await self.worker.queue_frames(
+            [TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True),
+             VADUserStoppedSpeakingFrame(stop_secs=0.2)]
+        )
+        return time.monotonic()
+
+    async def answer_started(self, after: float, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not any(t > after for t in self.counters.bot_started):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def quiet(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.counters.speaking:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+async def soak(args) -> dict:
+    settings = AgentSettings(
+        stt_backend="whisper", enable_barge_in=True, user_speech_timeout_ms=args.speech_timeout_ms,
+        llm_timeout_s=5.0,
+    )
+    llm_child = LLMChild(token_delay_s=0.02)
+    tts_server = TTSStandInProcess(realtime_factor=5.0).__enter__()
+    try:
+        # The simulated line records what it plays; keep a minute of it, not an hour.
+        transport = SimulatedPhoneTransport(
+            SimulatedPhoneParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=16000,
+                                 max_recording_s=60.0)
+        )
+        counters = Counters()
+        call = build_call_pipeline(
+            settings, transport=transport, stt=IdentityFilter(), llm=build_llm(settings, base_url=llm_child.url),
+            tts=build_tts(settings, base_url=tts_server.url), vad_analyzer=None, observers=[counters],
+            stt_streams_partials=True,
+        )
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(call.worker)
+        task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.5)
+        caller = Caller(call.worker, counters)
+        rng = random.Random(args.seed)
+        samples: list[Sample] = []
+        turns = barge_ins = unanswered = 0
+        unanswered_turns: list[int] = []
+        started = time.monotonic()
+        next_sample = started
+        baseline: Sample | None = None
+
+        def sample() -> Sample:
+            gc.collect()
+            messages = call.context.get_messages()
+            return Sample(
+                t=round(time.monotonic() - started, 1), turns=turns, barge_ins=barge_ins, rss_mb=round(rss_mb(), 1),
+                fds=open_fds(), tasks=len(asyncio.all_tasks()), threads=threading.active_count(),
+                context_messages=len(messages), context_chars=sum(len(str(m.get("content", ""))) for m in messages),
+            )
+
+        try:
+            while time.monotonic() - started < args.minutes * 60 and (not args.max_turns or turns < args.max_turns):
+                if task.done():
+                    raise RuntimeError(f"the call pipeline ended by itself after {turns} turns: {task!r}")
+                cut_in = counters.speaking  # Annie is speaking: this turn is a barge-in
+                # A number no earlier reply contained: pause-then-decide ignores, as echo, an
+                # interruption made only of words Annie said lately (see bench/FAULTS.md).
+                question = f"{rng.choice(QUESTIONS)} number {turns + 1}" if args.unique_words else rng.choice(QUESTIONS)
+                said = await caller.say(question, speech_s=rng.uniform(0.15, 0.35))
+                turns += 1
+                barge_ins += cut_in
+                if not await caller.answer_started(said, timeout=10.0):
+                    unanswered += 1
+                    unanswered_turns.append(turns)
+                    logger.error(f"turn {turns} ({'a barge-in' if cut_in else 'Annie quiet'}) got no answer within 10 s")
+                    await caller.quiet(20)
+                elif turns % 10 == 0:
+                    await caller.quiet(30)  # hear this one to the end
+                    await asyncio.sleep(rng.uniform(0.3, 0.8))
+                else:
+                    await asyncio.sleep(rng.uniform(0.2, 0.8))  # Annie speaks a little, then the caller cuts in
+                if turns == args.warmup_turns:
+                    baseline = sample()
+                    samples.append(baseline)
+                if time.monotonic() >= next_sample:
+                    samples.append(sample())
+                    next_sample += args.sample_s
+                    s = samples[-1]
+                    print(f"[{s.t:7.1f}s] turns {s.turns} barge-ins {s.barge_ins} RSS {s.rss_mb} MB fds {s.fds} "
+                          f"tasks {s.tasks} threads {s.threads} context {s.context_messages} msgs", flush=True)
+            await caller.quiet(30)
+            await asyncio.sleep(1.0)
+            end = sample()
+            samples.append(end)
+        finally:
+            await call.worker.cancel(reason="soak over")
+            await asyncio.wait_for(task, 30)
+    finally:
+        tts_server.__exit__()
+        llm_child.close()
+
+    first = samples[0]
+    base = baseline or first
+    growth = {k: getattr(end, k) - getattr(base, k) for k in BOUNDS}
+    within = {k: growth[k] <= BOUNDS[k] for k in BOUNDS}
+    return {
+        "what_ran": (
+            f"{end.t / 60:.1f} minutes of real time, one simulated call, {turns} caller turns, {barge_ins} of "
+            f"them barge-ins while Annie spoke; LLM and TTS stand-ins over HTTP in child processes"
+        ),
+        "settings": {"unique_words": args.unique_words, "minutes": args.minutes, "max_turns": args.max_turns, "speech_timeout_ms": args.speech_timeout_ms,
+                     "seed": args.seed, "warmup_turns": args.warmup_turns},
+        "turns": turns, "barge_ins": barge_ins, "interruption_frames": counters.interruptions,
+        "unanswered": unanswered, "unanswered_turns": unanswered_turns, "error_frames": counters.errors,
+        "start": asdict(first), "after_warmup": asdict(base), "end": asdict(end),
+        "growth_after_warmup": growth, "bounds": BOUNDS, "within_bounds": within,
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = result["samples"]
+    t = [s["t"] / 60 for s in samples]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    for ax, key, label in zip(
+        axes.flat, ["rss_mb", "fds", "tasks", "threads"], ["RSS (MB)", "open fds", "asyncio tasks", "threads"]
+    ):
+        ax.plot(t, [s[key] for s in samples], marker=".")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("minutes into the call")
+    fig.suptitle(f"Soak: {result['turns']} turns, {result['barge_ins']} barge-ins, {result['unanswered']} unanswered")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=14.0, help="wall-clock length of the call")
+    parser.add_argument("--max-turns", type=int, default=0, help="stop after this many caller turns (0: no limit)")
+    parser.add_argument("--speech-timeout-ms", type=int, default=200, help="USER_SPEECH_TIMEOUT_MS for the run")
+    parser.add_argument("--warmup-turns", type=int, default=50)
+    parser.add_argument("--sample-s", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--label", default="run")
+    parser.add_argument(
+        "--repeat-words", dest="unique_words", action="store_false",
+        help="ask only the fixed questions (their words recur in Annie's replies)",
+    )
+    args = parser.parse_args()
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("SOAK_LOG_LEVEL", "ERROR"))
+    result = asyncio.run(soak(args))
+    out = REPO / "bench" / "results" / f"soak_{args.label}.json"
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(f"\n{result['what_ran']}")
+    print(f"unanswered turns: {result['unanswered']}  error frames: {result['error_frames']}")
+    for key in BOUNDS:
+        print(f"{key:8} start {result['start'][key]:>8}  after warm-up {result['after_warmup'][key]:>8}  "
+              f"end {result['end'][key]:>8}  growth {result['growth_after_warmup'][key]:>7.1f}  "
+              f"bound {BOUNDS[key]:>5}  {'ok' if result['within_bounds'][key] else 'EXCEEDED'}")
+    print(f"LLM context at the end: {result['end']['context_messages']} messages, {result['end']['context_chars']} chars")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0 if result["unanswered"] == 0 and all(result["within_bounds"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
