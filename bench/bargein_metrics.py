@@ -10,7 +10,7 @@ Definitions (Full-Duplex-Bench v1.5 where it has one; segments from :mod:`bench.
 - stale audio: Annie's output speech after she stopped and before the first audio of her reply to
   the interruption (seconds at the sink; on the simulated line also the count of played chunks);
 - false barge-in: an interruption (or, with pause-first, a pause) that no caller sound explains:
-  none of the caller's utterances was under way or had ended less than 3 s before;
+  none of the caller's utterances was under way or had ended less than 6 s before;
 - voice-to-voice: end of the caller's question -> Annie audible, with its stages from the frames.
 """
 
@@ -25,7 +25,7 @@ from bench.bargein_probe import FrameTimes
 from bench.bargein_script import Event
 
 LOUD_DBFS = -45.0
-EXPLAIN_AFTER_S = 3.0
+EXPLAIN_AFTER_S = 6.0  # Whisper's final transcript can come seconds after the caller stopped
 REPLY_WITHIN_S = 8.0  # an interruption not answered within this long was not heard (STT gave no words)
 
 
@@ -143,7 +143,10 @@ class PassAnalysis:
         after = _loud_window(played, cut, snip, backwards=False)
         if before is None or after is None:
             return {"resume_gap_samples": None}
-        pb = _find_even(produced, played[before : before + snip])
+        # Annie's stories repeat over a long call: look for the audio before the pause among what
+        # had been synthesized by then, latest first, and for the audio after it from there on.
+        synthesized = sum(len(a) for t, a, _ in self.times.tts_audio if t < paused_at)
+        pb = _rfind_even(produced, played[before : before + snip], synthesized)
         pa = _find_even(produced, played[after : after + snip], max(0, pb))
         if pb < 0 or pa < 0:
             return {"resume_gap_samples": None}
@@ -202,6 +205,13 @@ def _loud_window(pcm: bytes, at: int, size: int, *, backwards: bool) -> int | No
             return pos
         pos += -step if backwards else step
     return None
+
+
+def _rfind_even(haystack: bytes, needle: bytes, end: int) -> int:
+    pos = haystack.rfind(needle, 0, end)
+    while pos > 0 and pos % 2:
+        pos = haystack.rfind(needle, 0, pos + len(needle) - 1)
+    return pos
 
 
 def _find_even(haystack: bytes, needle: bytes, start: int = 0) -> int:

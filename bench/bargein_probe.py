@@ -33,6 +33,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.tts_service import TTSService
 from pipecat.services.whisper.stt import WhisperSTTService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.time import time_now_iso8601
@@ -70,11 +71,15 @@ class FrameTimes(BaseObserver):
             kind = next((k for cls, k in WATCHED.items() if isinstance(frame, cls)), None)
         if kind is None or frame.id in self._seen:
             return
+        if kind == "tts_audio" and not isinstance(data.source, TTSService):
+            return  # the output transport re-chunks what it played into new frames: not synthesized audio
         if kind == "interruption" or data.direction == FrameDirection.DOWNSTREAM:
             self._seen[frame.id] = None
             if len(self._seen) > 20000:
                 self._seen.pop(next(iter(self._seen)))
             now = time.monotonic()
+            if kind == "interruption" and self.times[kind] and now - self.times[kind][-1] < 0.05:
+                return  # one interruption is broadcast as two frames (upstream and downstream)
             self.times[kind].append(now)
             if kind == "tts_audio":
                 self.tts_audio.append((now, frame.audio, frame.sample_rate))

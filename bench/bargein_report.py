@@ -68,6 +68,7 @@ def markdown(results: dict) -> str:
         s = p["summary"]
         out += ["", f"## {p['pass']}: {p['line']}", "",
                 f"Barge-in: {'pause first, then decide (issue 10)' if p['pause_first'] else 'stop at the first sound (cancel)'}; "
+                f"VAD_START_MS={p.get('vad_start_ms', 200)}, BARGE_IN_DECIDE_MS={p.get('barge_in_decide_ms', 800)}; "
                 f"STT {p['stt']}; {p['duration_s']:.0f} s of call.", "",
                 "| target | measured | verdict |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in targets(p)]
@@ -80,6 +81,13 @@ def markdown(results: dict) -> str:
         for g in ("backchannel", "burst", "noise"):
             d = s[g]
             out.append(f"| {g}: events / triggered / false barge-ins / resumed | {d['events']} / {d['triggered']} / {d['false_barge_ins']} / {d['resumed']} |")
+        out.append(f"| interruptions not answered within 8 s (the STT gave no words) | {s.get('interruptions_not_answered', 0)} of {s['interruptions']} |")
+        quiet = [r for r in p["events"] if r["group"] in ("backchannel", "burst") and r["annie_speaking"]]
+        if quiet:
+            out += ["", "| backchannel / burst | Whisper heard | decisions | outcome |", "|---|---|---|---|"]
+            for r in quiet:
+                outcome = ("resumed" if r["resumed"] else "went on" if r["kept_talking"] else "Annie stopped (false barge-in)")
+                out.append(f"| {r['text'] or r['kind']} | {r.get('heard') or '-'} | {', '.join(r['decisions']) or '-'} | {outcome} |")
         if s["noise_by_snr"]:
             out += ["", "| noise @ SNR | events | triggered (pause or stop) | false barge-ins |", "|---|---|---|---|"]
             out += [f"| {d['kind']} @ {d['snr_db']:g} dB | {d['events']} | {d['triggered']} | {d['false_barge_ins']} |" for d in s["noise_by_snr"]]

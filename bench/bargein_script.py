@@ -84,6 +84,7 @@ class Plan:
     noise_per_snr: int = 1  # per noise kind and SNR
     snrs: tuple[float, ...] = (20.0, 10.0, 5.0, 0.0)
     echo_block_s: float = 30.0
+    budget_s: float = 300.0  # no new event starts after this long into the pass
 
     def events(self, rng: np.random.Generator) -> list[tuple[str, str, float | None]]:
         todo: list[tuple[str, str, float | None]] = []
@@ -91,8 +92,16 @@ class Plan:
         todo += [("backchannel", "backchannel", None)] * self.backchannels
         todo += [(audio.BURST_KINDS[i % 3], "burst", None) for i in range(self.bursts)]
         todo += [(k, "noise", s) for k in audio.NOISE_KINDS for s in self.snrs for _ in range(self.noise_per_snr)]
-        order = rng.permutation(len(todo))
-        return [todo[i] for i in order]
+        # Every kind spread over the whole pass (shuffled within its group), so a pass that runs
+        # out of time still has some of each.
+        groups: dict[str, list] = {}
+        for item in todo:
+            groups.setdefault(item[1], []).append(item)
+        keyed = []
+        for items in groups.values():
+            for i, j in enumerate(rng.permutation(len(items))):
+                keyed.append(((i + rng.uniform(0, 1)) / len(items), items[j]))
+        return [item for _, item in sorted(keyed, key=lambda k: k[0])]
 
 
 class CallerScript:
@@ -140,15 +149,14 @@ class CallerScript:
         for i in range(plan.questions + 1):  # the first one warms the models up and is not scored
             await self.question(audio.QUESTIONS[i % len(audio.QUESTIONS)], warmup=i == 0)
         if plan.echo_block_s > 0:
-            await self.echo_only(plan.echo_block_s)
+            await self.echo_only(plan.echo_block_s, deadline)
         todo = plan.events(self.rng)
         for n, (kind, group, snr) in enumerate(todo, 1):
             if time.monotonic() > deadline:
                 self.log(f"  time is up after {n - 1} of {len(todo)} events")
                 break
             await self.event(kind, group, snr)
-            if n % 10 == 0:
-                self.log(f"  {n}/{len(todo)} events")
+            self.log(f"  {n}/{len(todo)} {kind}")
 
     async def question(self, text: str, warmup: bool = False) -> None:
         await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
@@ -171,19 +179,17 @@ class CallerScript:
         await asyncio.sleep(0.5)
         return started
 
-    async def echo_only(self, seconds: float) -> None:
-        """Annie speaks, the caller stays silent (the echo-only scenario)."""
-        if not await self.ensure_speaking():
-            return
-        start = time.monotonic()
-        while time.monotonic() - start < seconds:
-            if not self.annie_speaking():
-                self.echo_blocks.append((start, time.monotonic()))
-                if not await self.ensure_speaking():
-                    return
-                start = time.monotonic()
-            await asyncio.sleep(0.1)
-        self.echo_blocks.append((start, time.monotonic()))
+    async def echo_only(self, seconds: float, deadline: float) -> None:
+        """Annie speaks, the caller stays silent (the echo-only scenario), ``seconds`` in all."""
+        spoken = 0.0
+        while spoken < seconds and time.monotonic() < deadline:
+            if not await self.ensure_speaking():
+                return
+            start = time.monotonic()
+            while self.annie_speaking() and spoken + time.monotonic() - start < seconds:
+                await asyncio.sleep(0.1)
+            self.echo_blocks.append((start, time.monotonic()))
+            spoken += time.monotonic() - start
 
     async def event(self, kind: str, group: str, snr: float | None) -> None:
         if not await self.ensure_speaking():

@@ -60,7 +60,7 @@ async def test_quick_benchmark_scores_every_kind_of_event(tmp_path):
     from bench.bargein_bench import run
     from bench.bargein_report import write_report
 
-    results = await run(["sim-pause"], quick=True, tts="espeak", seed=3, budget_s=120.0, log=lambda _m: None)
+    results = await run(["sim-pause"], quick=True, tts="espeak", seed=3, log=lambda _m: None)
     assert not results["skipped"], results["skipped"]
     (p,) = results["passes"]
     assert p["pause_first"] and not p["has_echo"]
