@@ -56,7 +56,9 @@ class StreamState:
     # the same streams stepped together again need no gathering (see _Caches).
     caches: _Caches | None = None
     row: int = 0
-    hypothesis: Any = None  # NeMo Hypothesis of the current turn
+    hypothesis: Any = None  # NeMo Hypothesis of the current turn (eager path)
+    lease: Any = None  # the fast path's slot (processors.nemotron_graphs.SlotLease)
+    tokens: list[int] = field(default_factory=list)  # the fast path's token ids of the turn
     text: str = ""
     audio_s: float = 0.0  # seconds of audio received since the last reset
 
@@ -74,25 +76,38 @@ class StreamState:
         self.caches = None
         self.row = 0
         self.hypothesis = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        self.tokens = []
         self.text = ""
         self.audio_s = 0.0
+
+    def _rows(self) -> tuple[torch.Tensor, ...]:
+        if self.lease is not None:
+            rows = self.lease.rows()
+            return rows["channel"], rows["time"], rows["length"], rows["h"], rows["c"], rows["dec_out"]
+        return () if self.caches is None else self.caches.rows(self.row)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the audio window and the encoder caches (not the turn's tokens)."""
-        rows = () if self.caches is None else self.caches.rows(self.row)
-        return self.window.nbytes + sum(int(c.numel() * c.element_size()) for c in rows)
+        return self.window.nbytes + sum(int(c.numel() * c.element_size()) for c in self._rows())
 
     @property
     def cache_channel(self) -> torch.Tensor | None:
-        return None if self.caches is None else self.caches.rows(self.row)[0]
+        rows = self._rows()
+        return rows[0] if rows else None
 
     @property
     def cache_time(self) -> torch.Tensor | None:
-        return None if self.caches is None else self.caches.rows(self.row)[1]
+        rows = self._rows()
+        return rows[1] if rows else None
 
     @property
     def num_tokens(self) -> int:
+        if self.lease is not None or self.tokens:
+            return len(self.tokens)
         return 0 if self.hypothesis is None else len(self.hypothesis.y_sequence)
 
 
@@ -139,7 +154,16 @@ class NemotronStreamingEngine:
     :class:`StreamState` must be used by one thread at a time.
     """
 
-    def __init__(self, loaded: LoadedModel, chunk_ms: int, *, final_pad_ms: int | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        chunk_ms: int,
+        *,
+        final_pad_ms: int | None = None,
+        fast: bool | None = None,
+        cuda_graphs: bool | None = None,
+        max_batch: int = 1024,
+    ):
         self._model = loaded.model
         self.device = loaded.device
         self.precision = loaded.precision
@@ -164,6 +188,23 @@ class NemotronStreamingEngine:
             self._autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
         else:
             self._autocast = contextlib.nullcontext
+        # The fast path (slots, static shapes, CUDA graphs on a GPU) is the default on CUDA; the
+        # eager NeMo path is the default on the CPU and the reference for the fast one.
+        self.fast = self.device.type == "cuda" if fast is None else bool(fast)
+        self._stepper = None
+        if self.fast:
+            from processors.nemotron_graphs import FastStepper
+
+            graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+            if self.device.type == "cuda" and self.precision == "bf16":
+                # cache_enabled=False: cached weight casts must not outlive a graph capture
+                autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+            else:
+                autocast = contextlib.nullcontext
+            self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
+            self._stepper = FastStepper(
+                self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch
+            )
 
     @classmethod
     def load(
@@ -176,13 +217,16 @@ class NemotronStreamingEngine:
         final_pad_ms: int | None = None,
         cuda_graph_decoder: bool = False,
         warm_up: bool = True,
+        fast: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> NemotronStreamingEngine:
         """Load a local ``.nemo`` cache-aware RNN-T model for ``chunk_ms`` chunks.
 
         ``device``: "auto" (CUDA when available, else CPU with a warning), "cuda" or "cpu".
         ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         ``final_pad_ms``: digital silence appended at :meth:`finalize` as right context for the
-        last words (default: one chunk). Raises :class:`SetupError` naming the setting at fault.
+        last words (default: one chunk). ``fast``: slot-pooled static-shape steps (default on
+        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA). Raises :class:`SetupError` naming the setting at fault.
         """
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
             allowed = ", ".join(str(c) for c in CHUNK_MS_TO_RIGHT_CONTEXT)
@@ -194,7 +238,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms)
+        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs)
         if warm_up:
             started = time.perf_counter()
             engine.warm_up()
@@ -203,7 +247,16 @@ class NemotronStreamingEngine:
 
     @classmethod
     def from_model(
-        cls, model, chunk_ms: int, device: str = "auto", *, precision: str = "auto", cuda_graph_decoder: bool = False
+        cls,
+        model,
+        chunk_ms: int,
+        device: str = "auto",
+        *,
+        precision: str = "auto",
+        cuda_graph_decoder: bool = False,
+        fast: bool | None = None,
+        cuda_graphs: bool | None = None,
+        max_batch: int = 1024,
     ) -> NemotronStreamingEngine:
         """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed."""
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
@@ -215,12 +268,18 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms)
+        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch)
         engine.warm_up()
         return engine
 
     def __repr__(self) -> str:
-        return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision})"
+        mode = "eager" if not self.fast else ("cuda graphs" if self._stepper.graphs else "static")
+        return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision}, {mode})"
+
+    @property
+    def bytes_per_stream(self) -> int | None:
+        """Device memory of one stream's slot on the fast path (caches and decoder state)."""
+        return None if self._stepper is None else self._stepper.bytes_per_stream
 
     @property
     def sample_rate(self) -> int:
@@ -278,7 +337,53 @@ class NemotronStreamingEngine:
 
     def finalize(self, state: StreamState, pad_ms: int | None = None) -> str:
         """Step the rest of the turn (plus ``pad_ms`` of silence), return its text, reset the stream."""
+        return self.finalize_many([state], pad_ms)[0]
+
+    def finalize_many(self, states: Sequence[StreamState], pad_ms: int | None = None) -> list[str]:
+        """:meth:`finalize` for several streams; on the fast path their last steps share a batch."""
         pad_ms = self.final_pad_ms if pad_ms is None else pad_ms
+        if not self.fast:
+            return [self._finalize_eager(s, pad_ms) for s in states]
+        for state in states:
+            self._append_tail(state, pad_ms)
+        pending = list(states)
+        while pending:
+            # Streams that still need ordinary chunks first (only when fed without stepping).
+            behind = [s for s in pending if self._final_end(s) - s.frames_done > self._final_fits(s)]
+            if behind:
+                done = [s.frames_done for s in behind]
+                self.step(behind)
+                if done != [s.frames_done for s in behind]:
+                    continue
+            groups: dict[tuple[bool, int], list[_Job]] = {}
+            for s in pending:
+                end = self._final_end(s)
+                if end > s.frames_done:
+                    job = self._job(s, end)
+                    groups.setdefault((job.first, job.drop), []).append(job)
+            for jobs in groups.values():
+                self._run(jobs, keep_all=True)
+            pending = []
+        texts = [s.text for s in states]
+        for s in states:
+            s.reset()
+        return texts
+
+    def _final_end(self, state: StreamState) -> int:
+        return state.window.total // self._hop  # frame count of an offline pass over the same audio
+
+    def _final_fits(self, state: StreamState) -> int:
+        """New frames one static final step can take (history frames come on top)."""
+        history = 0 if state.steps == 0 else min(state.frames_done, self._pre_cache)
+        return self._final_width - history
+
+    def _append_tail(self, state: StreamState, pad_ms: int) -> None:
+        tail = state.resampler(np.zeros(0, dtype=np.float32), last=True)
+        state.window.append(tail)
+        if state.window.total > 0 and pad_ms > 0:
+            state.window.append(np.zeros(MODEL_SAMPLE_RATE * pad_ms // 1000, dtype=np.float32))
+
+    def _finalize_eager(self, state: StreamState, pad_ms: int) -> str:
         tail = state.resampler(np.zeros(0, dtype=np.float32), last=True)
         state.window.append(tail)
         if state.window.total > 0 and pad_ms > 0:
@@ -359,6 +464,9 @@ class NemotronStreamingEngine:
         is_first, drop = jobs[0].first, jobs[0].drop
         inputs, lengths = self._mel(jobs)
         states = [job.state for job in jobs]
+        if self.fast:
+            self._run_fast(jobs, inputs, lengths, keep_all)
+            return
         if all(s.caches is None for s in states):
             caches = _Caches(*self._model.encoder.get_initial_cache_state(batch_size=len(states), device=self.device))
         else:  # a group mixes only streams past their first step (first steps form their own)
@@ -386,6 +494,31 @@ class NemotronStreamingEngine:
             s.steps += 1
             keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
             s.window.forget_before(keep_from)
+
+    def _run_fast(self, jobs: list[_Job], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
+        """The same step on the fast path: slots, a static-shape (graphed on CUDA) step."""
+        from processors.nemotron_graphs import new_kind
+
+        first = jobs[0].first
+        width = max(job.count for job in jobs)
+        static = keep_all and width <= self._final_width
+        kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, first)
+        states = [job.state for job in jobs]
+        for s in states:
+            if s.lease is None:
+                s.lease = self._stepper.lease()
+        with self._lock:
+            new_tokens = self._stepper.run(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
+        decode = self._model.decoding.decode_tokens_to_str_with_strip_punctuation
+        for job, s, tokens in zip(jobs, states, new_tokens):
+            if tokens:
+                s.tokens.extend(tokens)
+                s.text = decode(s.tokens)
+            s.frames_done += job.new_frames
+            s.steps += 1
+            keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
+            s.window.forget_before(keep_from)
+
 
 def _pick(value: int | list[int], index: int) -> int:
     """NeMo streaming sizes are either one int or [first step, later steps]."""

@@ -1,0 +1,339 @@
+"""The fast step of the streaming engine: per-stream slots, static shapes and CUDA graphs.
+
+The eager step (``conformer_stream_step``) rebuilds NeMo ``Hypothesis`` objects, stacks caches
+and synchronises with the GPU many times per chunk; on a GPU it is bound by the host, not by the
+arithmetic. :class:`FastStepper` does the same computation with the same NeMo modules, arranged
+so that one chunk of a batch of streams is a fixed sequence of kernels:
+
+* every stream owns a *slot* in preallocated pools (encoder caches, prediction-network state);
+  a step gathers the slots of its streams into a static batch, runs the encoder step and the
+  greedy RNN-T search, and scatters the new state back;
+* the batch is padded to a power-of-two bucket; padding rows point at slot 0, a scratch slot
+  no stream owns, so whatever they compute is never read;
+* the greedy search is NeMo's label-looping greedy search (same joint and prediction-network
+  calls, same ``max_symbols`` rule) unrolled to ``frames x max_symbols`` masked iterations, so
+  it needs no host synchronisation: the only one left is reading the new tokens back;
+* on CUDA each (input shape, bucket) is captured once in a ``torch.cuda.CUDAGraph`` and
+  replayed; on the CPU the same function runs eagerly (that is what the CI tests compare
+  against the eager NeMo path).
+
+Final steps (``keep_all_outputs``) have a variable number of frames; they are padded to a
+static width with their true lengths, which the encoder masks, so one graph serves them all.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from loguru import logger
+
+
+class SlotLease:
+    """A stream's claim on one slot of the pools; released on reset or when the stream is gone."""
+
+    def __init__(self, stepper: FastStepper, slot: int):
+        self.slot = slot
+        self._stepper = stepper
+        self._release = weakref.finalize(self, stepper._free_slot, slot)
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """This slot's rows of the pools (views)."""
+        return self._stepper.slot_rows(self.slot)
+
+    def release(self) -> None:
+        self._release()
+
+    @property
+    def alive(self) -> bool:
+        return self._release.alive
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What fixes a step's kernels: input frames, history frames dropped, final or not, first or not."""
+
+    frames: int
+    drop: int
+    keep_all: bool
+    first: bool
+
+
+class _Pools:
+    """Per-slot state: encoder caches and the prediction network's state and output."""
+
+    def __init__(self, capacity: int, like: dict[str, torch.Tensor]):
+        self.capacity = capacity
+        # like[name] has the batch on dimension 1 (caches, LSTM state) or 0 (lengths, outputs)
+        self.tensors = {
+            name: torch.zeros(_with_batch(t, capacity, _batch_dim(name)), dtype=t.dtype, device=t.device)
+            for name, t in like.items()
+        }
+
+    def nbytes_per_slot(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
+
+
+_BATCH_DIM = {"channel": 1, "time": 1, "length": 0, "h": 1, "c": 1, "dec_out": 0}
+
+
+def _batch_dim(name: str) -> int:
+    return _BATCH_DIM[name]
+
+
+def _with_batch(t: torch.Tensor, batch: int, dim: int) -> list[int]:
+    shape = list(t.shape)
+    shape[dim] = batch
+    return shape
+
+
+class _Runner:
+    """Static buffers and (on CUDA) the captured graph for one kind and one bucket size."""
+
+    def __init__(self, stepper: FastStepper, kind: _Kind, bucket: int):
+        self.kind, self.bucket = kind, bucket
+        s = stepper
+        self.mel = torch.zeros(bucket, s.features, kind.frames, device=s.device)
+        self.mel_len = torch.full((bucket,), kind.frames, dtype=torch.long, device=s.device)
+        self.slots = torch.zeros(bucket, dtype=torch.long, device=s.device)
+        self.tokens = torch.zeros(bucket, s.max_out(kind), dtype=torch.long, device=s.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._stepper = s
+
+    def body(self) -> None:
+        out = self._stepper.compute(self.kind, self.mel, self.mel_len, self.slots)
+        self.tokens.copy_(out)
+
+    def capture(self, pool) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: cuBLAS/cuDNN handles and workspaces before capture
+                self.body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.body()
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.body()
+
+
+class FastStepper:
+    """Slot pools plus graphed (CUDA) or eager (CPU) static-shape steps for one model.
+
+    ``autocast`` is a zero-argument callable returning the autocast context the eager path uses
+    (bf16 on CUDA), so both paths run the same arithmetic. ``graphs`` captures CUDA graphs.
+    """
+
+    def __init__(
+        self,
+        model,
+        device: torch.device,
+        autocast: Callable[[], Any],
+        *,
+        graphs: bool,
+        final_frames: int,
+        max_batch: int = 1024,
+        initial_slots: int = 8,
+    ):
+        self.model = model
+        self.device = device
+        self.autocast = autocast
+        self.graphs = bool(graphs and device.type == "cuda")
+        self.final_frames = final_frames
+        self.max_batch = max_batch
+        self.features = int(model.preprocessor.featurizer.nfilt)
+        decoding = model.decoding.decoding
+        self.max_symbols = int(getattr(decoding, "max_symbols", None) or 10)
+        self.blank = int(model.decoding.blank_id)
+        self._valid_out = int(model.encoder.streaming_cfg.valid_out_len)
+        self._free: list[int] = []
+        self._used = 0
+        self._lock = threading.Lock()
+        self._runners: dict[tuple[_Kind, int], _Runner] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._pools = _Pools(initial_slots + 1, self._probe_state_shapes())
+
+    # ----- slots ----------------------------------------------------------------------------
+
+    def lease(self) -> SlotLease:
+        """A free slot (slot 0 is scratch); the pools grow by doubling, dropping captured graphs."""
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                self._used += 1
+                slot = self._used
+                if slot >= self._pools.capacity:
+                    self._grow(2 * self._pools.capacity)
+        return SlotLease(self, slot)
+
+    def _free_slot(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def _grow(self, capacity: int) -> None:
+        old = self._pools
+        with torch.inference_mode():
+            new = _Pools(capacity, {k: v.narrow(_batch_dim(k), 0, 1) for k, v in old.tensors.items()})
+            for name, t in old.tensors.items():
+                new.tensors[name].narrow(_batch_dim(name), 0, old.capacity).copy_(t)
+        self._pools = new
+        self._runners.clear()  # graphs point at the old pools
+        logger.debug(f"ASR slot pools grown to {capacity - 1} streams")
+
+    @property
+    def bytes_per_stream(self) -> int:
+        return self._pools.nbytes_per_slot()
+
+    def slot_rows(self, slot: int) -> dict[str, torch.Tensor]:
+        return {k: v.narrow(_batch_dim(k), slot, 1) for k, v in self._pools.tensors.items()}
+
+    # ----- the step -------------------------------------------------------------------------
+
+    def max_out(self, kind: _Kind) -> int:
+        return self._out_frames(kind) * self.max_symbols
+
+    def _out_frames(self, kind: _Kind) -> int:
+        if not kind.keep_all:
+            return self._valid_out
+        return kind.frames // 8 + 2  # an upper bound of the subsampled length
+
+    def run(
+        self, kind: _Kind, mel: torch.Tensor, lengths: torch.Tensor, slots: Sequence[int], capture: bool = True
+    ) -> list[list[int]]:
+        """One step over ``len(slots)`` streams; per stream its new non-blank token ids.
+
+        ``capture=False`` runs an odd shape eagerly rather than capturing a graph for it.
+        """
+        results: list[list[int]] = []
+        for lo in range(0, len(slots), self.max_batch):
+            part = slots[lo : lo + self.max_batch]
+            results += self._run_bucket(kind, mel[lo : lo + len(part)], lengths[lo : lo + len(part)], part, capture)
+        return results
+
+    def _run_bucket(self, kind, mel, lengths, slots, capture) -> list[list[int]]:
+        n = len(slots)
+        bucket = 1 << max(0, (n - 1).bit_length())
+        key = (kind, bucket, capture)
+        runner = self._runners.get(key)
+        with torch.inference_mode():
+            if runner is None:
+                runner = _Runner(self, kind, bucket)
+                if self.graphs and capture:
+                    runner.capture(self._graph_pool)
+                    logger.debug(f"captured ASR step graph: {kind}, batch {bucket}")
+                self._runners[key] = runner
+            runner.mel.zero_()
+            runner.mel[:n, :, : mel.shape[-1]].copy_(mel[:, :, : kind.frames])
+            runner.mel_len.fill_(kind.frames)
+            runner.mel_len[:n].copy_(lengths)
+            index = torch.zeros(bucket, dtype=torch.long)
+            index[:n] = torch.as_tensor(list(slots), dtype=torch.long)
+            runner.slots.copy_(index)
+            runner.run()
+            tokens = runner.tokens[:n].cpu().tolist()  # the one synchronisation of a step
+        return [[t for t in row if t != self.blank] for row in tokens]
+
+    def compute(self, kind: _Kind, mel, mel_len, slots) -> torch.Tensor:
+        """The step itself, static shapes, no host synchronisation: returns [B, max_out] labels."""
+        model, pools = self.model, self._pools.tensors
+        bucket = mel.shape[0]
+        encoder = model.encoder
+        if kind.first:  # fresh streams: zero caches, as get_initial_cache_state gives the eager path
+            channel, time_cache, length = encoder.get_initial_cache_state(batch_size=bucket, device=self.device)
+        else:
+            channel = pools["channel"].index_select(1, slots)
+            time_cache = pools["time"].index_select(1, slots)
+            length = pools["length"].index_select(0, slots)
+        with self.autocast():
+            encoded, encoded_len, channel, time_cache, length = encoder.cache_aware_stream_step(
+                processed_signal=mel,
+                processed_signal_length=mel_len,
+                cache_last_channel=channel,
+                cache_last_time=time_cache,
+                cache_last_channel_len=length,
+                keep_all_outputs=kind.keep_all,
+                drop_extra_pre_encoded=kind.drop,
+            )
+            encoded = encoded.transpose(1, 2)
+            frames = self._out_frames(kind)
+            if encoded.shape[1] < frames:  # short final inputs: pad (masked by encoded_len)
+                encoded = torch.nn.functional.pad(encoded, (0, 0, 0, frames - encoded.shape[1]))
+            projected = model.joint.project_encoder(encoded[:, :frames])
+            if kind.first:
+                state = model.decoder.initialize_state(projected)
+                sos = torch.full((bucket, 1), self.blank, dtype=torch.long, device=self.device)
+                dec_out, state, *_ = model.decoder.predict(sos, state, add_sos=False, batch_size=bucket)
+                dec_out = model.joint.project_prednet(dec_out)
+            else:
+                state = (pools["h"].index_select(1, slots), pools["c"].index_select(1, slots))
+                dec_out = pools["dec_out"].index_select(0, slots)
+            labels, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
+        pools["channel"].index_copy_(1, slots, channel.to(pools["channel"].dtype))
+        pools["time"].index_copy_(1, slots, time_cache.to(pools["time"].dtype))
+        pools["length"].index_copy_(0, slots, length.to(pools["length"].dtype))
+        pools["h"].index_copy_(1, slots, state[0].to(pools["h"].dtype))
+        pools["c"].index_copy_(1, slots, state[1].to(pools["c"].dtype))
+        pools["dec_out"].index_copy_(0, slots, dec_out.to(pools["dec_out"].dtype))
+        return labels
+
+    def _greedy(self, projected, lengths, dec_out, state):
+        """NeMo's greedy label-looping search, unrolled: frame by frame, up to max_symbols labels.
+
+        Same calls as ``GreedyBatchedRNNTLabelLoopingComputer.torch_impl``: the joint after
+        projection, ``max(-1)``, the prediction network on the found label, and the old state
+        kept for rows that emitted nothing. Rows past their length emit nothing.
+        """
+        model, blank = self.model, self.blank
+        bucket, frames = projected.shape[0], projected.shape[1]
+        out = []
+        for t in range(frames):
+            active = lengths > t
+            enc_t = projected[:, t].unsqueeze(1)
+            for _ in range(self.max_symbols):
+                logits = model.joint.joint_after_projection(enc_t, dec_out).squeeze(1).squeeze(1)
+                labels = logits.max(-1)[1]
+                active = torch.logical_and(active, labels != blank)
+                labels = torch.where(active, labels, torch.full_like(labels, blank))
+                out.append(labels)
+                new_out, new_state, *_ = model.decoder.predict(labels.unsqueeze(1), state, add_sos=False, batch_size=bucket)
+                new_out = model.joint.project_prednet(new_out)
+                model.decoder.batch_replace_states_mask(src_states=state, dst_states=new_state, mask=~active)
+                dec_out = torch.where(active[:, None, None], new_out, dec_out)
+                state = new_state
+        return torch.stack(out, dim=1), dec_out, state
+
+    def _probe_state_shapes(self) -> dict[str, torch.Tensor]:
+        """Run one first step and one steady step eagerly at batch 1 to learn the state dtypes."""
+        model = self.model
+        cfg = model.encoder.streaming_cfg
+        first = int(cfg.chunk_size[0]) if isinstance(cfg.chunk_size, (list, tuple)) else int(cfg.chunk_size)
+        mel = torch.zeros(1, self.features, first, device=self.device)
+        length = torch.tensor([first], device=self.device)
+        with torch.inference_mode(), self.autocast():
+            caches = model.encoder.get_initial_cache_state(batch_size=1, device=self.device)
+            encoded, encoded_len, channel, time_cache, cache_len = model.encoder.cache_aware_stream_step(
+                processed_signal=mel, processed_signal_length=length, cache_last_channel=caches[0],
+                cache_last_time=caches[1], cache_last_channel_len=caches[2], keep_all_outputs=False,
+                drop_extra_pre_encoded=0,
+            )
+            projected = model.joint.project_encoder(encoded.transpose(1, 2))
+            state = model.decoder.initialize_state(projected)
+            sos = torch.full((1, 1), self.blank, dtype=torch.long, device=self.device)
+            dec_out, state, *_ = model.decoder.predict(sos, state, add_sos=False, batch_size=1)
+            dec_out = model.joint.project_prednet(dec_out)
+            _, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
+        return {"channel": channel, "time": time_cache, "length": cache_len, "h": state[0], "c": state[1], "dec_out": dec_out}
+
+
+def new_kind(frames: int, drop: int, keep_all: bool, first: bool) -> _Kind:
+    return _Kind(frames, drop, keep_all, first)
