@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from loguru import logger
 from pipecat.transports.base_transport import BaseTransport
 
 CALLER_RATE = 16000
@@ -88,12 +89,12 @@ def write_timeline_wav(path: Path, pieces: list[tuple[float, bytes]], rate: int,
 class SimulatedLine:
     """The simulated phone line: no sound server, audio kept in memory with its play times."""
 
-    label = "simulated line (no sound server)"
-
-    def __init__(self, out_rate: int):
+    def __init__(self, out_rate: int, why: str = ""):
+        """``why``: the reason the PulseAudio rig is not used, for the label."""
         from transports.simulated import SimulatedPhoneParams, SimulatedPhoneTransport
 
         self._out_rate = out_rate
+        self.label = "simulated line, no sound server" + (f" ({why})" if why else "")
         self.transport = SimulatedPhoneTransport(
             SimulatedPhoneParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=CALLER_RATE,
                                  audio_out_sample_rate=out_rate)
@@ -228,7 +229,16 @@ def open_line(out_rate: int, *, prefer_rig: bool = True, echo_path: bool = False
     on a busy 2-core machine the webrtc canceller leaves enough of Annie's voice for Silero to
     hear her now and then, and with barge-in on she then interrupts herself.
     """
-    if prefer_rig and rig_usable() is None:
-        return RigLine(out_rate, echo_path=echo_path)
-    return SimulatedLine(out_rate)
+    if not prefer_rig:
+        return SimulatedLine(out_rate, "asked for")
+    why = rig_usable()
+    if why is None:
+        from transports.pulse_rig import RigError
+
+        try:
+            return RigLine(out_rate, echo_path=echo_path)
+        except RigError as e:
+            logger.warning(f"the PulseAudio rig did not start, using the simulated line: {e}")
+            why = "the PulseAudio rig did not start; see the log"
+    return SimulatedLine(out_rate, why)
 

