@@ -17,6 +17,7 @@ which settings fit it (:attr:`DemoBackends.overrides`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import importlib.util
@@ -233,8 +234,6 @@ async def start_backends(
 
 async def _start_llm(stack: AsyncExitStack, backends: DemoBackends,
                      scripted_reply: Callable[[list[dict]], str], log_dir: Path | None) -> None:
-    import asyncio
-
     gguf = smollm2_gguf()
     if gguf is not None and llama_server_available():
         server = LlamaServerProcess(gguf, log_path=log_dir / "llama-server.log" if log_dir else None)
@@ -253,8 +252,6 @@ async def _start_llm(stack: AsyncExitStack, backends: DemoBackends,
 
 
 async def _start_tts(stack: AsyncExitStack, backends: DemoBackends) -> None:
-    import asyncio
-
     from agent.standins.piper_server import PiperServerProcess, piper_available
 
     if piper_available():

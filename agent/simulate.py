@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import soxr
-from loguru import logger
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,

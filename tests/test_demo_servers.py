@@ -132,7 +132,7 @@ def test_demo_settings_take_the_backend_overrides_but_never_over_the_operator(mo
     assert (settings.llm_max_tokens, settings.llm_model) == (33, "my-model")
 
 
-def test_demo_settings_keep_a_configured_stt(monkeypatch, tmp_path):
+def test_demo_settings_keep_a_configured_stt(monkeypatch):
     monkeypatch.setenv("STT_BACKEND", "parakeet-http")
     monkeypatch.setenv("PARAKEET_URL", "http://127.0.0.1:9")
     assert demo_settings().stt_backend == "parakeet-http"
