@@ -1,6 +1,6 @@
 """Assemble the call pipeline from the settings and ready-made services. No I/O happens here.
 
-    transport in -> STT -> user aggregator (Silero VAD, turn + mute strategies) -> LLM -> TTS
+    transport in -> audio guard -> STT -> user aggregator (Silero VAD, turn + mute strategies) -> LLM -> TTS
       -> transport out -> assistant aggregator (keeps only what was actually played)
 
 ``agent.services`` builds the services (loading models, opening clients); this module only
@@ -35,6 +35,7 @@ from transports.playback import PausablePlayback
 
 from agent.barge_in import PauseThenDecideStartStrategy
 from agent.config import AgentSettings
+from processors.audio_guard import InputAudioGuard
 from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, user_turn_strategies
 
 
@@ -121,7 +122,9 @@ def build_call_pipeline(
         if message.interrupted and message.content:
             mark_interrupted_reply(context, message.content)
 
-    pipeline = Pipeline([transport.input(), stt, user_agg, llm, tts, transport.output(), assistant_agg])
+    pipeline = Pipeline(
+        [transport.input(), InputAudioGuard(), stt, user_agg, llm, tts, transport.output(), assistant_agg]
+    )
     worker = PipelineWorker(
         pipeline,
         params=PipelineParams(

@@ -22,6 +22,9 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.llm import OpenAILLMService
 
 
+_SENTENCE_ENDS = (".", "!", "?", "…")
+
+
 class GemmaLLMService(OpenAILLMService):
     """An OpenAI-compatible LLM (Gemma on llama.cpp, vLLM or Ollama) that apologises on failure."""
 
@@ -44,6 +47,7 @@ class GemmaLLMService(OpenAILLMService):
         self._apology = apology
         self._in_completion = False
         self._apologised = False
+        self._answer_tail = ""  # the end of this completion's text so far
         super().__init__(
             api_key=api_key,
             base_url=base_url,
@@ -69,7 +73,7 @@ class GemmaLLMService(OpenAILLMService):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, LLMContextFrame):
-            self._in_completion, self._apologised = True, False
+            self._in_completion, self._apologised, self._answer_tail = True, False, ""
             try:
                 await super().process_frame(frame, direction)
             finally:
@@ -84,7 +88,14 @@ class GemmaLLMService(OpenAILLMService):
             # so the TTS speaks it as this turn's answer.
             self._apologised = True
             logger.warning(f"{self}: completion failed ({error.error}); speaking an apology")
-            await self.push_frame(LLMTextFrame(" " + self._apology))
+            # End the broken sentence first, so the TTS does not join the apology to it.
+            cut = self._answer_tail.strip() and not self._answer_tail.rstrip().endswith(_SENTENCE_ENDS)
+            await self.push_frame(LLMTextFrame(("... " if cut else " ") + self._apology))
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        if isinstance(frame, LLMTextFrame) and self._in_completion:
+            self._answer_tail = (self._answer_tail + frame.text)[-80:]
+        await super().push_frame(frame, direction)
 
     async def stop(self, frame):
         await super().stop(frame)

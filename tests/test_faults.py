@@ -280,12 +280,6 @@ async def test_llm_killed_mid_stream_then_down_for_a_turn_then_back(make_setting
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GemmaLLMService.push_error_frame pushes the apology as one more LLMTextFrame, so the TTS "
-    "sentence aggregator joins it to the unfinished sentence of the broken answer: the caller hears "
-    "'I  Sorry, I'm having a little trouble' (processors/gemma_llm.py, push_error_frame)",
-)
 async def test_apology_after_a_dropped_stream_is_not_joined_to_a_broken_sentence(make_settings, llm_server):
     settings = make_settings(enable_barge_in=False, llm_timeout_s=1.0)
     llm_server.fault = "drop"  # the stand-in closes the connection after "Of course. I "

@@ -1,0 +1,64 @@
+"""Keeps malformed caller audio from deafening the call.
+
+Everything after the transport (Silero VAD, the STT) concatenates raw 16-bit PCM bytes. One
+frame with an odd byte count would shift every later sample by one byte, turning the rest of
+the call into noise; a frame at another sample rate or with two channels would be read at the
+wrong speed. :class:`InputAudioGuard` sits right after the transport input and hands on only
+whole mono 16-bit samples at the pipeline's input rate: a stray trailing byte is dropped (each
+frame starts on a sample boundary, so carrying it into the next frame would misalign every
+frame after it), other rates are resampled and stereo is mixed down. Healthy frames pass
+untouched, without a copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+from loguru import logger
+from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+
+class InputAudioGuard(FrameProcessor):
+    """Repairs ``InputAudioRawFrame``s (odd length, other rate, stereo); passes the rest on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._rate = 16000
+        self._warned: set[str] = set()
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, StartFrame):
+            self._rate = frame.audio_in_sample_rate
+        if isinstance(frame, InputAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
+            frame = self._repair(frame)
+            if frame is None:
+                return
+        await self.push_frame(frame, direction)
+
+    def _repair(self, frame: InputAudioRawFrame) -> InputAudioRawFrame | None:
+        channels = max(1, frame.num_channels)
+        width = 2 * channels
+        if len(frame.audio) % width == 0 and frame.sample_rate == self._rate and channels == 1:
+            return frame
+        whole = len(frame.audio) - len(frame.audio) % width
+        if whole != len(frame.audio):
+            self._warn("odd", f"{self}: an audio frame of {len(frame.audio)} bytes: dropping the stray bytes")
+        if not whole:
+            return None
+        samples = np.frombuffer(frame.audio[:whole], dtype=np.int16)
+        if channels > 1:
+            self._warn("channels", f"{self}: {channels}-channel caller audio: mixing down to mono")
+            samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
+        if frame.sample_rate != self._rate:
+            self._warn("rate", f"{self}: caller audio at {frame.sample_rate} Hz: resampling to {self._rate} Hz")
+            samples = soxr.resample(samples, frame.sample_rate, self._rate).astype(np.int16)
+        repaired = InputAudioRawFrame(audio=samples.tobytes(), sample_rate=self._rate, num_channels=1)
+        repaired.transport_source = frame.transport_source
+        return repaired
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message)
