@@ -175,13 +175,6 @@ async def test_pulseaudio_server_restarts(settings, rig, voices, llm_server, pip
     assert answer.heard is not None, "Annie's answer never reached the caller's earpiece"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a PulseAudio restart the idle output stream keeps its dead pulsectl control connection: "
-    "the first write finds it dead and closes the stream, the next reopen is throttled by "
-    "REOPEN_INTERVAL_S (transports/_pulse_io.py PinnedStream.write -> _still_attached -> "
-    "try_open_throttled), so the first ~0.45 s of Annie's first answer is dropped",
-)
 async def test_first_answer_after_a_pulseaudio_restart_is_heard_in_full(
     settings, rig, voices, llm_server, pipeline_parts
 ):

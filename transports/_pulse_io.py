@@ -211,6 +211,8 @@ class PinnedStream:
 
     def _lose(self, reason: str) -> None:
         self._close_audio()
+        # The control connection may have died with the server: start the next try afresh.
+        self._drop_control()
         self._note_lost(reason)
 
     # Audio
@@ -246,7 +248,11 @@ class PinnedStream:
         assert self._stream is not None
         if not self._still_attached():
             self._lose(f"the {self._spec.kind} disappeared")
-            return False
+            # One immediate, unthrottled attempt: after a server restart the sink is usually back
+            # already, and an idle output only notices the restart at the first write of an answer.
+            if not self.try_open():
+                return False
+            assert self._stream is not None
         try:
             self._stream.write(data)
         except pasimple.PaSimpleError as e:
