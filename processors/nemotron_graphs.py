@@ -187,7 +187,12 @@ class FastStepper:
             for name, t in old.tensors.items():
                 new.tensors[name].narrow(_batch_dim(name), 0, old.capacity).copy_(t)
         self._pools = new
-        self._runners.clear()  # graphs point at the old pools
+        # Graphs point at the old pools: drop them, and capture the next ones into a fresh
+        # memory pool (capturing into a pool that dropped graphs shared trips an allocator assert).
+        if self.graphs:
+            torch.cuda.synchronize()
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        self._runners.clear()
         logger.debug(f"ASR slot pools grown to {capacity - 1} streams")
 
     @property
@@ -229,8 +234,14 @@ class FastStepper:
             if runner is None:
                 runner = _Runner(self, kind, bucket)
                 if self.graphs and capture:
-                    runner.capture(self._graph_pool)
-                    logger.debug(f"captured ASR step graph: {kind}, batch {bucket}")
+                    try:
+                        runner.capture(self._graph_pool)
+                        logger.debug(f"captured ASR step graph: {kind}, batch {bucket}")
+                    except Exception as e:  # keep serving, eagerly, rather than lose the call
+                        logger.warning(f"CUDA graph capture failed ({type(e).__name__}: {e}); ASR steps run without graphs")
+                        self.graphs = False
+                        runner.graph = None
+                        torch.cuda.synchronize()
                 self._runners[key] = runner
             runner.mel.zero_()
             runner.mel[:n, :, : mel.shape[-1]].copy_(mel[:, :, : kind.frames])

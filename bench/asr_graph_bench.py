@@ -1,0 +1,270 @@
+"""Eager NeMo steps vs the engine's fast path (slots, static shapes, CUDA graphs), side by side.
+
+    python bench/asr_graph_bench.py                 # full-size architecture, random weights, GPU
+    python bench/asr_graph_bench.py --tiny          # tiny model on CPU (checks the script runs)
+
+One run, one model, 160 ms chunks (``--chunk``): the same streams are driven through an eager
+engine (``fast=False``: ``conformer_stream_step`` per step, the issue-3 engine) and a fast one
+(``fast=True``; CUDA graphs on a GPU), interleaved in blocks so machine drift hits both alike.
+Printed as ratios (eager / fast):
+
+* mismatches: every test turn's final text, eager single stream vs fast (alone, and batched
+  with the others), in bf16 and in fp32. The model is the nemotron-0.6b architecture with
+  RANDOM weights, its joint calibrated on audio so tokens depend on the input and a moderate
+  blank bias, so tokens are actually emitted (the output says how many);
+* time to final (``finalize`` of one stream, the turn's tail plus one chunk of silence) p50/p95;
+* step latency p50/p95 for B streams in lockstep (one chunk each per step), B = 1 .. 1024;
+* memory per stream (the fast path's slot; CUDA memory growth per stream) and the GPU time of
+  one graph replay (so host time = step time - GPU time).
+
+Writes JSON (and a PNG) to bench/results/asr_graph_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.asr_bench import EngineLoad, percentile, sync  # noqa: E402
+from processors.nemotron_engine import NemotronStreamingEngine  # noqa: E402
+from tests.nemo_tiny import build_model, speechlike  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pcm_of(seconds: float, seed: int) -> np.ndarray:
+    return (speechlike(int(16000 * seconds), seed=seed) * 32767).astype(np.int16)
+
+
+def turn_eager(engine, pcm) -> str:
+    state = engine.new_stream()
+    for i in range(0, len(pcm), 320):
+        engine.accept(state, pcm[i : i + 320])
+    return engine.finalize(state)
+
+
+def turns_batched(engine, pcms) -> list[str]:
+    """All turns at once: one batched step per 20 ms tick, batched finals."""
+    states = [engine.new_stream() for _ in pcms]
+    for offset in range(0, max(len(p) for p in pcms), 320):
+        for state, pcm in zip(states, pcms):
+            if offset < len(pcm):
+                engine.feed(state, pcm[offset : offset + 320])
+        while any(engine.ready(s) for s in states):
+            engine.step(states)
+    return engine.finalize_many(states)
+
+
+def mismatches(eager, fast, pcms) -> dict:
+    reference = [turn_eager(eager, p) for p in pcms]
+    alone = [turn_eager(fast, p) for p in pcms]
+    batched = turns_batched(fast, pcms)
+    eager_batched = turns_batched(eager, pcms)  # how much batching alone moves eager NeMo
+
+    def count(texts):
+        diff_turns = sum(a != b for a, b in zip(reference, texts))
+        diff_tokens = sum(_edit_distance(a, b) for a, b in zip(reference, texts))
+        return diff_turns, diff_tokens
+
+    return {
+        "turns": len(pcms),
+        "tokens": sum(len(t) for t in reference),
+        "alone_turns_differing": count(alone)[0],
+        "alone_token_edits": count(alone)[1],
+        "batched_turns_differing": count(batched)[0],
+        "batched_token_edits": count(batched)[1],
+        "eager_batched_turns_differing": count(eager_batched)[0],
+        "eager_batched_token_edits": count(eager_batched)[1],
+    }
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance in characters (= tokens: the model has character labels)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def time_finals(engines: dict, turns: int) -> dict:
+    out = {name: [] for name in engines}
+    for turn in range(turns):
+        pcm = pcm_of(1.0 + 0.37 * (turn % 7), seed=turn)
+        for name, engine in engines.items():
+            state = engine.new_stream()
+            for i in range(0, len(pcm), 320):
+                engine.accept(state, pcm[i : i + 320])
+            sync(engine)
+            t0 = time.perf_counter()
+            engine.finalize(state)
+            sync(engine)
+            out[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: {"p50_ms": round(percentile(v, 50), 2), "p95_ms": round(percentile(v, 95), 2)} for name, v in out.items()}
+
+
+def time_steps(engines: dict, batch: int, steps: int, warmup: int) -> dict:
+    loads = {name: EngineLoad(engine, batch) for name, engine in engines.items()}
+    for load in loads.values():
+        load.run(warmup, record=False)
+    for _ in range(max(1, steps // 5)):
+        for load in loads.values():
+            load.run(5)
+    out = {}
+    for name, load in loads.items():
+        out[name] = {
+            "p50_ms": round(percentile(load.step_ms, 50), 2),
+            "p95_ms": round(percentile(load.step_ms, 95), 2),
+            "feed_p50_ms": round(percentile(load.feed_ms, 50), 2),
+            "tokens_per_stream": round(sum(s.num_tokens for s in load.states) / batch, 1),
+        }
+    for load in loads.values():
+        for s in load.states:
+            s.reset()
+    return out
+
+
+def graph_gpu_ms(engine, batch: int, repeats: int = 20) -> float | None:
+    """GPU time of one replay of the steady-step graph for ``batch`` streams (CUDA events)."""
+    stepper = engine._stepper
+    if stepper is None or not stepper.graphs:
+        return None
+    runners = [r for (kind, bucket, _), r in stepper._runners.items() if bucket == batch and not kind.first and not kind.keep_all and r.graph is not None]
+    if not runners:
+        return None
+    runner = runners[0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.inference_mode():
+        runner.slots.zero_()  # the scratch slot: replaying must not touch real streams
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        runner.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / repeats, 3)
+
+
+def memory_per_stream(engine, batch: int) -> float | None:
+    """CUDA memory growth per stream when ``batch`` new streams take their first two steps."""
+    if engine.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    load = EngineLoad(engine, batch)
+    load.run(3, record=False)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    for s in load.states:
+        s.reset()
+    return round(grown / batch / 2**20, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--chunk", type=int, default=160)
+    parser.add_argument("--batches", default="1,16,256,512,1024")
+    parser.add_argument("--eager-max-batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--check-turns", type=int, default=12)
+    parser.add_argument("--blank-bias", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    size = "tiny" if args.tiny else "full"
+    device = "cpu" if args.tiny else "auto"
+    t0 = time.perf_counter()
+    model = build_model(size, input_sensitive=True, blank_bias=args.blank_bias)
+    decoding = copy.deepcopy(model.cfg.decoding)
+    decoding.greedy.max_symbols = 10  # the production setting (calibration set 3)
+    model.change_decoding_strategy(decoding, verbose=False)
+    build_s = time.perf_counter() - t0
+    results: dict = {
+        "model": f"{size} cache-aware FastConformer RNN-T, RANDOM weights, joint calibrated on audio, blank bias +{1 + args.blank_bias}, max_symbols 10",
+        "chunk_ms": args.chunk,
+        "torch": torch.__version__,
+        "build_s": round(build_s, 1),
+    }
+
+    def make(precision, fast):
+        return NemotronStreamingEngine.from_model(model, args.chunk, device, precision=precision, fast=fast)
+
+    eager, fast = make("auto", False), make("auto", True)
+    results["device"] = torch.cuda.get_device_name() if eager.device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    results["precision"] = eager.precision
+    results["fast_mode"] = repr(fast)
+    print(f"# {results['model']}\n# {results['device']}, {eager.precision}, {args.chunk} ms chunks; eager = {eager!r}; fast = {fast!r}", flush=True)
+    name = "asr_graph_" + ("cpu_tiny" if args.tiny else results["device"].replace("NVIDIA", "").split()[0].lower())
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}.json"
+
+    def save():
+        path.write_text(json.dumps(results, indent=2))
+
+    pcms = [pcm_of(0.6 + 0.45 * i, seed=100 + i) for i in range(args.check_turns)]
+    results["mismatch_" + eager.precision] = m = mismatches(eager, fast, pcms)
+    print(f"mismatches {eager.precision}: {m}", flush=True)
+    save()
+    finals = time_finals({"eager": eager, "fast": fast}, args.turns)
+    results["time_to_final_b1"] = finals
+    print(
+        f"time to final, batch 1: eager p50 {finals['eager']['p50_ms']} / p95 {finals['eager']['p95_ms']} ms; "
+        f"fast p50 {finals['fast']['p50_ms']} / p95 {finals['fast']['p95_ms']} ms; "
+        f"ratio p50 {finals['eager']['p50_ms'] / finals['fast']['p50_ms']:.1f}x",
+        flush=True,
+    )
+    save()
+
+    results["steps"] = []
+    print(f"{'batch':>5} {'eager p50':>9} {'eager p95':>9} {'fast p50':>9} {'fast p95':>9} {'p95 ratio':>9} {'gpu ms':>7} {'feed p50':>8} {'tok/str':>7} {'RT':>3}")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        engines = {"fast": fast} if batch > args.eager_max_batch else {"eager": eager, "fast": fast}
+        row = {"batch": batch, **time_steps(engines, batch, args.steps, args.warmup)}
+        row["fast_gpu_ms"] = graph_gpu_ms(fast, batch)
+        results["steps"].append(row)
+        e = row.get("eager", {})
+        ratio = e.get("p95_ms", float("nan")) / row["fast"]["p95_ms"]
+        print(
+            f"{batch:>5} {e.get('p50_ms', float('nan')):>9.2f} {e.get('p95_ms', float('nan')):>9.2f} {row['fast']['p50_ms']:>9.2f}"
+            f" {row['fast']['p95_ms']:>9.2f} {ratio:>8.1f}x {row['fast_gpu_ms'] or float('nan'):>7.2f} {row['fast']['feed_p50_ms']:>8.2f}"
+            f" {row['fast']['tokens_per_stream']:>7} {'yes' if row['fast']['p95_ms'] <= args.chunk else 'no':>3}",
+            flush=True,
+        )
+        save()
+
+    results["fast_slot_bytes_per_stream"] = fast.bytes_per_stream
+    results["memory_MiB_per_stream"] = {"eager": memory_per_stream(eager, 64), "fast": memory_per_stream(fast, 64)}
+    if eager.device.type == "cuda":
+        results["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(f"memory per stream: fast slot {fast.bytes_per_stream / 2**20:.2f} MiB; growth per new stream (64 streams) {results['memory_MiB_per_stream']} MiB", flush=True)
+    save()
+    if eager.device.type == "cuda":
+        # Last: re-preparing the shared model (model.to, decoding) for new engines can move
+        # buffers that the bf16 engine's captured graphs point at.
+        del fast
+        torch.cuda.synchronize()
+        e32, f32 = make("fp32", False), make("fp32", True)
+        results["mismatch_fp32"] = m = mismatches(e32, f32, pcms[: max(4, args.check_turns // 2)])
+        print(f"mismatches fp32: {m}", flush=True)
+        save()
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
