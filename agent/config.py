@@ -82,6 +82,7 @@ class AgentSettings(BaseSettings):
     llm_temperature: float = Field(0.6, ge=0.0, le=2.0)
     llm_max_tokens: int = Field(200, ge=1, le=4096)
     llm_timeout_s: float = Field(8.0, gt=0.0, le=120.0)
+    context_max_messages: int = Field(40, ge=4, le=1000)
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1)
     apology_text: str = Field(DEFAULT_APOLOGY, min_length=1)
 

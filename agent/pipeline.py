@@ -36,7 +36,7 @@ from transports.playback import PausablePlayback
 from agent.barge_in import PauseThenDecideStartStrategy
 from agent.config import AgentSettings
 from processors.audio_guard import InputAudioGuard
-from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, user_turn_strategies
+from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, trim_context, user_turn_strategies
 
 
 @dataclass
@@ -121,6 +121,7 @@ def build_call_pipeline(
     async def _on_assistant_turn_stopped(_aggregator, message: AssistantTurnStoppedMessage):
         if message.interrupted and message.content:
             mark_interrupted_reply(context, message.content)
+        trim_context(context, settings.context_max_messages)
 
     pipeline = Pipeline(
         [transport.input(), InputAudioGuard(), stt, user_agg, llm, tts, transport.output(), assistant_agg]

@@ -93,3 +93,21 @@ def mark_interrupted_reply(context: LLMContext, spoken: str) -> bool:
             return True
         return False
     return False
+
+
+def trim_context(context: LLMContext, max_messages: int) -> int:
+    """Keep the conversation to its last ``max_messages`` messages, starting at a caller turn.
+
+    A call can last hours; an unbounded context would end in a server that refuses every turn.
+    The system prompt is not a context message (it is sent by the LLM service) and is kept.
+    Returns how many messages were dropped.
+    """
+    messages = context.get_messages()
+    if len(messages) <= max_messages:
+        return 0
+    start = len(messages) - max_messages
+    while start < len(messages) and messages[start].get("role") != "user":
+        start += 1
+    context.set_messages(messages[start:])
+    logger.debug(f"context trimmed: {start} old messages dropped")
+    return start

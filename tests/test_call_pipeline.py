@@ -253,3 +253,18 @@ async def test_half_duplex_hold_off_covers_the_playback_tail(make_settings, llm_
         await call.caller_says("a real question")
         await llm_server.wait_for(lambda: len(llm_server.requests) == 2, timeout=5)
         assert user_texts(llm_server.requests[1].messages) == ["hello", "a real question"]
+
+
+def test_the_context_is_trimmed_to_whole_recent_turns():
+    from pipecat.processors.aggregators.llm_context import LLMContext
+
+    from agent.turns import trim_context
+
+    messages = []
+    for i in range(30):
+        messages += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    context = LLMContext(messages=messages)
+    assert trim_context(context, 7) == 54
+    kept = context.get_messages()
+    assert kept[0] == {"role": "user", "content": "q27"} and kept[-1] == {"role": "assistant", "content": "a29"}
+    assert trim_context(context, 7) == 0

@@ -41,12 +41,14 @@ class PlaybackGate:
     wait ended because an interruption dropped the held audio (the chunk must not be played).
     """
 
-    def __init__(self, bot_words: int = 60):
+    def __init__(self, recent_sentences: int = 4):
         self._open = asyncio.Event()
         self._open.set()
         self._generation = 0
         self.held = b""
-        self.spoken_words: deque[str] = deque(maxlen=bot_words)
+        # Sentences reach the output when synthesised, a little ahead of playback: the last few
+        # cover the one playing now. Older ones are not echo any more.
+        self._sentences: deque[list[str]] = deque(maxlen=recent_sentences)
 
     @property
     def paused(self) -> bool:
@@ -76,4 +78,10 @@ class PlaybackGate:
         return generation == self._generation
 
     def note_spoken(self, text: str) -> None:
-        self.spoken_words.extend(words_of(text))
+        words = words_of(text)
+        if words:
+            self._sentences.append(words)
+
+    @property
+    def spoken_words(self) -> set[str]:
+        return {word for sentence in self._sentences for word in sentence}
