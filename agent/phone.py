@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", metavar="DIR", default="out/sim", help="where --simulate writes its recordings")
     parser.add_argument(
+        "--echo-path",
+        action="store_true",
+        help="with --simulate: loop Annie's voice back into the caller's mic, as a speakerphone does",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"],
         help="override LOG_LEVEL (TRACE also logs transcripts: a family's conversations)",
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.simulate:
             from agent.simulate import run_simulated_call
 
-            return asyncio.run(run_simulated_call(args.out, log_level=args.log_level))
+            return asyncio.run(run_simulated_call(args.out, log_level=args.log_level, echo_path=args.echo_path))
         settings = load_settings()
         configure_logging(args.log_level or settings.log_level)
         asyncio.run(run_until_signalled(lambda stop: run_phone(settings, stop)))
