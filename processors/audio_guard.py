@@ -25,6 +25,7 @@ class InputAudioGuard(FrameProcessor):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._rate = 16000
+        self._resampler: tuple[int, soxr.ResampleStream] | None = None
         self._warned: set[str] = set()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
@@ -53,10 +54,16 @@ class InputAudioGuard(FrameProcessor):
             samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
         if frame.sample_rate != self._rate:
             self._warn("rate", f"{self}: caller audio at {frame.sample_rate} Hz: resampling to {self._rate} Hz")
-            samples = soxr.resample(samples, frame.sample_rate, self._rate).astype(np.int16)
+            samples = self._resample(samples, frame.sample_rate)
         repaired = InputAudioRawFrame(audio=samples.tobytes(), sample_rate=self._rate, num_channels=1)
         repaired.transport_source = frame.transport_source
         return repaired
+
+    def _resample(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        # One stream per source rate, so consecutive frames join without edge clicks.
+        if self._resampler is None or self._resampler[0] != rate:
+            self._resampler = (rate, soxr.ResampleStream(rate, self._rate, 1, dtype="int16"))
+        return self._resampler[1].resample_chunk(samples)
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:
