@@ -2,12 +2,14 @@
 
 Each *pass* is one call on one line with one barge-in mode:
 
-- ``rig-cancel``: the PulseAudio rig (webrtc echo cancellation, an echo path) with the agent's
-  barge-in as it runs with the Whisper fallback: Annie stops at the caller's first sound;
-- ``sim-cancel``: the same on the simulated line (no echo), the baseline for ``sim-pause``;
-- ``sim-pause``: pause first, then decide (issue 10) on the simulated line (the PulseAudio
-  transport cannot pause yet), fed partial transcripts by re-running Whisper on the growing
-  utterance (:class:`bench.bargein_probe.PartialWhisperSTTService`).
+- ``rig-cancel``: the PulseAudio rig (webrtc echo cancellation, an echo path) with the barge-in
+  the agent runs with a non-streaming STT (the Whisper fallback): Annie stops at the first sound;
+- ``rig-pause``: the same rig with pause first, then decide (issue 10), fed partial transcripts
+  by re-running Whisper on the growing utterance
+  (:class:`bench.bargein_probe.PartialWhisperSTTService`);
+- ``sim-pause``: pause-then-decide on the simulated line (no echo), where every played sample is
+  kept, so resumes can be checked sample by sample against the TTS output;
+- ``sim-cancel`` (not in the default run): the simulated line's cancel baseline.
 
 The pipeline is the agent's (:func:`agent.pipeline.build_call_pipeline`: Silero VAD, Whisper
 ``tiny.en``, the Gemma service, the Chatterbox service). The LLM is the OpenAI-compatible
@@ -18,7 +20,7 @@ only), interrupts her, says "mm-hm", coughs, and plays babble, TV and a second v
 SNRs. Afterwards the caller and ear channels are segmented with Silero VAD and scored
 (:mod:`bench.bargein_metrics`).
 
-Usage: ``python -m bench.bargein_bench`` (about 13 minutes on 2 cores); ``--quick`` for a smoke
+Usage: ``python -m bench.bargein_bench`` (about 14 minutes on 2 cores); ``--quick`` for a smoke
 run. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
 ``bargein_latency.png`` and ``bargein_snr.png``.
 """
@@ -51,18 +53,18 @@ from bench.bargein_probe import FrameTimes, whisper_stt
 from bench.bargein_script import CallerScript, Plan, scripted_reply
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_PASSES = ("rig-cancel", "sim-cancel", "sim-pause")
-# The last one is an experiment (not in the default run): a shorter VAD start with pause-first.
-PASSES = (*DEFAULT_PASSES, "sim-pause-vad80")
+DEFAULT_PASSES = ("rig-cancel", "rig-pause", "sim-pause")
+# sim-cancel: the simulated line's baseline for sim-pause (not in the default run, for time).
+PASSES = (*DEFAULT_PASSES, "sim-cancel")
 FULL_PLANS = {
-    "rig-cancel": Plan(questions=4, interruptions=12, backchannels=6, bursts=6, noise_per_snr=1, echo_block_s=60,
-                       budget_s=330),
+    "rig-cancel": Plan(questions=3, interruptions=10, backchannels=6, bursts=3, noise_per_snr=1, echo_block_s=60,
+                       budget_s=290),
+    "rig-pause": Plan(questions=2, interruptions=10, backchannels=8, bursts=3, noise_per_snr=1, echo_block_s=60,
+                      budget_s=290),
+    "sim-pause": Plan(questions=2, interruptions=8, backchannels=10, bursts=6, noise_per_snr=0, echo_block_s=0,
+                      budget_s=200),
     "sim-cancel": Plan(questions=2, interruptions=10, backchannels=6, bursts=3, noise_per_snr=0, echo_block_s=0,
                        budget_s=150),
-    "sim-pause": Plan(questions=2, interruptions=12, backchannels=12, bursts=9, noise_per_snr=1, echo_block_s=0,
-                      budget_s=300),
-    "sim-pause-vad80": Plan(questions=1, interruptions=10, backchannels=10, bursts=6, noise_per_snr=1, snrs=(10.0, 0.0),
-                            echo_block_s=0, budget_s=240),
 }
 QUICK_PLAN = Plan(questions=1, interruptions=1, backchannels=1, bursts=1, noise_per_snr=0, snrs=(), echo_block_s=3,
                   budget_s=120)
@@ -102,6 +104,29 @@ async def start_backends(stack: AsyncExitStack, tts: str) -> Backends:
     return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/standins/tts_server.py)")
 
 
+def record_pauses(output) -> list[tuple[float, float | None]]:
+    """When the output paused and resumed: its own record (simulated line), else noted here by
+    wrapping the instance's ``pause_playback``/``resume_playback`` (the PulseAudio output)."""
+    if hasattr(output, "pauses"):
+        return output.pauses
+    pauses: list[tuple[float, float | None]] = []
+    if not hasattr(output, "pause_playback"):
+        return pauses
+    pause, resume = output.pause_playback, output.resume_playback
+
+    async def pause_playback() -> None:
+        pauses.append((time.monotonic(), None))
+        await pause()
+
+    async def resume_playback(backup_ms: int = 0) -> None:
+        await resume(backup_ms)
+        if pauses and pauses[-1][1] is None:
+            pauses[-1] = (pauses[-1][0], time.monotonic())
+
+    output.pause_playback, output.resume_playback = pause_playback, resume_playback
+    return pauses
+
+
 async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print) -> dict:
     line_kind, mode, *extra = name.split("-")
     pause_first = mode == "pause"
@@ -121,11 +146,12 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         )
         if pause_first and call.pause_first is None:
             raise RuntimeError("pause-then-decide did not engage on this line")
+        pauses_seen = record_pauses(line.transport.output())
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(call.worker)
         t0 = time.monotonic()
         task = asyncio.create_task(runner.run())
-        script = CallerScript(line, times, call.pause_first, np.random.default_rng(seed), log=log)
+        script = CallerScript(line, times, call.pause_first, np.random.default_rng(seed), log=log, pauses=pauses_seen)
         try:
             await script.run(plan, deadline=t0 + plan.budget_s)
             await asyncio.sleep(1.0)
@@ -134,7 +160,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
             await call.worker.cancel(reason="benchmark pass over")
             await asyncio.wait_for(task, 15)
         caller, output = line.channels(t0, t_end)
-        pauses = list(getattr(line.transport.output(), "pauses", []))
+        pauses = list(pauses_seen)
         analysis = PassAnalysis(events=script.events, utterances=script.utterances, times=times, caller=caller,
                                 output=output, t0=t0, pauses=pauses, played=line.played_chunks(),
                                 echo_blocks=script.echo_blocks, pause_first=pause_first)

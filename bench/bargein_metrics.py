@@ -10,7 +10,9 @@ Definitions (Full-Duplex-Bench v1.5 where it has one; segments from :mod:`bench.
 - stale audio: Annie's output speech after she stopped and before the first audio of her reply to
   the interruption (seconds at the sink; on the simulated line also the count of played chunks);
 - false barge-in: an interruption (or, with pause-first, a pause) that no caller sound explains:
-  none of the caller's utterances was under way or had ended less than 6 s before;
+  no caller utterance was under way (or had ended less than 1 s before), and it was not started
+  by a final transcript that came within 6 s of the end of one (Whisper's finals are late);
+  the echo-only exposure is Annie's speech outside those caller windows;
 - voice-to-voice: end of the caller's question -> Annie audible, with its stages from the frames.
 """
 
@@ -26,6 +28,7 @@ from bench.bargein_script import Event
 
 LOUD_DBFS = -45.0
 EXPLAIN_AFTER_S = 6.0  # Whisper's final transcript can come seconds after the caller stopped
+DURING_AFTER_S = 1.0  # the VAD's stop delay and the sink's tail after a caller utterance
 REPLY_WITHIN_S = 8.0  # an interruption not answered within this long was not heard (STT gave no words)
 
 
@@ -161,7 +164,7 @@ class PassAnalysis:
         llm = t.first("llm_text", final or end)
         tts = t.first("tts_audio", llm or end)
         bot = t.first("bot_started", tts or end)
-        audible = seg.first_after(self.annie_segs, end)
+        audible = seg.first_after(self.annie_segs, end, end + REPLY_WITHIN_S)
         stages = {"vad_stop": (end, vad), "stt_final": (vad, final), "llm_first_token": (final, llm),
                   "tts_first_audio": (llm, tts), "playback_start": (tts, bot), "audible_at_sink": (bot, audible.start if audible else None)}
         out = {f"{k}_ms": (1000 * (b - a) if a is not None and b is not None else None) for k, (a, b) in stages.items()}
@@ -169,20 +172,30 @@ class PassAnalysis:
         return out
 
     # -- echo only --------------------------------------------------------------------------
-    def unexplained(self, kind_times: list[float]) -> list[float]:
+    def _during_caller(self, t: float) -> bool:
+        return any(s - 0.3 <= t <= e + DURING_AFTER_S for s, e, _ in self.utterances)
+
+    def _late_transcript(self, t: float) -> bool:
+        """A turn started by a final transcript of something the caller said a little earlier."""
+        return any(abs(tf - t) < 0.1 and any(e <= tf <= e + EXPLAIN_AFTER_S for _, e, _ in self.utterances)
+                   for tf, kind, _ in self.times.transcripts if kind == "final")
+
+    def unexplained(self, kind_times: list[float], transcripts_explain: bool = True) -> list[float]:
         return [x for x in kind_times
-                if not any(s - 0.3 <= x <= e + EXPLAIN_AFTER_S for s, e, _ in self.utterances)]
+                if not self._during_caller(x) and not (transcripts_explain and self._late_transcript(x))]
 
     def echo_only(self) -> dict:
-        explained = [(s - 0.3, e + EXPLAIN_AFTER_S) for s, e, _ in self.utterances]
+        explained = [(s - 0.3, e + DURING_AFTER_S) for s, e, _ in self.utterances]
         exposure = 0.0
         for a in self.annie_segs:
             pieces = [(a.start, a.end)]
             for s, e in explained:
                 pieces = [p for lo, hi in pieces for p in ((lo, min(hi, s)), (max(lo, e), hi)) if p[1] > p[0]]
             exposure += sum(hi - lo for lo, hi in pieces)
-        false_commits = self.unexplained(self.times.times.get("interruption", []))
-        false_pauses = self.unexplained([p for p, _ in self.pauses])
+        # A barge-in stops Annie: count only those that came while she was audible at the ear.
+        speaking = [t for t in self.times.times.get("interruption", []) if seg.covering(self.annie_segs, t, 0.05)]
+        false_commits = self.unexplained(speaking)
+        false_pauses = self.unexplained([p for p, _ in self.pauses], transcripts_explain=False)
         block_s = sum(e - s for s, e in self.echo_blocks)
         return {"annie_speech_without_caller_s": exposure, "echo_block_s": block_s,
                 "false_barge_ins": len(false_commits), "false_pauses": len(false_pauses),
@@ -254,7 +267,9 @@ def summarize(records: list[dict], echo: dict) -> dict:
             d["triggered"] += r["triggered"]
             d["false_barge_ins"] += not r["kept_talking"]
     out["noise_by_snr"] = sorted(snr.values(), key=lambda d: (d["kind"], -d["snr_db"]))
-    v2v = [r for r in by("question") if r.get("voice_to_voice_ms") is not None and not r["warmup"]]
+    questions = [r for r in by("question") if not r["warmup"]]
+    v2v = [r for r in questions if r.get("voice_to_voice_ms") is not None and r["voice_to_voice_ms"] <= 1000 * REPLY_WITHIN_S]
+    out["questions_not_answered"] = len(questions) - len(v2v)
     out["voice_to_voice"] = stats_ms([r["voice_to_voice_ms"] / 1000 for r in v2v])
     stages = ("vad_stop", "stt_final", "llm_first_token", "tts_first_audio", "playback_start", "audible_at_sink")
     out["voice_to_voice_stages_median_ms"] = {

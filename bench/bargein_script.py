@@ -105,10 +105,12 @@ class Plan:
 
 
 class CallerScript:
-    def __init__(self, line, times: FrameTimes, pause_first, rng: np.random.Generator, log=print):
+    def __init__(self, line, times: FrameTimes, pause_first, rng: np.random.Generator, log=print,
+                 pauses: list[tuple[float, float | None]] | None = None):
         self.line = line
         self.times = times
         self.pause_first = pause_first
+        self.pauses = pauses if pauses is not None else []
         self.rng = rng
         self.log = log
         self.utterances: list[tuple[float, float, str]] = []  # every caller sound: (start, end, kind)
@@ -118,9 +120,15 @@ class CallerScript:
 
     # -- state ------------------------------------------------------------------------------
     def annie_speaking(self) -> bool:
+        """Annie's reply is playing: started, not stopped, and not held by a pause right now."""
         started = self.times.times.get("bot_started", [])
         stopped = self.times.times.get("bot_stopped", [])
-        return bool(started) and (not stopped or started[-1] > stopped[-1])
+        if not started or (stopped and stopped[-1] >= started[-1]):
+            return False
+        if self.pauses and self.pauses[-1][1] is None:
+            committed = self.times.times.get("interruption", [])
+            return bool(committed) and committed[-1] > self.pauses[-1][0]
+        return True
 
     async def _wait(self, predicate, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
