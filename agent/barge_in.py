@@ -19,6 +19,7 @@ When Annie is not speaking, a turn starts on VAD or on a transcript, as usual.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterable
 
@@ -36,6 +37,9 @@ from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start import BaseUserTurnStartStrategy
 
 from transports.playback import PausablePlayback, words_of
+
+# "mm", "mhm", "hmm", "uh-huh" as STTs spell them ("M-M-H-M.", "Mmm", "Uh huh"): letters only.
+_HUM = re.compile(r"^(?:[mh]+|u+h+|a+h+|o+h+)$")
 
 DEFAULT_BACKCHANNELS = (
     "mm", "hm", "mhm", "mm-hm", "mmhm", "uh-huh", "uh", "huh", "um", "hmm", "yeah", "yes", "yep",
@@ -64,6 +68,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._bot_speaking = False
         self._caller_speaking = False
         self._paused_at: float | None = None
+        self._resumed_utterance = False  # the caller's current utterance was judged not a barge-in
         self._deadline = 0.0
         self._timer: asyncio.Task | None = None
         self.decisions: list[tuple[str, float]] = []  # ("commit" | "resume", seconds after the pause)
@@ -83,6 +88,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             self._bot_speaking = False
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._caller_speaking = True
+            self._resumed_utterance = False
             return await self._on_voice()
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._caller_speaking = False
@@ -113,7 +119,11 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         if self._paused_at is None and not self._bot_speaking:
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
-        content = [w for w in words if w not in self._backchannels]
+        if self._paused_at is None and self._resumed_utterance:
+            # A late final of an utterance already judged (and resumed on): the decision stands.
+            await self.trigger_reset_aggregation()
+            return ProcessFrameResult.CONTINUE
+        content = [w for w in words if w not in self._backchannels and not _HUM.match(w)]
         echo = self._playback.recent_bot_words()
         if content and not all(w in echo for w in content):
             await self._commit("words")
@@ -142,6 +152,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._record("resume")
         logger.debug(f"{self}: no real words: resuming Annie")
         self._paused_at = None
+        self._resumed_utterance = True
         await self.trigger_reset_aggregation()
         await self._playback.resume_playback(self._resume_backup_ms)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import soxr
 from loguru import logger
-from pipecat.frames.frames import Frame, InputAudioRawFrame, StartFrame
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.frames.frames import Frame, InputAudioRawFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 
 
 class InputAudioGuard(FrameProcessor):
@@ -28,10 +28,12 @@ class InputAudioGuard(FrameProcessor):
         self._resampler: tuple[int, soxr.ResampleStream] | None = None
         self._warned: set[str] = set()
 
+    async def setup(self, setup: FrameProcessorSetup):
+        await super().setup(setup)
+        self._rate = setup.audio_in_sample_rate
+
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
-        if isinstance(frame, StartFrame):
-            self._rate = frame.audio_in_sample_rate
         if isinstance(frame, InputAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
             frame = self._repair(frame)
             if frame is None:

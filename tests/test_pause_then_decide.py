@@ -87,6 +87,7 @@ async def test_real_words_commit_the_interruption(settings, llm):
     [
         pytest.param([], id="noise-no-words"),
         pytest.param([interim("mm"), final("Mm-hm.")], id="backchannel"),
+        pytest.param([interim("M-M"), final("M-M-H-M.")], id="backchannel-as-whisper-spells-it"),
         pytest.param([interim("okay"), final("Okay, yeah.")], id="backchannel-phrase"),
         pytest.param([interim("once upon"), final("Once upon a time.")], id="echo-of-annie"),
     ],
@@ -141,3 +142,22 @@ async def test_falls_back_to_cancel_on_speech_without_partials(settings, llm):
         onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
         await call.wait_until(lambda: interruptions_after(call, onset), 1, "the immediate interruption")
         assert not call.loudspeaker.pauses
+
+
+async def test_a_late_final_after_a_resume_does_not_cut_annie_off(settings, llm):
+    """The decision on an utterance stands: its slow final transcript does not commit it later."""
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        await asyncio.sleep(0.2)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 3, "the resume")
+        await call.send(final("and then I can"))  # what a slow STT finally made of that cough
+        await call.wait_silent(quiet_s=1.0)
+        assert not interruptions_after(call, onset)
+        assert " ".join(tts.requests).split() == REPLY.split()
+        await call.caller_says("what next")
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        users = [m["content"] for m in llm.requests[1].messages if m["role"] == "user"]
+        assert users == ["tell me a story", "what next"]
