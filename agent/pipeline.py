@@ -1,7 +1,7 @@
 """Assemble the call pipeline from the settings and ready-made services. No I/O happens here.
 
-    transport in -> audio guard -> STT -> user aggregator (Silero VAD, turn + mute strategies) -> LLM -> TTS
-      -> transport out -> assistant aggregator (keeps only what was actually played)
+    transport in -> audio guard -> STT -> user aggregator (Silero VAD, turn + mute strategies)
+      -> LLM -> TTS -> transport out -> assistant aggregator (keeps only what was actually played)
 
 ``agent.services`` builds the services (loading models, opening clients); this module only
 wires them, so tests can pass in stand-ins, simulated transports or injected frames.
@@ -31,12 +31,11 @@ from pipecat.services.tts_service import TTSService
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
-from transports.playback import PausablePlayback
-
 from agent.barge_in import PauseThenDecideStartStrategy
 from agent.config import AgentSettings
-from processors.audio_guard import InputAudioGuard
 from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, trim_context, user_turn_strategies
+from processors.audio_guard import InputAudioGuard
+from transports.playback import PausablePlayback
 
 
 @dataclass
