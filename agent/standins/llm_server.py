@@ -28,6 +28,8 @@ from typing import Literal
 from aiohttp import web
 from loguru import logger
 
+from agent.standins._serve import serve
+
 Fault = Literal["none", "error", "hang", "drop"]
 
 DEFAULT_REPLY = (
@@ -102,11 +104,7 @@ class LLMStandIn:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app, self.host, self.port, shutdown_timeout=0.5)
         logger.debug(f"LLM stand-in listening on {self.base_url}")
         return self
 

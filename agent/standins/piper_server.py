@@ -41,6 +41,8 @@ import soxr
 from aiohttp import web
 from loguru import logger
 
+from agent.standins._serve import serve
+
 SAMPLE_RATE = 24000
 OPEN_DATA_SIZE = 0xFFFFFFFF  # "unknown length", as streaming servers write it
 # Clauses shorter than this many words stay with their neighbour (a comma is not always a pause).
@@ -157,11 +159,7 @@ class PiperSpeechServer:
         app.router.add_get("/ping", self._health)
         app.router.add_post("/v1/audio/speech", self._speech)
         app.router.add_post("/v1/audio/speech/stream", self._speech)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app, self.host, self.port, handler_cancellation=True)
         logger.debug(f"Piper speech server listening on {self.url}")
         return self
 

@@ -47,6 +47,8 @@ import soxr
 from aiohttp import web
 from loguru import logger
 
+from agent.standins._serve import serve
+
 SAMPLE_RATE = 24000
 STREAM_DATA_SIZE = 0xFFFFFFFF  # "unknown length", as streaming servers write it
 Headers = Literal["per_request", "per_sentence"]
@@ -198,11 +200,7 @@ class TTSStandIn:
         app.router.add_post("/v1/audio/speech/stream", self._speech)
         # handler_cancellation: the handler is cancelled the moment the client goes away, which
         # is when the disconnect is recorded (generation itself goes on, as on the real server).
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app, self.host, self.port, handler_cancellation=True)
         logger.debug(f"TTS stand-in listening on {self.url}")
         return self
 
