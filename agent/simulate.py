@@ -20,18 +20,14 @@ table; both directions are written as WAV files. Exit status 0 when every check 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
-import subprocess
 import time
-import wave
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soxr
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -53,6 +49,7 @@ from agent.demo_line import DemoLine, loud_onset, loud_seconds, open_line
 from agent.demo_servers import start_backends
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_stt, build_tts, build_vad
+from transports.rig_audio import synth_speech
 
 QUESTIONS = ("What is the weather like today?", "Please tell me a long story about a sailor and the sea.")
 # One breath, no pause inside: a pause would end the caller's turn halfway.
@@ -79,14 +76,9 @@ def caller_speech(text: str, rate: int = CALLER_RATE) -> np.ndarray:
     """The caller's voice: espeak-ng (a different voice from Annie's), int16 at ``rate``."""
     if not shutil.which("espeak-ng"):
         raise ConfigError("the simulated call needs espeak-ng for the caller's voice (apt-get install espeak-ng).")
-    wav = subprocess.run(
-        ["espeak-ng", "-v", "en-us+m3", "-s", "150", "--stdout", text], capture_output=True, check=True, timeout=30
-    ).stdout
-    with wave.open(io.BytesIO(wav)) as w:  # espeak-ng writes a placeholder size; wave copes
-        src_rate = w.getframerate()
-        pcm = np.frombuffer(w.readframes(w.getnframes() or 10**9), dtype=np.int16)
+    speech = synth_speech(text, rate, voice="en-us+m3")
     silence = np.zeros(int(0.05 * rate), dtype=np.int16)
-    return np.concatenate([silence, soxr.resample(pcm, src_rate, rate).astype(np.int16), silence])
+    return np.concatenate([silence, speech, silence])
 
 
 def scripted_reply(messages: list[dict]) -> str:
