@@ -126,10 +126,11 @@ async def fault_call(
     vad_analyzer=None,
     transport: BaseTransport | None = None,
     stt_streams_partials: bool | None = None,
+    frame_log: FrameLog | None = None,
 ):
     """Run the assembled call pipeline; yield a :class:`FaultCall`; cancel it cleanly after."""
     transport = transport or SimulatedPhoneTransport()
-    log = FrameLog()
+    log = frame_log or FrameLog()
     status = CallStatus.from_settings(settings, model_loaded=True)
     call = build_call_pipeline(
         settings,

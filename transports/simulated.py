@@ -136,7 +136,6 @@ class RecordingLoudspeakerOutput(BaseOutputTransport):
         self.played: deque[PlayedChunk] = deque()
         self.pauses: list[tuple[float, float | None]] = []  # (paused at, resumed at)
         self._clock = 0.0  # monotonic time at which the queued audio ends
-        self._max_chunks = int(params.max_recording_s * 1000 / 10)
         self._gate = PlaybackGate()
 
     async def start(self, frame: StartFrame):
@@ -160,7 +159,8 @@ class RecordingLoudspeakerOutput(BaseOutputTransport):
         start = max(now, self._clock)
         chunk = PlayedChunk(t=start, pcm=pcm, sample_rate=sample_rate)
         self.played.append(chunk)
-        while len(self.played) > self._max_chunks:
+        # Keep the last ``max_recording_s`` of the call (chunks are 10-40 ms; count them by time).
+        while start - self.played[0].t > self._params.max_recording_s:
             self.played.popleft()
         self._clock = start + chunk.duration
 
