@@ -11,9 +11,17 @@ between the events, so a run has many more barge-ins per minute than a real call
 Every ``--sample-s`` it records this process's RSS, open file descriptors, asyncio tasks and
 threads, and the size of the LLM context. At the end it prints start/end figures, checks them
 against the bounds below (after a warm-up of ``--warmup-turns`` turns), and writes
-``bench/results/soak_<label>.json`` and a PNG.
+``bench/results/soak_<label>.json`` and a PNG. A turn that gets no answer within 10 s is logged with
+the stages it reached (turn started, interruption, turn ended, LLM answering, TTS started) and
+the pause-then-decide decisions taken during it.
+
+``--tracemalloc`` also traces Python allocations: a snapshot after the warm-up and one at the
+end; the JSON and the printout get the top growth by file:line and live objects by type, and
+each sample the traced heap, so Python heap growth can be told apart from RSS growth
+(allocator arenas, native memory). Tracing slows the run and adds its own tables to RSS.
 
     python bench/soak.py --minutes 14 --label 14min
+    python bench/soak.py --minutes 10 --label tracemalloc10min --tracemalloc
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +52,11 @@ from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     InterimTranscriptionFrame,
     InterruptionFrame,
+    LLMFullResponseStartFrame,
     TranscriptionFrame,
+    TTSStartedFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -75,17 +89,27 @@ class Sample:
     threads: int
     context_messages: int
     context_chars: int
+    py_heap_mb: float | None = None  # what tracemalloc sees (``--tracemalloc`` only)
+
+
+# The stages of a turn, in order, and the frame that marks each (for a turn that got no answer).
+STAGES = {
+    UserStartedSpeakingFrame: "turn started", InterruptionFrame: "interruption",
+    UserStoppedSpeakingFrame: "turn ended", LLMFullResponseStartFrame: "LLM answering",
+    TTSStartedFrame: "TTS started", BotStartedSpeakingFrame: "Annie speaking",
+}
 
 
 @dataclass(eq=False)
 class Counters(BaseObserver):
-    """Counts frames once each (a frame is reported at every hop)."""
+    """Counts frames once each (a frame is reported at every hop); notes when each stage last came."""
 
     bot_started: list[float] = field(default_factory=list)
     bot_stopped: int = 0
     interruptions: int = 0
     errors: int = 0
     speaking: bool = False
+    stage_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         super().__init__()
@@ -93,13 +117,15 @@ class Counters(BaseObserver):
 
     async def on_push_frame(self, data: FramePushed):
         frame = data.frame
-        if not isinstance(frame, (BotStartedSpeakingFrame, BotStoppedSpeakingFrame, InterruptionFrame, ErrorFrame)):
+        if not isinstance(frame, (BotStoppedSpeakingFrame, ErrorFrame, *STAGES)):
             return
         if frame.id in self._seen:
             return
         self._seen[frame.id] = None
         if len(self._seen) > 1000:
             self._seen.pop(next(iter(self._seen)))
+        if type(frame) in STAGES:
+            self.stage_at[STAGES[type(frame)]] = time.monotonic()
         if isinstance(frame, BotStartedSpeakingFrame):
             self.bot_started.append(time.monotonic())
             del self.bot_started[:-50]
@@ -109,8 +135,11 @@ class Counters(BaseObserver):
             self.speaking = False
         elif isinstance(frame, InterruptionFrame):
             self.interruptions += 1
-        else:
+        elif isinstance(frame, ErrorFrame):
             self.errors += 1
+
+    def stages_since(self, t: float) -> list[str]:
+        return [stage for stage in STAGES.values() if self.stage_at.get(stage, 0.0) >= t]
 
 
 def rss_mb() -> float:
@@ -122,6 +151,63 @@ def rss_mb() -> float:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+class HeapProbe:
+    """What grows on the Python heap: tracemalloc snapshots and live objects by type.
+
+    ``mark()`` after the warm-up, ``report()`` at the end. The Python heap (tracemalloc) is
+    only part of RSS: memory the allocator keeps in its arenas after a free, and native
+    allocations (numpy buffers are traced, C libraries' own mallocs are not) show up in RSS alone.
+    """
+
+    def __init__(self, frames: int):
+        tracemalloc.start(frames)
+        self._snapshot: tracemalloc.Snapshot | None = None
+        self._types: Counter[str] = Counter()
+
+    @staticmethod
+    def heap_mb() -> float:
+        return round(tracemalloc.get_traced_memory()[0] / 2**20, 2)
+
+    @staticmethod
+    def _type_counts() -> Counter[str]:
+        return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
+
+    @staticmethod
+    def _filtered(snapshot: tracemalloc.Snapshot) -> tracemalloc.Snapshot:
+        return snapshot.filter_traces([
+            tracemalloc.Filter(False, tracemalloc.__file__),
+        ])
+
+    def mark(self) -> None:
+        gc.collect()
+        self._snapshot = self._filtered(tracemalloc.take_snapshot())
+        self._types = self._type_counts()
+
+    def report(self, top: int = 15) -> dict:
+        gc.collect()
+        end = self._filtered(tracemalloc.take_snapshot())
+        assert self._snapshot is not None, "mark() first"
+        by_line = [
+            {"where": f"{s.traceback[0].filename}:{s.traceback[0].lineno}", "growth_kb": round(s.size_diff / 1024, 1),
+             "size_kb": round(s.size / 1024, 1), "count_growth": s.count_diff}
+            for s in end.compare_to(self._snapshot, "lineno")[:top]
+        ]
+        by_trace = [
+            {"growth_kb": round(s.size_diff / 1024, 1), "count_growth": s.count_diff,
+             "traceback": [f"{f.filename}:{f.lineno}" for f in s.traceback]}
+            for s in end.compare_to(self._snapshot, "traceback")[:5]
+        ]
+        types = self._type_counts()
+        type_growth = sorted(((n - self._types.get(t, 0), t) for t, n in types.items()), reverse=True)[:top]
+        return {
+            "traced_mb_after_warmup": round(sum(s.size for s in self._snapshot.statistics("filename")) / 2**20, 2),
+            "traced_mb_end": round(sum(s.size for s in end.statistics("filename")) / 2**20, 2),
+            "top_growth_by_line": by_line,
+            "top_growth_by_traceback": by_trace,
+            "object_growth_by_type": [{"type": t, "growth": n} for n, t in type_growth if n > 0],
+        }
 
 
 class LLMChild:
@@ -146,9 +232,10 @@ class LLMChild:
 
 
 class Caller:
-    def __init__(self, worker, counters: Counters):
+    def __init__(self, worker, counters: Counters, loudspeaker):
         self.worker = worker
         self.counters = counters
+        self.loudspeaker = loudspeaker
 
     async def say(self, text: str, speech_s: float) -> float:
         await self.worker.queue_frames([VADUserStartedSpeakingFrame(start_secs=0.2)])
@@ -160,13 +247,33 @@ class Caller:
         )
         return time.monotonic()
 
-    async def answer_started(self, after: float, timeout: float) -> bool:
+    def _heard_answer(self, onset: float, after: float) -> bool:
+        """Audible audio at the loudspeaker from an LLM answer begun since the turn's onset.
+
+        Judged by what the caller hears, not by ``BotStartedSpeakingFrame``: pipecat's output can
+        announce "started speaking" for a chunk taken off its queue just before an interruption,
+        and then stays "speaking" into the next answer without announcing it (bench/FAULTS.md).
+        """
+        llm_at = self.counters.stage_at.get("LLM answering", 0.0)
+        if llm_at < onset:
+            return False
+        for chunk in reversed(self.loudspeaker.played):
+            if chunk.t < max(after, llm_at):
+                return False
+            if chunk.rms > 200:
+                return True
+        return False
+
+    async def answer_started(self, onset: float, after: float, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not any(t > after for t in self.counters.bot_started):
+        while not self._heard_answer(onset, after):
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.01)
         return True
+
+    def announced(self, after: float) -> bool:
+        return any(t > after for t in self.counters.bot_started)
 
     async def quiet(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -200,14 +307,17 @@ async def soak(args) -> dict:
         await runner.add_workers(call.worker)
         task = asyncio.create_task(runner.run())
         await asyncio.sleep(0.5)
-        caller = Caller(call.worker, counters)
+        caller = Caller(call.worker, counters, transport.loudspeaker)
         rng = random.Random(args.seed)
         samples: list[Sample] = []
         turns = barge_ins = unanswered = 0
         unanswered_turns: list[int] = []
+        unanswered_detail: list[dict] = []
+        unannounced_turns: list[int] = []  # heard, but no BotStartedSpeakingFrame after the question
         started = time.monotonic()
         next_sample = started
         baseline: Sample | None = None
+        heap = HeapProbe(args.tracemalloc_frames) if args.tracemalloc else None
 
         def sample() -> Sample:
             gc.collect()
@@ -216,6 +326,7 @@ async def soak(args) -> dict:
                 t=round(time.monotonic() - started, 1), turns=turns, barge_ins=barge_ins, rss_mb=round(rss_mb(), 1),
                 fds=open_fds(), tasks=len(asyncio.all_tasks()), threads=threading.active_count(),
                 context_messages=len(messages), context_chars=sum(len(str(m.get("content", ""))) for m in messages),
+                py_heap_mb=heap.heap_mb() if heap else None,
             )
 
         try:
@@ -226,13 +337,27 @@ async def soak(args) -> dict:
                 # A number no earlier reply contained: pause-then-decide ignores, as echo, an
                 # interruption made only of words Annie said lately (see bench/FAULTS.md).
                 question = f"{rng.choice(QUESTIONS)} number {turns + 1}" if args.unique_words else rng.choice(QUESTIONS)
+                onset = time.monotonic()
+                decided = len(call.pause_first.decisions) if call.pause_first else 0
                 said = await caller.say(question, speech_s=rng.uniform(0.15, 0.35))
                 turns += 1
                 barge_ins += cut_in
-                if not await caller.answer_started(said, timeout=10.0):
+                answered = await caller.answer_started(onset, said, timeout=10.0)
+                if answered and not caller.announced(said):
+                    unannounced_turns.append(turns)
+                if not answered:
                     unanswered += 1
                     unanswered_turns.append(turns)
-                    logger.error(f"turn {turns} ({'a barge-in' if cut_in else 'Annie quiet'}) got no answer within 10 s")
+                    detail = {
+                        "turn": turns, "barge_in": cut_in, "t": round(onset - started, 1),
+                        "stages_reached": counters.stages_since(onset),
+                        "pause_first_decisions": [
+                            (d, round(s, 2)) for d, s in (call.pause_first.decisions[decided:] if call.pause_first else [])
+                        ],
+                    }
+                    unanswered_detail.append(detail)
+                    logger.error(f"turn {turns} ({'a barge-in' if cut_in else 'Annie quiet'}) got no answer within 10 s: "
+                                 f"reached {detail['stages_reached']}, decisions {detail['pause_first_decisions']}")
                     await caller.quiet(20)
                 elif turns % 10 == 0:
                     await caller.quiet(30)  # hear this one to the end
@@ -242,16 +367,20 @@ async def soak(args) -> dict:
                 if turns == args.warmup_turns:
                     baseline = sample()
                     samples.append(baseline)
+                    if heap:
+                        heap.mark()
                 if time.monotonic() >= next_sample:
                     samples.append(sample())
                     next_sample += args.sample_s
                     s = samples[-1]
-                    print(f"[{s.t:7.1f}s] turns {s.turns} barge-ins {s.barge_ins} RSS {s.rss_mb} MB fds {s.fds} "
+                    heap_note = f" py-heap {s.py_heap_mb} MB" if heap else ""
+                    print(f"[{s.t:7.1f}s] turns {s.turns} barge-ins {s.barge_ins} RSS {s.rss_mb} MB{heap_note} fds {s.fds} "
                           f"tasks {s.tasks} threads {s.threads} context {s.context_messages} msgs", flush=True)
             await caller.quiet(30)
             await asyncio.sleep(1.0)
             end = sample()
             samples.append(end)
+            heap_report = heap.report() if heap and baseline else None
         finally:
             await call.worker.cancel(reason="soak over")
             await asyncio.wait_for(task, 30)
@@ -271,10 +400,13 @@ async def soak(args) -> dict:
         "settings": {"unique_words": args.unique_words, "minutes": args.minutes, "max_turns": args.max_turns, "speech_timeout_ms": args.speech_timeout_ms,
                      "seed": args.seed, "warmup_turns": args.warmup_turns},
         "turns": turns, "barge_ins": barge_ins, "interruption_frames": counters.interruptions,
-        "unanswered": unanswered, "unanswered_turns": unanswered_turns, "error_frames": counters.errors,
+        "unanswered": unanswered, "unanswered_turns": unanswered_turns, "unanswered_detail": unanswered_detail,
+        "answered_without_bot_started_frame": unannounced_turns,
+        "error_frames": counters.errors,
         "start": asdict(first), "after_warmup": asdict(base), "end": asdict(end),
         "growth_after_warmup": growth, "bounds": BOUNDS, "within_bounds": within,
         "samples": [asdict(s) for s in samples],
+        **({"tracemalloc": heap_report} if heap_report else {}),
     }
 
 
@@ -300,6 +432,20 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def print_heap(result: dict) -> None:
+    heap = result["tracemalloc"]
+    rss = result["growth_after_warmup"]["rss_mb"]
+    py = heap["traced_mb_end"] - heap["traced_mb_after_warmup"]
+    print(f"\nafter warm-up: RSS +{rss:.1f} MB, Python heap (tracemalloc) +{py:.2f} MB, "
+          f"the rest ({rss - py:.1f} MB) is allocator arenas, native memory and tracemalloc's own tables")
+    print("top Python heap growth by line:")
+    for row in heap["top_growth_by_line"]:
+        print(f"  {row['growth_kb']:>9.1f} KB  {row['count_growth']:>+7} blocks  {row['where']}")
+    print("top object growth by type:")
+    for row in heap["object_growth_by_type"][:10]:
+        print(f"  {row['growth']:>+7}  {row['type']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=14.0, help="wall-clock length of the call")
@@ -309,6 +455,11 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--label", default="run")
+    parser.add_argument(
+        "--tracemalloc", action="store_true",
+        help="trace Python allocations: snapshot after the warm-up and at the end, report the top growth",
+    )
+    parser.add_argument("--tracemalloc-frames", type=int, default=1, help="frames kept per allocation (slower when >1)")
     parser.add_argument(
         "--repeat-words", dest="unique_words", action="store_false",
         help="ask only the fixed questions (their words recur in Annie's replies)",
@@ -321,12 +472,16 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
     print(f"\n{result['what_ran']}")
-    print(f"unanswered turns: {result['unanswered']}  error frames: {result['error_frames']}")
+    print(f"unanswered turns (no audible answer within 10 s): {result['unanswered']}  error frames: {result['error_frames']}")
+    print(f"answered, but with no BotStartedSpeakingFrame after the question: "
+          f"{len(result['answered_without_bot_started_frame'])} {result['answered_without_bot_started_frame'][:20]}")
     for key in BOUNDS:
         print(f"{key:8} start {result['start'][key]:>8}  after warm-up {result['after_warmup'][key]:>8}  "
               f"end {result['end'][key]:>8}  growth {result['growth_after_warmup'][key]:>7.1f}  "
               f"bound {BOUNDS[key]:>5}  {'ok' if result['within_bounds'][key] else 'EXCEEDED'}")
     print(f"LLM context at the end: {result['end']['context_messages']} messages, {result['end']['context_chars']} chars")
+    if "tracemalloc" in result:
+        print_heap(result)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0 if result["unanswered"] == 0 and all(result["within_bounds"].values()) else 1
 
