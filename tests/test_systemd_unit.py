@@ -217,11 +217,17 @@ def _seconds(value: str) -> float:
     return float(match.group(1)) * {"ms": 0.001, "s": 1.0, "min": 60.0, None: 1.0}[match.group(2)]
 
 
-def _journal(scope: list[str], unit: str) -> str:
+def _journal(scope: list[str], unit: str, expect: str) -> str:
+    """The unit's journal once it shows ``expect`` (journald may lag a little), else as it is."""
     flag = ["--user-unit", unit] if scope else ["--unit", unit]
-    return subprocess.run(
-        ["journalctl", *flag, "--no-pager", "-o", "cat"], capture_output=True, text=True, timeout=30
-    ).stdout
+    deadline = time.monotonic() + 15
+    while True:
+        text = subprocess.run(
+            ["journalctl", *flag, "--no-pager", "--quiet", "-o", "cat"], capture_output=True, text=True, timeout=30
+        ).stdout
+        if expect in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("crash", ["SIGKILL", "exit 1"])
@@ -238,7 +244,7 @@ def test_a_crash_is_restarted_and_logged(crashing_unit, crash):
     _wait_for(lambda: _show(scope, unit, "ActiveState") == "active", 30, "the restarted service to run")
     assert _show(scope, unit, "NRestarts") == "1"
     assert _show(scope, unit, "MainPID") == second
-    journal = _journal(scope, unit)
+    journal = _journal(scope, unit, "Scheduled restart job")
     if not journal.strip():
         pytest.skip(f"restarted as it should; this user cannot read the journal of {unit}")
     assert ("status=9/KILL" if crash == "SIGKILL" else "status=1/FAILURE") in journal, journal
