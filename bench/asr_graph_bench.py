@@ -23,9 +23,13 @@ Writes JSON (and a PNG) to bench/results/asr_graph_<device>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
+import cProfile
 import json
 import platform
+import pstats
 import sys
 import tempfile
 import time
@@ -142,13 +146,13 @@ def graph_gpu_ms(engine, batch: int, repeats: int = 20) -> float | None:
     stepper = engine._stepper
     if stepper is None or not stepper.graphs:
         return None
-    runners = [r for (kind, bucket, _), r in stepper._runners.items() if bucket == batch and not kind.first and not kind.keep_all and r.graph is not None]
+    runners = [r for (kind, bucket, *_), r in stepper._runners.items() if bucket == batch and not kind.first and not kind.keep_all and r.graph is not None]
     if not runners:
         return None
     runner = runners[0]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.inference_mode():
-        runner.slots.zero_()  # the scratch slot: replaying must not touch real streams
+        runner.slots.zero_()  # the scratch slot (an in-place graph still rewrites slots 1..batch: call between loads)
     torch.cuda.synchronize()
     start.record()
     for _ in range(repeats):
@@ -156,6 +160,120 @@ def graph_gpu_ms(engine, batch: int, repeats: int = 20) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return round(start.elapsed_time(end) / repeats, 3)
+
+
+def profile_fast_step(engine, batch: int, top: int = 15) -> dict | None:
+    """Where one steady ``batch``-stream step goes: host vs GPU, GPU time per phase, top ops.
+
+    The phases (gather caches, encoder, decoder, scatter) run eagerly with CUDA events around
+    them, so their sum includes launch gaps the graph does not have; the ops table comes from
+    torch.profiler on the eager step (CUDA time per aten op and input shapes).
+    """
+    stepper = getattr(engine, "_stepper", None)
+    if engine.device.type != "cuda" or stepper is None:
+        return None
+    load = EngineLoad(engine, batch)
+    with gc_pauses() as pauses:
+        load.run(10)
+    step_p50 = percentile(load.step_ms[2:], 50)
+    out_gc = {"gc_pauses": len(pauses), "gc_ms_total": round(sum(pauses), 2), "gc_max_ms": round(max(pauses, default=0.0), 2),
+              "steps": len(load.step_ms), "step_p95_ms": round(percentile(load.step_ms[2:], 95), 2)}
+    host = cProfile.Profile()
+    host.enable()
+    load.run(3, record=False)
+    host.disable()
+    gpu = graph_gpu_ms(engine, batch)
+    runner = next(r for (k, b, *_), r in stepper._runners.items() if b == batch and not k.first and not k.keep_all)
+    kind, out = runner.kind, {"batch": batch, "step_p50_ms": round(step_p50, 2), "graph_gpu_ms": gpu}
+    out["host_ms"] = round(step_p50 - gpu, 2) if gpu else None
+    out["gc"] = out_gc
+    out["in_place"] = runner.in_place
+
+    def timed(fn, repeats=3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeats):
+            result = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return round(start.elapsed_time(end) / repeats, 2), result
+
+    with torch.inference_mode():
+        runner.slots.copy_(torch.arange(1, batch + 1))  # real slots: the phases read real caches
+        slots = runner.slots
+        phases = {}
+        rows = stepper_rows(runner, slots)
+        phases["gather_caches"], caches = timed(lambda: stepper._gather(rows, "channel", "time", "length"))
+        with stepper.autocast():
+            phases["encoder"], enc = timed(lambda: stepper._encode(kind, runner.mel, runner.mel_len, caches))
+            projected = stepper.model.joint.project_encoder(enc[0].transpose(1, 2))
+            dec = stepper._gather(slots, "dec_out", "h", "c")
+            phases["decoder"], (_, dec_out, state) = timed(lambda: stepper._greedy(projected, enc[1], dec[0], (dec[1], dec[2])))
+        phases["scatter"], _ = timed(lambda: (stepper._scatter(rows, channel=enc[2], time=enc[3], length=enc[4]), stepper._scatter(slots, h=state[0], c=state[1], dec_out=dec_out)))
+        out["phases_gpu_ms_eager"] = phases
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            runner.body()
+            torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    rows.sort(key=lambda e: e.device_time_total, reverse=True)
+    out["top_ops"] = [
+        {"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count, "cuda_ms": round(e.device_time_total / 1e3, 2)}
+        for e in rows[:top]
+    ]
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    out["kernel_gpu_ms_total"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 2)
+    stats = pstats.Stats(host).sort_stats("tottime")
+    out["host_top_per_step"] = [
+        {"function": f"{Path(file).name}:{line}({name})", "ms": round(1e3 * tt / 3, 2), "calls": nc // 3}
+        for (file, line, name), (_, nc, tt, _, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:12]
+    ]
+    for s in load.states:
+        s.reset()
+    return out
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """Durations (ms) of the garbage collector's runs meanwhile."""
+    pauses: list[float] = []
+    started = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(1e3 * (time.perf_counter() - started[0]))
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def stepper_rows(runner, slots):
+    """What the runner's step reads its caches from: the pools' rows (in place) or gathered slots."""
+    from processors.nemotron_graphs import _Rows
+
+    return _Rows(runner.bucket) if runner.in_place else slots
+
+
+def print_profile(p: dict) -> None:
+    print(
+        f"profile, batch {p['batch']}: step p50 {p['step_p50_ms']} ms = graph GPU {p['graph_gpu_ms']} ms + host {p['host_ms']} ms;"
+        f" eager phases (GPU ms) {p['phases_gpu_ms_eager']}; kernels of one eager step {p['kernel_gpu_ms_total']} ms;"
+        f" in place {p['in_place']}; garbage collector {p['gc']}",
+        flush=True,
+    )
+    for row in p["top_ops"]:
+        print(f"  {row['cuda_ms']:>8.2f} ms {row['calls']:>4}x {row['op']:<32} {row['shapes']}")
+    print("host (cProfile, per step incl. feeding, by own time):")
+    for row in p["host_top_per_step"]:
+        print(f"  {row['ms']:>8.2f} ms {row['calls']:>6}x {row['function']}")
 
 
 def memory_per_stream(engine, batch: int) -> float | None:
@@ -185,6 +303,8 @@ def main() -> None:
     parser.add_argument("--check-turns", type=int, default=12)
     parser.add_argument("--blank-bias", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--profile-batch", type=int, default=1024, help="profile one steady step at this batch (GPU; 0: skip)")
+    parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 mismatch check")
     args = parser.parse_args()
 
     size = "tiny" if args.tiny else "full"
@@ -248,17 +368,22 @@ def main() -> None:
         )
         save()
 
+    if args.profile_batch and fast.device.type == "cuda":
+        try:
+            results["profile"] = profile_fast_step(fast, args.profile_batch)
+            print_profile(results["profile"])
+        except Exception as e:  # the profile is an extra: keep the rest of the run
+            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+        save()
     results["fast_slot_bytes_per_stream"] = fast.bytes_per_stream
     results["memory_MiB_per_stream"] = {"eager": memory_per_stream(eager, 64), "fast": memory_per_stream(fast, 64)}
     if eager.device.type == "cuda":
         results["max_memory_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(f"memory per stream: fast slot {fast.bytes_per_stream / 2**20:.2f} MiB; growth per new stream (64 streams) {results['memory_MiB_per_stream']} MiB", flush=True)
     save()
-    if eager.device.type == "cuda":
-        # Last: re-preparing the shared model (model.to, decoding) for new engines can move
-        # buffers that the bf16 engine's captured graphs point at.
-        del fast
-        torch.cuda.synchronize()
+    if eager.device.type == "cuda" and not args.skip_fp32:
+        # Last: the bf16 engine's graphs point into the shared model; they go before new engines.
+        fast.close()
         e32, f32 = make("fp32", False), make("fp32", True)
         results["mismatch_fp32"] = m = mismatches(e32, f32, pcms[: max(4, args.check_turns // 2)])
         print(f"mismatches fp32: {m}", flush=True)

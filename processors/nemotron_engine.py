@@ -22,129 +22,21 @@ import contextlib
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from loguru import logger
 
 from processors.errors import SetupError
-from processors.nemotron_audio import MODEL_SAMPLE_RATE, Resampler, SampleWindow, pcm_to_float
+from processors.nemotron_audio import MODEL_SAMPLE_RATE, pcm_to_float
 from processors.nemotron_model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
+from processors.nemotron_stream import BatchCaches, StepJob, StreamState
+
+__all__ = ["CHUNK_MS_TO_RIGHT_CONTEXT", "NemotronStreamingEngine", "StreamState"]
 
 # Chunk size (ms) -> right attention context R of att_context_size=[70, R].
 CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
-
-
-@dataclass
-class StreamState:
-    """Everything one stream (one call) needs between steps; no engine references.
-
-    Memory is bounded: the sample window keeps only what the next mel frames need, the
-    encoder caches have a fixed size, and the hypothesis holds the tokens of the current turn.
-    """
-
-    sample_rate: int = MODEL_SAMPLE_RATE
-    window: SampleWindow = field(default_factory=SampleWindow)
-    resampler: Resampler | None = None
-    carry: bytes = b""  # an odd trailing byte of int16 PCM
-    frames_done: int = 0  # mel frames already fed to the encoder
-    steps: int = 0
-    # Encoder caches: this stream's row of the batch tensors its last step produced, so that
-    # the same streams stepped together again need no gathering (see _Caches).
-    caches: _Caches | None = None
-    row: int = 0
-    hypothesis: Any = None  # NeMo Hypothesis of the current turn (eager path)
-    lease: Any = None  # the fast path's slot (processors.nemotron_graphs.SlotLease)
-    tokens: list[int] = field(default_factory=list)  # the fast path's token ids of the turn
-    text: str = ""
-    audio_s: float = 0.0  # seconds of audio received since the last reset
-
-    def __post_init__(self) -> None:
-        if self.resampler is None:
-            self.resampler = Resampler(self.sample_rate)
-
-    def reset(self) -> None:
-        """Forget the turn: audio, caches and hypothesis (the sample rate stays)."""
-        self.window = SampleWindow()
-        self.resampler.reset()
-        self.carry = b""
-        self.frames_done = 0
-        self.steps = 0
-        self.caches = None
-        self.row = 0
-        self.hypothesis = None
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
-        self.tokens = []
-        self.text = ""
-        self.audio_s = 0.0
-
-    def _rows(self) -> tuple[torch.Tensor, ...]:
-        if self.lease is not None:
-            rows = self.lease.rows()
-            return rows["channel"], rows["time"], rows["length"], rows["h"], rows["c"], rows["dec_out"]
-        return () if self.caches is None else self.caches.rows(self.row)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the audio window and the encoder caches (not the turn's tokens)."""
-        return self.window.nbytes + sum(int(c.numel() * c.element_size()) for c in self._rows())
-
-    @property
-    def cache_channel(self) -> torch.Tensor | None:
-        rows = self._rows()
-        return rows[0] if rows else None
-
-    @property
-    def cache_time(self) -> torch.Tensor | None:
-        rows = self._rows()
-        return rows[1] if rows else None
-
-    @property
-    def num_tokens(self) -> int:
-        if self.lease is not None or self.tokens:
-            return len(self.tokens)
-        return 0 if self.hypothesis is None else len(self.hypothesis.y_sequence)
-
-
-@dataclass(eq=False)
-class _Caches:
-    """Encoder caches of a batch of streams: [layers, B, ...] tensors and lengths [B]."""
-
-    channel: torch.Tensor
-    time: torch.Tensor
-    length: torch.Tensor
-
-    def rows(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.channel[:, row : row + 1], self.time[:, row : row + 1], self.length[row : row + 1]
-
-    @staticmethod
-    def gather(states: Sequence[StreamState]) -> _Caches:
-        """The batch for ``states``: reused as is when they are the last step's batch in order."""
-        first = states[0].caches
-        if first.channel.shape[1] == len(states) and all(
-            s.caches is first and s.row == i for i, s in enumerate(states)
-        ):
-            return first
-        rows = [s.caches.rows(s.row) for s in states]
-        return _Caches(*(torch.cat([r[k] for r in rows], dim=1 if k < 2 else 0) for k in range(3)))
-
-
-@dataclass
-class _Job:
-    """One encoder step's input for one stream."""
-
-    state: StreamState
-    samples: np.ndarray  # the 16 kHz samples behind the frames
-    skip: int  # window frames before the first wanted one
-    count: int  # mel frames wanted (history plus new)
-    first: bool
-    drop: int  # subsampled history frames to drop (drop_extra_pre_encoded)
-    new_frames: int
 
 
 class NemotronStreamingEngine:
@@ -184,6 +76,8 @@ class NemotronStreamingEngine:
         self._left_frames = -(-(self._half_fft + 1) // self._hop)
         self.final_pad_ms = chunk_ms if final_pad_ms is None else final_pad_ms
         self._lock = threading.Lock()
+        self._staging: torch.Tensor | None = None  # host buffer of the next step's samples (see _mel)
+        self._staged: torch.cuda.Event | None = None  # the last copy out of it
         if self.device.type == "cuda" and self.precision == "bf16":
             self._autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
         else:
@@ -196,14 +90,17 @@ class NemotronStreamingEngine:
             from processors.nemotron_graphs import FastStepper
 
             graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+            cache_dtype = None
             if self.device.type == "cuda" and self.precision == "bf16":
                 # cache_enabled=False: cached weight casts must not outlive a graph capture
                 autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+                cache_dtype = torch.bfloat16  # exact: the caches are only read through bf16 matmuls
             else:
                 autocast = contextlib.nullcontext
             self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
             self._stepper = FastStepper(
-                self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch
+                self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
+                cache_dtype=cache_dtype,
             )
 
     @classmethod
@@ -272,6 +169,16 @@ class NemotronStreamingEngine:
         engine.warm_up()
         return engine
 
+    def close(self) -> None:
+        """Release the fast path's CUDA graphs (the engine keeps working, without graphs).
+
+        Needed before another engine is built on the same in-memory model (see
+        :func:`processors.nemotron_model.check_no_graphs`); idempotent.
+        """
+        if self._stepper is not None:
+            with self._lock:
+                self._stepper.close()
+
     def __repr__(self) -> str:
         mode = "eager" if not self.fast else ("cuda graphs" if self._stepper.graphs else "static")
         return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision}, {mode})"
@@ -325,7 +232,7 @@ class NemotronStreamingEngine:
         so they form separate batches (two at most, three for 80 ms chunks). Streams that are not ready are skipped (None).
         """
         before = {id(s): s.text for s in states}
-        groups: dict[tuple[bool, int], list[_Job]] = {}
+        groups: dict[tuple[bool, int], list[StepJob]] = {}
         for s in states:
             if self.ready(s):
                 need = self._first_frames if s.steps == 0 else self._shift_frames
@@ -355,7 +262,7 @@ class NemotronStreamingEngine:
                 self.step(behind)
                 if done != [s.frames_done for s in behind]:
                     continue
-            groups: dict[tuple[bool, int], list[_Job]] = {}
+            groups: dict[tuple[bool, int], list[StepJob]] = {}
             for s in pending:
                 end = self._final_end(s)
                 if end > s.frames_done:
@@ -413,7 +320,7 @@ class NemotronStreamingEngine:
         """Mel frames whose whole window lies inside the first ``total`` samples."""
         return 0 if total < self._half_fft else (total - self._half_fft) // self._hop + 1
 
-    def _job(self, state: StreamState, end_frame: int) -> _Job:
+    def _job(self, state: StreamState, end_frame: int) -> StepJob:
         """The samples behind the next step's mel frames [start, end_frame), history included.
 
         NeMo's rules: the first chunk goes in alone with nothing dropped; later chunks carry
@@ -433,9 +340,9 @@ class NemotronStreamingEngine:
         window_end = min(state.window.total, (end_frame - 1) * self._hop + self._half_fft)
         samples = state.window.slice(window_start, window_end)
         skip = start - window_start // self._hop
-        return _Job(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
+        return StepJob(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
 
-    def _mel(self, jobs: list[_Job]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mel(self, jobs: list[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
         """The jobs' mel frames as one [B, features, T] batch (zero-padded) and their lengths.
 
         Frames are exactly what a whole-utterance preprocessor pass computes: one batched call,
@@ -443,11 +350,19 @@ class NemotronStreamingEngine:
         shorter rows does not touch it.
         """
         width = max(job.samples.size for job in jobs)
-        batch = np.zeros((len(jobs), width), dtype=np.float32)
-        for row, job in zip(batch, jobs):
+        host = self._host_buffer(len(jobs) * width + len(jobs)).narrow(0, 0, len(jobs) * width + len(jobs))
+        batch = host.numpy()[: len(jobs) * width].reshape(len(jobs), width)
+        sizes_np = host.numpy()[len(jobs) * width :]
+        for i, (row, job) in enumerate(zip(batch, jobs)):
             row[: job.samples.size] = job.samples
-        signal = torch.from_numpy(batch).to(self.device)
-        sizes = torch.tensor([job.samples.size for job in jobs]).to(self.device)
+            row[job.samples.size :] = 0.0
+            sizes_np[i] = job.samples.size  # exact in float32 (< 2**24 samples)
+        staged = host.to(self.device, non_blocking=True)  # pinned on CUDA: one asynchronous copy
+        if self.device.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+        signal = staged[: len(jobs) * width].view(len(jobs), width)
+        sizes = staged[len(jobs) * width :].long()
         with torch.inference_mode():
             mel, _ = self._model.preprocessor(input_signal=signal, length=sizes)
         counts = [job.count for job in jobs]
@@ -459,20 +374,41 @@ class NemotronStreamingEngine:
             frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
         return frames, lengths
 
-    def _run(self, jobs: list[_Job], keep_all: bool) -> None:
+    def _host_buffer(self, size: int) -> torch.Tensor:
+        """A reusable float32 host buffer of at least ``size`` (page-locked when the model is on a GPU).
+
+        Before it is refilled, the previous copy out of it must be over (``_staged``).
+        """
+        if self._staged is not None:
+            self._staged.synchronize()
+        if self._staging is None or self._staging.numel() < size:
+            pinned = self.device.type == "cuda"
+            self._staging = torch.empty(max(size, 2 * (0 if self._staging is None else self._staging.numel())), pin_memory=pinned)
+        return self._staging
+
+    def _run(self, jobs: list[StepJob], keep_all: bool) -> None:
         """One ``conformer_stream_step`` over ``jobs`` (all with the same ``first`` and ``drop``)."""
+        with self._lock:  # the staging buffer, the model and the slot pools
+            if self.fast:  # slots first, and the batch in slot order (slots 1..N step in place)
+                for job in jobs:
+                    if job.state.lease is None:
+                        job.state.lease = self._stepper.lease()
+                jobs = sorted(jobs, key=lambda job: job.state.lease.slot)
+            inputs, lengths = self._mel(jobs)
+            if self.fast:
+                self._run_fast(jobs, inputs, lengths, keep_all)
+            else:
+                self._run_eager(jobs, inputs, lengths, keep_all)
+
+    def _run_eager(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
         is_first, drop = jobs[0].first, jobs[0].drop
-        inputs, lengths = self._mel(jobs)
         states = [job.state for job in jobs]
-        if self.fast:
-            self._run_fast(jobs, inputs, lengths, keep_all)
-            return
         if all(s.caches is None for s in states):
-            caches = _Caches(*self._model.encoder.get_initial_cache_state(batch_size=len(states), device=self.device))
+            caches = BatchCaches(*self._model.encoder.get_initial_cache_state(batch_size=len(states), device=self.device))
         else:  # a group mixes only streams past their first step (first steps form their own)
-            caches = _Caches.gather(states)
+            caches = BatchCaches.gather(states)
         hyps = None if is_first else [s.hypothesis for s in states]
-        with self._lock, torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast():
             result = self._model.conformer_stream_step(
                 processed_signal=inputs,
                 processed_signal_length=lengths,
@@ -485,7 +421,7 @@ class NemotronStreamingEngine:
                 return_transcription=True,
             )
         _, _, channel, time_cache, cache_len, best = result
-        produced = _Caches(channel, time_cache, cache_len)
+        produced = BatchCaches(channel, time_cache, cache_len)
         for i, (job, s) in enumerate(zip(jobs, states)):
             s.caches, s.row = produced, i
             s.hypothesis = best[i]
@@ -495,7 +431,7 @@ class NemotronStreamingEngine:
             keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
             s.window.forget_before(keep_from)
 
-    def _run_fast(self, jobs: list[_Job], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
+    def _run_fast(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
         """The same step on the fast path: slots, a static-shape (graphed on CUDA) step."""
         from processors.nemotron_graphs import new_kind
 
@@ -504,11 +440,7 @@ class NemotronStreamingEngine:
         static = keep_all and width <= self._final_width
         kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, first)
         states = [job.state for job in jobs]
-        for s in states:
-            if s.lease is None:
-                s.lease = self._stepper.lease()
-        with self._lock:
-            new_tokens = self._stepper.run(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
+        new_tokens = self._stepper.run(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
         decode = self._model.decoding.decode_tokens_to_str_with_strip_punctuation
         for job, s, tokens in zip(jobs, states, new_tokens):
             if tokens:

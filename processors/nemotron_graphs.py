@@ -23,6 +23,7 @@ static width with their true lengths, which the encoder masks, so one graph serv
 
 from __future__ import annotations
 
+import heapq
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ from typing import Any
 
 import torch
 from loguru import logger
+
+from processors.nemotron_attention import lean_streaming_step
+from processors.nemotron_model import GRAPH_OWNER_ATTR, check_no_graphs
 
 
 class SlotLease:
@@ -61,6 +65,13 @@ class _Kind:
     drop: int
     keep_all: bool
     first: bool
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Slots 1..count of the pools, in order (a batch stepped in place)."""
+
+    count: int
 
 
 class _Pools:
@@ -94,18 +105,20 @@ def _with_batch(t: torch.Tensor, batch: int, dim: int) -> list[int]:
 class _Runner:
     """Static buffers and (on CUDA) the captured graph for one kind and one bucket size."""
 
-    def __init__(self, stepper: FastStepper, kind: _Kind, bucket: int):
-        self.kind, self.bucket = kind, bucket
+    def __init__(self, stepper: FastStepper, kind: _Kind, bucket: int, in_place: bool = False):
+        self.kind, self.bucket, self.in_place = kind, bucket, in_place
         s = stepper
         self.mel = torch.zeros(bucket, s.features, kind.frames, device=s.device)
         self.mel_len = torch.full((bucket,), kind.frames, dtype=torch.long, device=s.device)
         self.slots = torch.zeros(bucket, dtype=torch.long, device=s.device)
-        self.tokens = torch.zeros(bucket, s.max_out(kind), dtype=torch.long, device=s.device)
+        self.tokens: torch.Tensor | None = None  # [bucket, decoder frames x max_symbols], made by the first run
         self.graph: torch.cuda.CUDAGraph | None = None
         self._stepper = s
 
     def body(self) -> None:
-        out = self._stepper.compute(self.kind, self.mel, self.mel_len, self.slots)
+        out = self._stepper.compute(self.kind, self.mel, self.mel_len, self.slots, self.in_place)
+        if self.tokens is None:
+            self.tokens = torch.empty_like(out)
         self.tokens.copy_(out)
 
     def capture(self, pool) -> None:
@@ -143,6 +156,7 @@ class FastStepper:
         final_frames: int,
         max_batch: int = 1024,
         initial_slots: int = 8,
+        cache_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.device = device
@@ -150,6 +164,7 @@ class FastStepper:
         self.graphs = bool(graphs and device.type == "cuda")
         self.final_frames = final_frames
         self.max_batch = max_batch
+        self.cache_dtype = cache_dtype  # encoder caches' dtype in the pools (None: as the encoder returns them)
         self.features = int(model.preprocessor.featurizer.nfilt)
         decoding = model.decoding.decoding
         self.max_symbols = int(getattr(decoding, "max_symbols", None) or 10)
@@ -161,14 +176,33 @@ class FastStepper:
         self._runners: dict[tuple[_Kind, int], _Runner] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._pools = _Pools(initial_slots + 1, self._probe_state_shapes())
+        if self.graphs:
+            check_no_graphs(model)
+            setattr(model, GRAPH_OWNER_ATTR, weakref.ref(self))
+
+    @property
+    def holds_graphs(self) -> bool:
+        """Whether captured graphs (pointing into the model's buffers) are alive."""
+        return any(r.graph is not None for r in self._runners.values())
+
+    def close(self) -> None:
+        """Drop the captured graphs and stop capturing; steps after this run eagerly."""
+        with self._lock:
+            if self.graphs:
+                torch.cuda.synchronize()
+            self._runners.clear()
+            self.graphs = False
+            ref = getattr(self.model, GRAPH_OWNER_ATTR, None)
+            if ref is not None and ref() is self:
+                setattr(self.model, GRAPH_OWNER_ATTR, None)
 
     # ----- slots ----------------------------------------------------------------------------
 
     def lease(self) -> SlotLease:
         """A free slot (slot 0 is scratch); the pools grow by doubling, dropping captured graphs."""
         with self._lock:
-            if self._free:
-                slot = self._free.pop()
+            if self._free:  # the lowest free slot: a full house stays slots 1..N (stepped in place)
+                slot = heapq.heappop(self._free)
             else:
                 self._used += 1
                 slot = self._used
@@ -178,7 +212,7 @@ class FastStepper:
 
     def _free_slot(self, slot: int) -> None:
         with self._lock:
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
 
     def _grow(self, capacity: int) -> None:
         old = self._pools
@@ -204,14 +238,6 @@ class FastStepper:
 
     # ----- the step -------------------------------------------------------------------------
 
-    def max_out(self, kind: _Kind) -> int:
-        return self._out_frames(kind) * self.max_symbols
-
-    def _out_frames(self, kind: _Kind) -> int:
-        if not kind.keep_all:
-            return self._valid_out
-        return kind.frames // 8 + 2  # an upper bound of the subsampled length
-
     def run(
         self, kind: _Kind, mel: torch.Tensor, lengths: torch.Tensor, slots: Sequence[int], capture: bool = True
     ) -> list[list[int]]:
@@ -228,11 +254,12 @@ class FastStepper:
     def _run_bucket(self, kind, mel, lengths, slots, capture) -> list[list[int]]:
         n = len(slots)
         bucket = 1 << max(0, (n - 1).bit_length())
-        key = (kind, bucket, capture)
+        in_place = not kind.first and n == bucket and list(slots) == list(range(1, n + 1))
+        key = (kind, bucket, capture, in_place)
         runner = self._runners.get(key)
         with torch.inference_mode():
             if runner is None:
-                runner = _Runner(self, kind, bucket)
+                runner = _Runner(self, kind, bucket, in_place)
                 if self.graphs and capture:
                     try:
                         runner.capture(self._graph_pool)
@@ -254,48 +281,65 @@ class FastStepper:
             tokens = runner.tokens[:n].cpu().tolist()  # the one synchronisation of a step
         return [[t for t in row if t != self.blank] for row in tokens]
 
-    def compute(self, kind: _Kind, mel, mel_len, slots) -> torch.Tensor:
-        """The step itself, static shapes, no host synchronisation: returns [B, max_out] labels."""
-        model, pools = self.model, self._pools.tensors
-        bucket = mel.shape[0]
-        encoder = model.encoder
-        if kind.first:  # fresh streams: zero caches, as get_initial_cache_state gives the eager path
-            channel, time_cache, length = encoder.get_initial_cache_state(batch_size=bucket, device=self.device)
-        else:
-            channel = pools["channel"].index_select(1, slots)
-            time_cache = pools["time"].index_select(1, slots)
-            length = pools["length"].index_select(0, slots)
+    def compute(self, kind: _Kind, mel, mel_len, slots, in_place: bool = False) -> torch.Tensor:
+        """The step itself, static shapes, no host synchronisation: returns [B, frames x max_symbols] labels.
+
+        ``in_place``: the batch is slots 1..B in order, so the encoder reads its caches straight
+        from the pools' rows and the new ones are copied back there (no gather, no index).
+        """
+        rows = _Rows(mel.shape[0]) if in_place else slots
+        caches = self._initial_caches(mel.shape[0]) if kind.first else self._gather(rows, "channel", "time", "length")
         with self.autocast():
-            encoded, encoded_len, channel, time_cache, length = encoder.cache_aware_stream_step(
+            encoded, encoded_len, *caches = self._encode(kind, mel, mel_len, caches)
+            # Decoder frames: exactly the encoder's static output width (rows past their length emit nothing).
+            projected = self.model.joint.project_encoder(encoded.transpose(1, 2))
+            if kind.first:
+                dec_out, state = self._start_decoder(mel.shape[0], projected)
+            else:
+                dec_out, h, c = self._gather(slots, "dec_out", "h", "c")
+                state = (h, c)
+            labels, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
+        self._scatter(rows, channel=caches[0], time=caches[1], length=caches[2])
+        self._scatter(slots, h=state[0], c=state[1], dec_out=dec_out)
+        return labels
+
+    def _gather(self, slots, *names: str) -> list[torch.Tensor]:
+        pools = self._pools.tensors
+        if isinstance(slots, _Rows):
+            return [pools[n].narrow(_batch_dim(n), 1, slots.count) for n in names]
+        return [pools[n].index_select(_batch_dim(n), slots) for n in names]
+
+    def _scatter(self, slots, **values: torch.Tensor) -> None:
+        pools = self._pools.tensors
+        for name, value in values.items():
+            if isinstance(slots, _Rows):
+                pools[name].narrow(_batch_dim(name), 1, slots.count).copy_(value)
+            else:
+                pools[name].index_copy_(_batch_dim(name), slots, value.to(pools[name].dtype))
+
+    def _initial_caches(self, bucket: int) -> list[torch.Tensor]:
+        """Fresh streams' caches (zeros, as ``get_initial_cache_state`` gives the eager path)."""
+        channel, time_cache, length = self.model.encoder.get_initial_cache_state(batch_size=bucket, device=self.device)
+        return [channel.to(self.cache_dtype or channel.dtype), time_cache.to(self.cache_dtype or time_cache.dtype), length]
+
+    def _encode(self, kind: _Kind, mel, mel_len, caches):
+        with lean_streaming_step(self.model.encoder):
+            return self.model.encoder.cache_aware_stream_step(
                 processed_signal=mel,
                 processed_signal_length=mel_len,
-                cache_last_channel=channel,
-                cache_last_time=time_cache,
-                cache_last_channel_len=length,
+                cache_last_channel=caches[0],
+                cache_last_time=caches[1],
+                cache_last_channel_len=caches[2],
                 keep_all_outputs=kind.keep_all,
                 drop_extra_pre_encoded=kind.drop,
             )
-            encoded = encoded.transpose(1, 2)
-            frames = self._out_frames(kind)
-            if encoded.shape[1] < frames:  # short final inputs: pad (masked by encoded_len)
-                encoded = torch.nn.functional.pad(encoded, (0, 0, 0, frames - encoded.shape[1]))
-            projected = model.joint.project_encoder(encoded[:, :frames])
-            if kind.first:
-                state = model.decoder.initialize_state(projected)
-                sos = torch.full((bucket, 1), self.blank, dtype=torch.long, device=self.device)
-                dec_out, state, *_ = model.decoder.predict(sos, state, add_sos=False, batch_size=bucket)
-                dec_out = model.joint.project_prednet(dec_out)
-            else:
-                state = (pools["h"].index_select(1, slots), pools["c"].index_select(1, slots))
-                dec_out = pools["dec_out"].index_select(0, slots)
-            labels, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
-        pools["channel"].index_copy_(1, slots, channel.to(pools["channel"].dtype))
-        pools["time"].index_copy_(1, slots, time_cache.to(pools["time"].dtype))
-        pools["length"].index_copy_(0, slots, length.to(pools["length"].dtype))
-        pools["h"].index_copy_(1, slots, state[0].to(pools["h"].dtype))
-        pools["c"].index_copy_(1, slots, state[1].to(pools["c"].dtype))
-        pools["dec_out"].index_copy_(0, slots, dec_out.to(pools["dec_out"].dtype))
-        return labels
+
+    def _start_decoder(self, bucket: int, projected):
+        model = self.model
+        state = model.decoder.initialize_state(projected)
+        sos = torch.full((bucket, 1), self.blank, dtype=torch.long, device=self.device)
+        dec_out, state, *_ = model.decoder.predict(sos, state, add_sos=False, batch_size=bucket)
+        return model.joint.project_prednet(dec_out), state
 
     def _greedy(self, projected, lengths, dec_out, state):
         """NeMo's greedy label-looping search, unrolled: frame by frame, up to max_symbols labels.
@@ -324,25 +368,18 @@ class FastStepper:
         return torch.stack(out, dim=1), dec_out, state
 
     def _probe_state_shapes(self) -> dict[str, torch.Tensor]:
-        """Run one first step and one steady step eagerly at batch 1 to learn the state dtypes."""
-        model = self.model
-        cfg = model.encoder.streaming_cfg
-        first = int(cfg.chunk_size[0]) if isinstance(cfg.chunk_size, (list, tuple)) else int(cfg.chunk_size)
-        mel = torch.zeros(1, self.features, first, device=self.device)
-        length = torch.tensor([first], device=self.device)
+        """Run one first step eagerly at batch 1 to learn the state shapes and dtypes."""
+        cfg = self.model.encoder.streaming_cfg
+        frames = int(cfg.chunk_size[0]) if isinstance(cfg.chunk_size, (list, tuple)) else int(cfg.chunk_size)
+        mel = torch.zeros(1, self.features, frames, device=self.device)
+        length = torch.tensor([frames], device=self.device)
         with torch.inference_mode(), self.autocast():
-            caches = model.encoder.get_initial_cache_state(batch_size=1, device=self.device)
-            encoded, encoded_len, channel, time_cache, cache_len = model.encoder.cache_aware_stream_step(
-                processed_signal=mel, processed_signal_length=length, cache_last_channel=caches[0],
-                cache_last_time=caches[1], cache_last_channel_len=caches[2], keep_all_outputs=False,
-                drop_extra_pre_encoded=0,
-            )
-            projected = model.joint.project_encoder(encoded.transpose(1, 2))
-            state = model.decoder.initialize_state(projected)
-            sos = torch.full((1, 1), self.blank, dtype=torch.long, device=self.device)
-            dec_out, state, *_ = model.decoder.predict(sos, state, add_sos=False, batch_size=1)
-            dec_out = model.joint.project_prednet(dec_out)
-            _, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
+            kind = _Kind(frames, 0, False, True)
+            encoded, encoded_len, channel, time_cache, cache_len = self._encode(kind, mel, length, self._initial_caches(1))
+            projected = self.model.joint.project_encoder(encoded.transpose(1, 2))
+            _, dec_out, state = self._greedy(projected, encoded_len, *self._start_decoder(1, projected))
+        if self.cache_dtype is not None:
+            channel, time_cache = channel.to(self.cache_dtype), time_cache.to(self.cache_dtype)
         return {"channel": channel, "time": time_cache, "length": cache_len, "h": state[0], "c": state[1], "dec_out": dec_out}
 
 

@@ -20,6 +20,26 @@ from processors.errors import SetupError
 
 _MS_PER_ENCODER_FRAME = 80  # 8x subsampling of 10 ms mel frames
 
+# Attribute naming (through a weak reference) the fast stepper whose CUDA graphs point into a
+# model's buffers; see processors.nemotron_graphs.FastStepper.
+GRAPH_OWNER_ATTR = "_nemotron_graph_owner"
+
+
+def check_no_graphs(model) -> None:
+    """Refuse to re-prepare a model that an engine's captured CUDA graphs still point into.
+
+    Preparing (moving, changing the attention context or the decoding) may replace tensors a
+    graph replays against: the replay would then read freed memory (an illegal memory access,
+    or silently wrong results). Close the first engine, or load the model once per engine.
+    """
+    ref = getattr(model, GRAPH_OWNER_ATTR, None)
+    owner = ref() if ref is not None else None
+    if owner is not None and owner.holds_graphs:
+        raise SetupError(
+            "This NeMo model already serves an engine with captured CUDA graphs; call close() on that "
+            "engine before building another engine on the same model, or load the model again for it."
+        )
+
 
 @dataclass
 class LoadedModel:
@@ -140,6 +160,7 @@ def prepare_streaming_model(
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise SetupError(f"ASR precision {precision!r} is invalid: allowed values are auto, fp32, bf16.")
+    check_no_graphs(model)
     context = _check_streaming(model, Path(source), right_context)
     model = model.to(device).eval()
     model.preprocessor.featurizer.dither = 0.0

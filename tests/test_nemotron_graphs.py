@@ -62,3 +62,42 @@ def test_graphed_scheduler_equals_eager_alone(engines):
         scheduler.tick()
     finals = scheduler.finalize(ids)
     assert [finals[i] for i in ids] == references
+
+
+def test_graphed_bf16_single_stream_equals_eager_bf16(tmp_path_factory):
+    """bf16 autocast with the fast path's bf16 cache pools: still the eager path's tokens."""
+    path = tiny_nemo_once(tmp_path_factory.mktemp("nemo_bf16"))
+    eager = NemotronStreamingEngine.load(path, 160, "cuda", precision="bf16", fast=False)
+    graphed = NemotronStreamingEngine.load(path, 160, "cuda", precision="bf16", fast=True)
+    assert graphed._stepper.cache_dtype == torch.bfloat16
+    for seconds in (0.7, 2.3, 4.4):
+        pcm = int16(speechlike(int(seconds * 16000), seed=7 + int(seconds * 10)))
+        texts = []
+        for engine in (eager, graphed):
+            state = engine.new_stream()
+            for i in range(0, len(pcm), 320):
+                engine.accept(state, pcm[i : i + 320])
+            texts.append(engine.finalize(state))
+        assert texts[0] and texts[0] == texts[1], seconds
+
+
+def test_second_engine_on_a_captured_model_is_refused_until_close(engines):
+    from processors.errors import SetupError
+
+    eager, graphed = engines[160]
+    model = graphed.model
+    pcm = int16(speechlike(30000, seed=5))
+
+    def turn(engine):
+        state = engine.new_stream()
+        engine.accept(state, pcm)
+        return engine.finalize(state)
+
+    before = turn(graphed)
+    with pytest.raises(SetupError, match="close"):
+        NemotronStreamingEngine.from_model(model, 160, "cuda", precision="fp32", fast=True)
+    graphed.close()
+    graphed.close()  # idempotent
+    assert turn(graphed) == before  # still serves, without graphs
+    again = NemotronStreamingEngine.from_model(model, 160, "cuda", precision="fp32", fast=True)
+    assert "cuda graphs" in repr(again) and turn(again) == before

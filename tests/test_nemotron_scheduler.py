@@ -195,3 +195,44 @@ def test_unknown_stream_is_refused(fast):
     scheduler.leave(stream_id)
     with pytest.raises(UnknownStreamError):
         scheduler.leave(stream_id)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lean_cache_attention_equals_nemo_attention_under_bf16_autocast(fast, batch):
+    """The fast path's cached attention (bf16 cache, no fp32 round trips) against NeMo's layer.
+
+    NeMo's layer gets an fp32 cache, ours the same cache rounded to bf16: under bf16 autocast
+    both reach the key/value projections as the same bf16 values. At batch 1 every op is
+    NeMo's, so the bits are equal; a batch computes the position scores as one product per
+    head, equal up to float rounding. Without autocast (fp32) the cache path is NeMo's.
+    """
+    import torch
+    from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
+
+    from processors.nemotron_attention import cached_attention
+
+    encoder = fast[160].model.encoder
+    attention = encoder.layers[0].self_attn
+    assert type(attention) is RelPositionMultiHeadAttention
+    gen = torch.Generator().manual_seed(3)
+    width, cached, new = encoder.d_model, encoder.streaming_cfg.last_channel_cache_size, 2
+    query = torch.randn(batch, new, width, generator=gen)
+    cache = torch.randn(batch, cached, width, generator=gen)
+    _, pos_emb = encoder.pos_enc(x=torch.zeros(1, new, width), cache_len=cached)
+    mask = torch.zeros(batch, new, cached + new, dtype=torch.bool)
+    mask[-1, :, :5] = True  # a stream with a shorter history
+
+    def same(a, b):
+        return torch.equal(a, b) if batch == 1 else torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_nemo, cache_nemo = attention(query=query, key=query, value=query, mask=mask, pos_emb=pos_emb, cache=cache)
+        out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, cache.to(torch.bfloat16))
+    assert cache_ours.dtype == torch.bfloat16
+    assert torch.equal(cache_ours, cache_nemo.to(torch.bfloat16))
+    assert same(out_ours, out_nemo)
+    with torch.inference_mode():
+        out_nemo, cache_nemo = attention(query=query, key=query, value=query, mask=mask, pos_emb=pos_emb, cache=cache)
+        out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, cache)
+    assert torch.equal(cache_ours, cache_nemo)
+    assert torch.equal(out_ours, out_nemo) if batch == 1 else torch.allclose(out_ours, out_nemo, rtol=1e-5, atol=1e-5)
