@@ -18,7 +18,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from pipecat.frames.frames import Frame, InputAudioRawFrame
+from pipecat.frames.frames import InputAudioRawFrame
 from pipecat.observers.base_observer import FramePushed
 
 from agent.services import build_vad
@@ -104,16 +104,14 @@ async def feed_silence(call, log: SilenceLog, seconds: float, ahead_s: float = 1
     total, window, silence = int(seconds * 50), int(ahead_s * 50), bytes(2 * FRAME)
     sent = log.passed
     end = sent + total
-    while sent < end:
+    while log.passed < end:
+        log.progress.clear()  # before sending: a frame that passes from now on sets it again
         batch = min(window - (sent - log.passed), end - sent)
         if batch > 0:
             await call.send(*(LineSilence(silence, RATE, 1) for _ in range(batch)))
             sent += batch
-        log.progress.clear()
-        await asyncio.wait_for(log.progress.wait(), 30)
-    while log.passed < end:
-        log.progress.clear()
-        await asyncio.wait_for(log.progress.wait(), 30)
+        if log.passed < end:
+            await asyncio.wait_for(log.progress.wait(), 30)
 
 
 def traced_kib(snapshot: tracemalloc.Snapshot) -> float:
