@@ -33,6 +33,7 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start import BaseUserTurnStartStrategy
 
@@ -47,6 +48,24 @@ DEFAULT_BACKCHANNELS = (
 )
 
 
+def tune_vad_for_pause_first(
+    vad: VADAnalyzer, *, start_ms: int, min_volume: float, sample_rate: int
+) -> VADParams:
+    """Let the VAD hear the caller sooner, for a call that pauses first and decides.
+
+    A false start under pause-then-decide costs a short pause that resumes, not a lost reply, so
+    the start can be short (``start_ms``), and pipecat's loudness gate (``min_volume``, measured
+    over a 400 ms window and smoothed, which holds back every onset by ~230 ms after silence)
+    can be lowered. Confidence and stop time are kept. Returns the parameters now in force.
+    """
+    params = vad.params.model_copy(update={"start_secs": start_ms / 1000, "min_volume": min_volume})
+    # set_params needs the rate; the pipeline sets it again at start and keeps these parameters.
+    vad.set_sample_rate(sample_rate)
+    vad.set_params(params)
+    logger.info(f"barge-in: VAD start {start_ms} ms, min volume {min_volume} (pause first)")
+    return params
+
+
 class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
     """Start the caller's turn; while Annie speaks, pause her first and decide (see module doc)."""
 
@@ -54,8 +73,9 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self,
         *,
         playback: PausablePlayback,
-        window_s: float = 0.8,
-        final_grace_s: float = 0.35,
+        window_s: float = 1.3,
+        final_grace_s: float = 0.5,
+        blip_s: float = 0.3,
         backchannels: Iterable[str] = DEFAULT_BACKCHANNELS,
         resume_backup_ms: int = 0,
     ):
@@ -63,6 +83,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._playback = playback
         self._window_s = window_s
         self._final_grace_s = final_grace_s
+        self._blip_s = blip_s
+        self._words_while_paused = False
         self._backchannels = {w for phrase in backchannels for w in words_of(phrase)}
         self._resume_backup_ms = resume_backup_ms
         self._bot_speaking = False
@@ -93,8 +115,12 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._caller_speaking = False
             if self._paused_at is not None:
-                # Wait a moment for the final transcript before resuming.
-                self._deadline = min(self._deadline, time.monotonic() + self._final_grace_s)
+                now = time.monotonic()
+                # A sound that ended within a blip of the pause, with no words, was Annie's own
+                # echo (it stops when she does) or a click: resume at once. Otherwise wait a
+                # moment for the final transcript before resuming.
+                blip = now - self._paused_at <= self._blip_s and not self._words_while_paused
+                self._reschedule(min(self._deadline, now + (0.0 if blip else self._final_grace_s)))
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)):
             return await self._on_words(frame.text)
         return ProcessFrameResult.CONTINUE
@@ -107,8 +133,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             return ProcessFrameResult.CONTINUE
         await self._playback.pause_playback()
         self._paused_at = time.monotonic()
-        self._deadline = self._paused_at + self._window_s
-        self._timer = self.task_manager.create_task(self._decide_at_deadline(), f"{self}::decide")
+        self._words_while_paused = False
+        self._reschedule(self._paused_at + self._window_s)
         logger.debug(f"{self}: caller voice while Annie speaks: playback paused, deciding")
         return ProcessFrameResult.CONTINUE
 
@@ -123,6 +149,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             # A late final of an utterance already judged (and resumed on): the decision stands.
             await self.trigger_reset_aggregation()
             return ProcessFrameResult.CONTINUE
+        if self._paused_at is not None:
+            self._words_while_paused = True
         content = [w for w in words if w not in self._backchannels and not _HUM.match(w)]
         echo = self._playback.recent_bot_words()
         if content and not all(w in echo for w in content):
@@ -159,6 +187,12 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
     def _record(self, decision: str) -> None:
         if self._paused_at is not None:
             self.decisions.append((decision, time.monotonic() - self._paused_at))
+
+    def _reschedule(self, deadline: float) -> None:
+        """Decide at ``deadline`` (a new timer: a sleeping one would not see an earlier deadline)."""
+        self._cancel_timer()
+        self._deadline = deadline
+        self._timer = self.task_manager.create_task(self._decide_at_deadline(), f"{self}::decide")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer is not asyncio.current_task():

@@ -53,7 +53,14 @@ class AgentSettings(BaseSettings):
     vad_start_ms: int = Field(200, ge=20, le=2000)
     vad_stop_ms: int = Field(200, ge=20, le=2000)
     barge_in_pause_first: bool = True
-    barge_in_decide_ms: int = Field(800, ge=100, le=3000)
+    # Counted from the pause, which comes ~60-300 ms after the caller's onset: long enough for a
+    # drawn-out "mm-hm" (up to ~1.2 s) and the VAD's stop time to end inside it.
+    barge_in_decide_ms: int = Field(1300, ge=100, le=3000)
+    # With pause-then-decide engaged a false start costs a short pause, not a lost reply, so the
+    # VAD may fire sooner: a shorter start, and no pipecat loudness gate (its 400 ms window and
+    # smoothing add ~230 ms to every onset; bench/bargein_aec_probe.py measures it).
+    barge_in_vad_start_ms: int = Field(64, ge=20, le=2000)
+    barge_in_vad_min_volume: float = Field(0.0, ge=0.0, lt=1.0)
     backchannel_words: str = Field(
         "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
     )

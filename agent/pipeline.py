@@ -31,7 +31,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
-from agent.barge_in import PauseThenDecideStartStrategy
+from agent.barge_in import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
 from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, trim_context, user_turn_strategies
 from processors.audio_guard import InputAudioGuard
@@ -111,6 +111,9 @@ def build_call_pipeline(
     if stt_streams_partials is None:
         stt_streams_partials = settings.stt_backend == "nemotron"
     start = pause_first_strategy(settings, transport.output(), stt_streams_partials)
+    if start is not None and vad_analyzer is not None:
+        tune_vad_for_pause_first(vad_analyzer, start_ms=settings.barge_in_vad_start_ms,
+                                 min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate)
     context = LLMContext(messages=[])
     user_agg, assistant_agg = LLMContextAggregatorPair(
         context, user_params=user_aggregator_params(settings, vad_analyzer, start)

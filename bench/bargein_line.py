@@ -99,6 +99,10 @@ class RigLine:
             self._recorders.append(self._caller_rec)
             self._ear_rec = self._rig.record(PulseRig.SPEAKER_MONITOR, sample_rate=RATE)
             self._recorders.append(self._ear_rec)
+            # What the agent hears (the cancelled mic), to tell the canceller's share of a late
+            # detection from the pipeline's.
+            self._source_rec = self._rig.record(PulseRig.SOURCE, sample_rate=RATE)
+            self._recorders.append(self._source_rec)
         except BaseException:
             self.close()
             raise
@@ -122,6 +126,10 @@ class RigLine:
 
     def channels(self, t0: float, end: float) -> tuple[np.ndarray, np.ndarray]:
         return self._track(self._caller_rec, t0, end), self._track(self._ear_rec, t0, end)
+
+    def agent_input(self, t0: float, end: float) -> np.ndarray:
+        """The echo-cancelled mic (the agent's input), int16 16 kHz from ``t0`` to ``end``."""
+        return self._track(self._source_rec, t0, end)
 
     def played_chunks(self) -> list[tuple[float, bytes]]:
         return []

@@ -196,9 +196,12 @@ class PassAnalysis:
         speaking = [t for t in self.times.times.get("interruption", []) if seg.covering(self.annie_segs, t, 0.05)]
         false_commits = self.unexplained(speaking)
         false_pauses = self.unexplained([p for p, _ in self.pauses], transcripts_explain=False)
+        # How long each of those silenced Annie (the hiccup a caller hears).
+        lengths = [r - p for p, r in self.pauses if r is not None and p in set(false_pauses)]
         block_s = sum(e - s for s, e in self.echo_blocks)
         return {"annie_speech_without_caller_s": exposure, "echo_block_s": block_s,
                 "false_barge_ins": len(false_commits), "false_pauses": len(false_pauses),
+                "false_pause_ms": stats_ms(lengths),
                 "false_barge_in_times": [x - self.t0 for x in false_commits],
                 "false_barge_ins_per_min": len(false_commits) / (exposure / 60) if exposure > 0 else None}
 
@@ -244,6 +247,9 @@ def summarize(records: list[dict], echo: dict) -> dict:
         "stop_latency": stats_ms(stops),
         "detect_latency": stats_ms([min(x for x in (r["committed_ms"], r["paused_ms"]) if x is not None) / 1000
                                     for r in inter if r["triggered"]]),
+        # The same VAD run offline on the recorded agent input (rig only): the signal's share.
+        "offline_vad_latency": stats_ms([r["offline_vad_ms"] / 1000 for r in inter if r.get("offline_vad_ms") is not None]),
+        "offline_vad_missed": sum(1 for r in inter if "offline_vad_ms" in r and r["offline_vad_ms"] is None),
         "stale_chunks": sum(r["stale_chunks"] or 0 for r in inter),
         "stale_s": sum(r["stale_s"] or 0 for r in inter),
         "wrongly_resumed": sum(r["wrongly_resumed"] for r in inter),

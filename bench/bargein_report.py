@@ -36,7 +36,9 @@ def targets(p: dict) -> list[tuple[str, str, str]]:
     elif mins < 10:
         verdict += f" (scaled down: {mins:.1f} of 10 min)"
     rows.append(("0 false barge-ins in 10 min echo-only", f"{e['false_barge_ins']} in {mins:.1f} min of Annie's speech"
-                 + (f" ({e['false_pauses']} pauses)" if p["pause_first"] else ""), verdict))
+                 + (f" ({e['false_pauses']} pauses" + (f", {_f(e['false_pause_ms']['median_ms'])} ms median"
+                                                      if e.get("false_pause_ms", {}).get("n") else "") + ")"
+                    if p["pause_first"] else ""), verdict))
     bb = [s["backchannel"], s["burst"]]
     ev = sum(g["events"] for g in bb)
     kept = sum(g["kept_talking"] for g in bb)
@@ -68,12 +70,16 @@ def markdown(results: dict) -> str:
         s = p["summary"]
         out += ["", f"## {p['pass']}: {p['line']}", "",
                 f"Barge-in: {'pause first, then decide (issue 10)' if p['pause_first'] else 'stop at the first sound (cancel)'}; "
-                f"VAD_START_MS={p.get('vad_start_ms', 200)}, BARGE_IN_DECIDE_MS={p.get('barge_in_decide_ms', 800)}; "
+                f"VAD start {p.get('vad_start_ms', 200)} ms, min volume {p.get('vad_min_volume', 0.6)}, "
+                f"BARGE_IN_DECIDE_MS={p.get('barge_in_decide_ms', 800)}; "
                 f"STT {p['stt']}; {p['duration_s']:.0f} s of call.", "",
                 "| target | measured | verdict |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in targets(p)]
         out += ["", "| metric | value |", "|---|---|",
                 f"| detect latency (onset -> pause/interruption frame), median / p95 | {_f(s['detect_latency']['median_ms'])} / {_f(s['detect_latency']['p95_ms'])} ms |",
+                *([f"| VAD alone on the recorded agent input (offline, same parameters), median / p95 | "
+                   f"{_f(s['offline_vad_latency']['median_ms'])} / {_f(s['offline_vad_latency']['p95_ms'])} ms "
+                   f"({s.get('offline_vad_missed', 0)} never started) |"] if s.get("offline_vad_latency", {}).get("n") else []),
                 f"| response latency after an interruption (FD-Bench), median / p95 | {_f(s['response_latency']['median_ms'])} / {_f(s['response_latency']['p95_ms'])} ms |",
                 f"| voice-to-voice, median / p95 (n) | {_f(s['voice_to_voice']['median_ms'])} / {_f(s['voice_to_voice']['p95_ms'])} ms ({s['voice_to_voice']['n']}; {s.get('questions_not_answered', 0)} not answered within 8 s) |",
                 "| voice-to-voice stages (median ms) | " + ", ".join(f"{k} {_f(v)}" for k, v in s["voice_to_voice_stages_median_ms"].items()) + " |",
