@@ -30,6 +30,7 @@ from loguru import logger
 
 from processors.errors import SetupError
 from processors.nemotron_audio import MODEL_SAMPLE_RATE, pcm_to_float
+from processors.nemotron_mel import MelBatcher
 from processors.nemotron_model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
 from processors.nemotron_stream import BatchCaches, StepJob, StreamState
 
@@ -76,8 +77,7 @@ class NemotronStreamingEngine:
         self._left_frames = -(-(self._half_fft + 1) // self._hop)
         self.final_pad_ms = chunk_ms if final_pad_ms is None else final_pad_ms
         self._lock = threading.Lock()
-        self._staging: torch.Tensor | None = None  # host buffer of the next step's samples (see _mel)
-        self._staged: torch.cuda.Event | None = None  # the last copy out of it
+        self._mel = MelBatcher(self._model.preprocessor, self.device)
         if self.device.type == "cuda" and self.precision == "bf16":
             self._autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
         else:
@@ -291,10 +291,7 @@ class NemotronStreamingEngine:
             state.window.append(np.zeros(MODEL_SAMPLE_RATE * pad_ms // 1000, dtype=np.float32))
 
     def _finalize_eager(self, state: StreamState, pad_ms: int) -> str:
-        tail = state.resampler(np.zeros(0, dtype=np.float32), last=True)
-        state.window.append(tail)
-        if state.window.total > 0 and pad_ms > 0:
-            state.window.append(np.zeros(MODEL_SAMPLE_RATE * pad_ms // 1000, dtype=np.float32))
+        self._append_tail(state, pad_ms)
         end = state.window.total // self._hop  # frame count of an offline pass over the same audio
         while end > state.frames_done:
             # One step for all the rest, however many chunks, when the left cache (70 frames)
@@ -341,50 +338,6 @@ class NemotronStreamingEngine:
         samples = state.window.slice(window_start, window_end)
         skip = start - window_start // self._hop
         return StepJob(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
-
-    def _mel(self, jobs: list[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The jobs' mel frames as one [B, features, T] batch (zero-padded) and their lengths.
-
-        Frames are exactly what a whole-utterance preprocessor pass computes: one batched call,
-        and a kept frame never reaches past its own job's samples, so the zero padding of
-        shorter rows does not touch it.
-        """
-        width = max(job.samples.size for job in jobs)
-        host = self._host_buffer(len(jobs) * width + len(jobs)).narrow(0, 0, len(jobs) * width + len(jobs))
-        batch = host.numpy()[: len(jobs) * width].reshape(len(jobs), width)
-        sizes_np = host.numpy()[len(jobs) * width :]
-        for i, (row, job) in enumerate(zip(batch, jobs)):
-            row[: job.samples.size] = job.samples
-            row[job.samples.size :] = 0.0
-            sizes_np[i] = job.samples.size  # exact in float32 (< 2**24 samples)
-        staged = host.to(self.device, non_blocking=True)  # pinned on CUDA: one asynchronous copy
-        if self.device.type == "cuda":
-            self._staged = torch.cuda.Event()
-            self._staged.record()
-        signal = staged[: len(jobs) * width].view(len(jobs), width)
-        sizes = staged[len(jobs) * width :].long()
-        with torch.inference_mode():
-            mel, _ = self._model.preprocessor(input_signal=signal, length=sizes)
-        counts = [job.count for job in jobs]
-        lengths = torch.tensor(counts).to(self.device)
-        if all(job.skip == jobs[0].skip and job.count == counts[0] for job in jobs):
-            return mel[:, :, jobs[0].skip : jobs[0].skip + counts[0]], lengths  # steady state
-        frames = torch.zeros(len(jobs), mel.shape[1], max(counts), dtype=mel.dtype, device=mel.device)
-        for i, job in enumerate(jobs):
-            frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
-        return frames, lengths
-
-    def _host_buffer(self, size: int) -> torch.Tensor:
-        """A reusable float32 host buffer of at least ``size`` (page-locked when the model is on a GPU).
-
-        Before it is refilled, the previous copy out of it must be over (``_staged``).
-        """
-        if self._staged is not None:
-            self._staged.synchronize()
-        if self._staging is None or self._staging.numel() < size:
-            pinned = self.device.type == "cuda"
-            self._staging = torch.empty(max(size, 2 * (0 if self._staging is None else self._staging.numel())), pin_memory=pinned)
-        return self._staging
 
     def _run(self, jobs: list[StepJob], keep_all: bool) -> None:
         """One ``conformer_stream_step`` over ``jobs`` (all with the same ``first`` and ``drop``)."""
