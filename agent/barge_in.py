@@ -91,6 +91,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._caller_speaking = False
         self._paused_at: float | None = None
         self._resumed_utterance = False  # the caller's current utterance was judged not a barge-in
+        self._previous_resumed = False  # ... and the one before it (its final may still be on its way)
+        self._stopped_since_start = True  # a VAD stop came since the current utterance's start
         self._deadline = 0.0
         self._timer: asyncio.Task | None = None
         self.decisions: list[tuple[str, float]] = []  # ("commit" | "resume", seconds after the pause)
@@ -110,10 +112,13 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             self._bot_speaking = False
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._caller_speaking = True
+            self._previous_resumed = self._resumed_utterance
             self._resumed_utterance = False
+            self._stopped_since_start = False
             return await self._on_voice()
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._caller_speaking = False
+            self._stopped_since_start = True
             if self._paused_at is not None:
                 now = time.monotonic()
                 # A sound that ended within a blip of the pause, with no words, was Annie's own
@@ -121,8 +126,10 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
                 # moment for the final transcript before resuming.
                 blip = now - self._paused_at <= self._blip_s and not self._words_while_paused
                 self._reschedule(min(self._deadline, now + (0.0 if blip else self._final_grace_s)))
-        elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)):
+        elif isinstance(frame, InterimTranscriptionFrame):
             return await self._on_words(frame.text)
+        elif isinstance(frame, TranscriptionFrame):
+            return await self._on_words(frame.text, final=True)
         return ProcessFrameResult.CONTINUE
 
     async def _on_voice(self) -> ProcessFrameResult:
@@ -138,9 +145,15 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         logger.debug(f"{self}: caller voice while Annie speaks: playback paused, deciding")
         return ProcessFrameResult.CONTINUE
 
-    async def _on_words(self, text: str) -> ProcessFrameResult:
+    async def _on_words(self, text: str, final: bool = False) -> ProcessFrameResult:
         words = words_of(text)
         if not words:
+            return ProcessFrameResult.CONTINUE
+        if final and not self._stopped_since_start and self._previous_resumed:
+            # Every STT here finalizes on a VAD stop, so a final before this utterance's stop is
+            # the late final of the previous one, which was judged and resumed on: it stands.
+            self._previous_resumed = False
+            await self.trigger_reset_aggregation()
             return ProcessFrameResult.CONTINUE
         if self._paused_at is None and not self._bot_speaking:
             await self.trigger_user_turn_started()

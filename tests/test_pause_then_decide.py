@@ -241,3 +241,22 @@ def test_the_tuned_vad_hears_a_word_onset_sooner():
     tune_vad_for_pause_first(tuned_vad, start_ms=64, min_volume=0.0, sample_rate=16000)
     tuned = start_sample(tuned_vad)
     assert 16000 <= tuned < default
+
+
+async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(settings, llm):
+    """Annie's echo: a resumed utterance, then another one starts before the STT's final of the
+    first arrives. That final (every backend here finalizes on a VAD stop) is the first one's:
+    it must not commit the second pause."""
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.064), VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 3, "the first resume")
+        await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+        await call.wait_until(lambda: len(call.loudspeaker.pauses) == 2, 1, "the second pause")
+        await call.send(final("tree was going to make him"))  # Whisper's late take on the first one
+        await asyncio.sleep(0.2)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.wait_until(lambda: call.loudspeaker.pauses[1][1], 3, "the second resume")
+        await call.wait_silent(quiet_s=1.0)
+        assert not interruptions_after(call, onset)
+        assert [d for d, _ in call.call.pause_first.decisions] == ["resume", "resume"]
