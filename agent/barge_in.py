@@ -12,6 +12,8 @@ strategy (Pipecat 1.x) that, while Annie speaks:
    - the caller still speaking when the window ends -> commit (a caller who keeps talking wins);
    - the speech ended with only backchannel words ("mm-hm", "okay") or none at all (a cough,
      a door) -> resume Annie's speech where it paused; the LLM context is unchanged.
+3. words that come after a resume (a busy machine, a slow final) still commit, within a bound,
+   unless the sound was a blip over with the pause (echo) or the words are backchannels or echo.
 
 When Annie is not speaking, a turn starts on VAD or on a transcript, as usual.
 """
@@ -76,6 +78,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         window_s: float = 1.3,
         final_grace_s: float = 0.5,
         blip_s: float = 0.3,
+        late_words_s: float = 2.0,
         backchannels: Iterable[str] = DEFAULT_BACKCHANNELS,
         resume_backup_ms: int = 0,
     ):
@@ -84,18 +87,25 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._window_s = window_s
         self._final_grace_s = final_grace_s
         self._blip_s = blip_s
+        self._late_words_s = late_words_s
         self._words_while_paused = False
         self._backchannels = {w for phrase in backchannels for w in words_of(phrase)}
         self._resume_backup_ms = resume_backup_ms
         self._bot_speaking = False
         self._caller_speaking = False
         self._paused_at: float | None = None
-        self._resumed_utterance = False  # the caller's current utterance was judged not a barge-in
-        self._previous_resumed = False  # ... and the one before it (its final may still be on its way)
+        # How the caller's current utterance was resumed on (None: it was not), and the one
+        # before it (its final may still be on its way): "blip" (over with the pause, no words:
+        # echo or a click) or "waited" (it lasted, but no words came in time).
+        self._resumed_utterance: str | None = None
+        self._previous_resumed: str | None = None
+        self._resumed_at = 0.0
         self._stopped_since_start = True  # a VAD stop came since the current utterance's start
+        self._blip = False  # the paused utterance ended within blip_s of the pause, with no words
         self._deadline = 0.0
         self._timer: asyncio.Task | None = None
-        self.decisions: list[tuple[str, float]] = []  # ("commit" | "resume", seconds after the pause)
+        # ("commit" | "resume", seconds after the pause) or ("commit late", seconds after the resume)
+        self.decisions: list[tuple[str, float]] = []
 
     async def handle_user_turn_started(self):
         self._cancel_timer()
@@ -113,7 +123,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         elif isinstance(frame, VADUserStartedSpeakingFrame):
             self._caller_speaking = True
             self._previous_resumed = self._resumed_utterance
-            self._resumed_utterance = False
+            self._resumed_utterance = None
             self._stopped_since_start = False
             return await self._on_voice()
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
@@ -124,8 +134,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
                 # A sound that ended within a blip of the pause, with no words, was Annie's own
                 # echo (it stops when she does) or a click: resume at once. Otherwise wait a
                 # moment for the final transcript before resuming.
-                blip = now - self._paused_at <= self._blip_s and not self._words_while_paused
-                self._reschedule(min(self._deadline, now + (0.0 if blip else self._final_grace_s)))
+                self._blip = now - self._paused_at <= self._blip_s and not self._words_while_paused
+                self._reschedule(min(self._deadline, now + (0.0 if self._blip else self._final_grace_s)))
         elif isinstance(frame, InterimTranscriptionFrame):
             return await self._on_words(frame.text)
         elif isinstance(frame, TranscriptionFrame):
@@ -141,6 +151,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         await self._playback.pause_playback()
         self._paused_at = time.monotonic()
         self._words_while_paused = False
+        self._blip = False
         self._reschedule(self._paused_at + self._window_s)
         logger.debug(f"{self}: caller voice while Annie speaks: playback paused, deciding")
         return ProcessFrameResult.CONTINUE
@@ -151,25 +162,46 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             return ProcessFrameResult.CONTINUE
         if final and not self._stopped_since_start and self._previous_resumed:
             # Every STT here finalizes on a VAD stop, so a final before this utterance's stop is
-            # the late final of the previous one, which was judged and resumed on: it stands.
-            self._previous_resumed = False
-            await self.trigger_reset_aggregation()
-            return ProcessFrameResult.CONTINUE
+            # the late final of the previous one, which was judged and resumed on.
+            how, self._previous_resumed = self._previous_resumed, None
+            return await self._on_late_words(words, how)
+        if self._paused_at is None and self._resumed_utterance:
+            how, self._resumed_utterance = self._resumed_utterance, None
+            return await self._on_late_words(words, how)
         if self._paused_at is None and not self._bot_speaking:
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
-        if self._paused_at is None and self._resumed_utterance:
-            # A late final of an utterance already judged (and resumed on): the decision stands.
-            await self.trigger_reset_aggregation()
-            return ProcessFrameResult.CONTINUE
         if self._paused_at is not None:
             self._words_while_paused = True
-        content = [w for w in words if w not in self._backchannels and not _HUM.match(w)]
-        echo = self._playback.recent_bot_words()
-        if content and not all(w in echo for w in content):
+        if self._real_words(words):
             await self._commit("words")
             return ProcessFrameResult.STOP
         return ProcessFrameResult.CONTINUE
+
+    async def _on_late_words(self, words: list[str], how: str) -> ProcessFrameResult:
+        """Words of an utterance Annie already resumed on, arriving after the decision.
+
+        A blip's words stand as decided (the sound was over with the pause: Annie's own echo, or
+        an STT's invention on a click). An utterance that lasted but whose words came too late
+        (the STT lagging the VAD on a busy machine, a slow final) is the caller's: real words
+        within ``late_words_s`` of the resume commit the interruption then, so no question is
+        lost; backchannels and echo stay ignored.
+        """
+        if how == "waited" and time.monotonic() - self._resumed_at <= self._late_words_s and self._real_words(words):
+            self.decisions.append(("commit late", time.monotonic() - self._resumed_at))
+            logger.debug(f"{self}: words after the resume: interruption committed")
+            self._cancel_timer()
+            self._paused_at = None
+            await self.trigger_user_turn_started()
+            return ProcessFrameResult.STOP
+        await self.trigger_reset_aggregation()
+        return ProcessFrameResult.CONTINUE
+
+    def _real_words(self, words: list[str]) -> bool:
+        """Some word that is not a backchannel, a hum, or one Annie is saying (her echo)."""
+        content = [w for w in words if w not in self._backchannels and not _HUM.match(w)]
+        echo = self._playback.recent_bot_words()
+        return bool(content) and not all(w in echo for w in content)
 
     async def _decide_at_deadline(self) -> None:
         while time.monotonic() < self._deadline:
@@ -193,7 +225,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._record("resume")
         logger.debug(f"{self}: no real words: resuming Annie")
         self._paused_at = None
-        self._resumed_utterance = True
+        self._resumed_utterance = "blip" if self._blip else "waited"
+        self._resumed_at = time.monotonic()
         await self.trigger_reset_aggregation()
         await self._playback.resume_playback(self._resume_backup_ms)
 

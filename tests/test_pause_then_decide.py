@@ -260,3 +260,40 @@ async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(set
         await call.wait_silent(quiet_s=1.0)
         assert not interruptions_after(call, onset)
         assert [d for d, _ in call.call.pause_first.decisions] == ["resume", "resume"]
+
+
+async def resumed_after_a_lasting_sound(call) -> float:
+    """Annie speaks; the caller's voice lasts 0.5 s (no blip) with no words in time: resumed."""
+    await annie_speaking(call)
+    onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+    await asyncio.sleep(0.5)
+    await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 3, "the resume")
+    assert [d for d, _ in call.call.pause_first.decisions] == ["resume"]
+    return onset
+
+
+async def test_real_words_that_come_after_the_resume_still_interrupt(settings, llm):
+    """A busy machine: the VAD stop outran the transcript, so Annie resumed. The caller's words,
+    when they arrive, commit the interruption then and are answered; the question is not lost."""
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
+        onset = await resumed_after_a_lasting_sound(call)
+        await asyncio.sleep(0.2)
+        await call.send(final("stop call my daughter"))
+        await call.wait_until(lambda: interruptions_after(call, onset), 3, "the late interruption")
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        users = [m["content"] for m in llm.requests[1].messages if m["role"] == "user"]
+        assert users[-1] == "stop call my daughter"
+        assert [d for d, _ in call.call.pause_first.decisions] == ["resume", "commit late"]
+
+
+@pytest.mark.parametrize("late", ["mm-hm okay", "once upon a time"], ids=["backchannel", "echo"])
+async def test_a_late_backchannel_or_echo_after_the_resume_does_not_interrupt(settings, llm, late):
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+        onset = await resumed_after_a_lasting_sound(call)
+        await call.send(final(late))
+        await call.wait_silent(quiet_s=1.0)
+        assert not interruptions_after(call, onset)
+        assert " ".join(tts.requests).split() == REPLY.split()
+        assert len(llm.requests) == 1
