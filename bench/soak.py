@@ -241,11 +241,15 @@ class Caller:
         await self.worker.queue_frames([VADUserStartedSpeakingFrame(start_secs=0.2)])
         await self.worker.queue_frames([InterimTranscriptionFrame(text=text.split()[0], user_id="caller", timestamp="")])
         await asyncio.sleep(speech_s)
+        said = time.monotonic()
+        # As on a real line: the VAD stops after its stop_secs of silence, and the STT's final
+        # follows the VAD stop (it finalizes on it).
+        await asyncio.sleep(0.2)
         await self.worker.queue_frames(
-            [TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True),
-             VADUserStoppedSpeakingFrame(stop_secs=0.2)]
+            [VADUserStoppedSpeakingFrame(stop_secs=0.2),
+             TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True)]
         )
-        return time.monotonic()
+        return said
 
     def _heard_answer(self, onset: float, after: float) -> bool:
         """Audible audio at the loudspeaker from an LLM answer begun since the turn's onset.
