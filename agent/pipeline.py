@@ -29,7 +29,7 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.stt_service import STTService
 from pipecat.services.tts_service import TTSService
 from pipecat.transports.base_transport import BaseTransport
-from pipecat.turns.empty_user_turn import DEFAULT_EMPTY_USER_TURN_INTERRUPTED_PROMPT, EmptyUserTurnConfig
+from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
 from agent.barge_in import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
@@ -87,13 +87,8 @@ def user_aggregator_params(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None
         ),
         user_mute_strategies=mute,
-        # A barge-in with no words (a cough, a bang) must not make Annie answer by itself. With
-        # pause-first a cough resumes her instead, and an interruption commits only on words or
-        # on a caller who kept talking: if the STT then found no words, Annie asks (once) to
-        # repeat rather than leave the caller in silence.
-        empty_user_turn=EmptyUserTurnConfig(
-            interrupted_prompt=DEFAULT_EMPTY_USER_TURN_INTERRUPTED_PROMPT if start else None, idle_prompt=None
-        ),
+        # A barge-in with no words (a cough, a bang) must not make Annie answer by itself.
+        empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=None, idle_prompt=None),
     )
 
 
