@@ -28,18 +28,21 @@ def engines(tmp_path_factory):
     return {ms: (make(ms, fast=False), make(ms, fast=True, cuda_graphs=True)) for ms in (80, 160, 1120)}
 
 
+def transcribe(engine, pcm: np.ndarray) -> str:
+    """One turn through ``engine`` in 20 ms frames, as the STT service feeds it."""
+    state = engine.new_stream()
+    for i in range(0, len(pcm), 320):
+        engine.accept(state, pcm[i : i + 320])
+    return engine.finalize(state)
+
+
 @pytest.mark.parametrize("chunk_ms", [80, 160, 1120])
 def test_graphed_single_stream_equals_eager(engines, chunk_ms):
     eager, graphed = engines[chunk_ms]
     assert "cuda graphs" in repr(graphed)
     for seconds in (0.3, 1.9, 4.1):
         pcm = int16(speechlike(int(seconds * 16000), seed=int(seconds * 10)))
-        texts = []
-        for engine in (eager, graphed):
-            state = engine.new_stream()
-            for i in range(0, len(pcm), 320):
-                engine.accept(state, pcm[i : i + 320])
-            texts.append(engine.finalize(state))
+        texts = [transcribe(engine, pcm) for engine in (eager, graphed)]
         assert texts[0] and texts[0] == texts[1], seconds
 
 
@@ -72,12 +75,7 @@ def test_graphed_bf16_single_stream_equals_eager_bf16(tmp_path_factory):
     assert graphed._stepper.cache_dtype == torch.bfloat16
     for seconds in (0.7, 2.3, 4.4):
         pcm = int16(speechlike(int(seconds * 16000), seed=7 + int(seconds * 10)))
-        texts = []
-        for engine in (eager, graphed):
-            state = engine.new_stream()
-            for i in range(0, len(pcm), 320):
-                engine.accept(state, pcm[i : i + 320])
-            texts.append(engine.finalize(state))
+        texts = [transcribe(engine, pcm) for engine in (eager, graphed)]
         assert texts[0] and texts[0] == texts[1], seconds
 
 
