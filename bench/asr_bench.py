@@ -15,6 +15,8 @@ the turn plus one chunk of silence as right context). Prints a table, writes JSO
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import platform
 import sys
@@ -43,6 +45,25 @@ def sync(engine) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def gc_pauses():
+    """Durations (ms) of the garbage collector's runs meanwhile."""
+    pauses: list[float] = []
+    started = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(1e3 * (time.perf_counter() - started[0]))
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
+
+
 class EngineLoad:
     """B engine streams in lockstep: each step feeds one chunk per stream, then steps them all."""
 
@@ -55,6 +76,7 @@ class EngineLoad:
         self.n = 0
         self.step_ms: list[float] = []
         self.feed_ms: list[float] = []
+        self.gc_ms: list[float] = []  # garbage collector pauses inside each recorded step
 
     def run(self, steps: int, record: bool = True) -> None:
         engine, span = self.engine, len(self.audio) - self.chunk
@@ -64,14 +86,16 @@ class EngineLoad:
                 start = (offset + self.n * self.chunk) % span
                 engine.feed(state, self.audio[start : start + self.chunk])
             t1 = time.perf_counter()
-            while any(engine.ready(s) for s in self.states):
-                engine.step(self.states)
-            sync(engine)
+            with gc_pauses() as pauses:
+                while any(engine.ready(s) for s in self.states):
+                    engine.step(self.states)
+                sync(engine)
             t2 = time.perf_counter()
             self.n += 1
             if record:
                 self.feed_ms.append(1e3 * (t1 - t0))
                 self.step_ms.append(1e3 * (t2 - t1))
+                self.gc_ms.append(sum(pauses))
 
     def row(self) -> dict:
         chunk_ms, p95, feed95 = self.engine.chunk_ms, percentile(self.step_ms, 95), percentile(self.feed_ms, 95)

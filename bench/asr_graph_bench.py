@@ -16,7 +16,8 @@ Printed as ratios (eager / fast):
 * step latency p50/p95 for B streams in lockstep (one chunk each per step), B = 1 .. 1024;
 * memory per stream (the fast path's slot; CUDA memory growth per stream) and the GPU time of
   one graph replay (so host time = step time - GPU time);
-* the largest batch once more with the fast engine alone (no eager blocks in between);
+* the largest batch once more with the fast engine alone (no eager blocks in between), and
+  again after ``gc.freeze()`` (garbage collector pauses are counted per step);
 * a profile of one steady step at ``--profile-batch`` streams (GPU): host vs GPU, GPU time per
   phase, the top aten ops by CUDA time, the top host functions (cProfile), garbage collector
   pauses.
@@ -27,7 +28,6 @@ Writes JSON (and a PNG) to bench/results/asr_graph_<device>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import cProfile
@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.asr_bench import EngineLoad, percentile, sync  # noqa: E402
+from bench.asr_bench import EngineLoad, gc_pauses, percentile, sync  # noqa: E402
 from processors.nemotron_engine import NemotronStreamingEngine  # noqa: E402
 from tests.nemo_tiny import build_model, speechlike  # noqa: E402
 
@@ -138,7 +138,10 @@ def time_steps(engines: dict, batch: int, steps: int, warmup: int) -> dict:
             "p95_ms": round(percentile(load.step_ms, 95), 2),
             "feed_p50_ms": round(percentile(load.feed_ms, 50), 2),
             "tokens_per_stream": round(sum(s.num_tokens for s in load.states) / batch, 1),
+            "gc_ms_total": round(sum(load.gc_ms), 2),
+            "gc_ms_max_step": round(max(load.gc_ms, default=0.0), 2),
             "step_ms": [round(v, 2) for v in load.step_ms],
+            "gc_ms": [round(v, 2) for v in load.gc_ms],
         }
     for load in loads.values():
         for s in load.states:
@@ -241,25 +244,6 @@ def profile_fast_step(engine, batch: int, top: int = 15) -> dict | None:
     return out
 
 
-@contextlib.contextmanager
-def gc_pauses():
-    """Durations (ms) of the garbage collector's runs meanwhile."""
-    pauses: list[float] = []
-    started = [0.0]
-
-    def callback(phase, info):
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            pauses.append(1e3 * (time.perf_counter() - started[0]))
-
-    gc.callbacks.append(callback)
-    try:
-        yield pauses
-    finally:
-        gc.callbacks.remove(callback)
-
-
 def stepper_rows(runner, slots):
     """What the runner's step reads its caches from: the pools' rows (in place) or gathered slots."""
     from processors.nemotron_graphs import _Rows
@@ -310,6 +294,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile-batch", type=int, default=1024, help="profile one steady step at this batch (GPU; 0: skip)")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 mismatch check")
+    parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
+                        help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
 
     size = "tiny" if args.tiny else "full"
@@ -379,10 +365,23 @@ def main() -> None:
     interleaved = results["steps"][-1]["fast"]
     print(
         f"{largest} streams, fast engine alone (no eager blocks in between): step p50 {alone['p50_ms']} / p95 {alone['p95_ms']} ms"
-        f" (interleaved with eager: p50 {interleaved['p50_ms']} / p95 {interleaved['p95_ms']} ms); target p95 <= 80 ms at >= 1,000 streams",
+        f" (interleaved with eager: p50 {interleaved['p50_ms']} / p95 {interleaved['p95_ms']} ms); target p95 <= 80 ms at >= 1,000 streams;"
+        f" garbage collector {alone['gc_ms_total']} ms in {len(alone['step_ms'])} steps (interleaved {interleaved['gc_ms_total']} ms)",
         flush=True,
     )
     save()
+    if args.gc_freeze_compare:
+        gc.collect()
+        gc.freeze()  # the model's and the libraries' objects leave the collector's generations
+        frozen = time_steps({"fast": fast}, largest, args.steps, args.warmup)["fast"]
+        gc.unfreeze()
+        results["fast_alone_largest_batch_gc_frozen"] = {"batch": largest, **frozen}
+        print(
+            f"{largest} streams, fast engine alone after gc.freeze(): step p50 {frozen['p50_ms']} / p95 {frozen['p95_ms']} ms;"
+            f" garbage collector {frozen['gc_ms_total']} ms in {len(frozen['step_ms'])} steps",
+            flush=True,
+        )
+        save()
     if args.profile_batch and fast.device.type == "cuda":
         try:
             results["profile"] = profile_fast_step(fast, args.profile_batch)

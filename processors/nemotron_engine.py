@@ -32,7 +32,8 @@ from processors.errors import SetupError
 from processors.nemotron_audio import MODEL_SAMPLE_RATE, pcm_to_float
 from processors.nemotron_mel import MelBatcher
 from processors.nemotron_model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
-from processors.nemotron_stream import BatchCaches, StepJob, StreamState
+from processors.nemotron_stream import StepJob, StreamState, eager_stream_step
+from processors.nemotron_text import TextDecoder
 
 __all__ = ["CHUNK_MS_TO_RIGHT_CONTEXT", "NemotronStreamingEngine", "StreamState"]
 
@@ -102,6 +103,10 @@ class NemotronStreamingEngine:
                 self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
                 cache_dtype=cache_dtype,
             )
+            self._text = TextDecoder(self._model.decoding)
+            if self.device.type == "cuda":  # page-lock the largest batch's staging buffer now, not mid-call
+                frames = max(self._final_width, self._first_frames, self._pre_cache + self._shift_frames)
+                self._mel.reserve(max_batch, (frames - 1 + self._left_frames) * self._hop + self._half_fft)
 
     @classmethod
     def load(
@@ -231,7 +236,7 @@ class NemotronStreamingEngine:
         Streams on their first chunk and streams in steady state need different NeMo arguments,
         so they form separate batches (two at most, three for 80 ms chunks). Streams that are not ready are skipped (None).
         """
-        before = {id(s): s.text for s in states}
+        before = [s.text for s in states]
         groups: dict[tuple[bool, int], list[StepJob]] = {}
         for s in states:
             if self.ready(s):
@@ -240,7 +245,7 @@ class NemotronStreamingEngine:
                 groups.setdefault((job.first, job.drop), []).append(job)
         for jobs in groups.values():
             self._run(jobs, keep_all=False)
-        return [s.text if s.text != before[id(s)] else None for s in states]
+        return [s.text if s.text != text else None for s, text in zip(states, before)]
 
     def finalize(self, state: StreamState, pad_ms: int | None = None) -> str:
         """Step the rest of the turn (plus ``pad_ms`` of silence), return its text, reset the stream."""
@@ -354,35 +359,9 @@ class NemotronStreamingEngine:
                 self._run_eager(jobs, inputs, lengths, keep_all)
 
     def _run_eager(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
-        is_first, drop = jobs[0].first, jobs[0].drop
-        states = [job.state for job in jobs]
-        if all(s.caches is None for s in states):
-            caches = BatchCaches(*self._model.encoder.get_initial_cache_state(batch_size=len(states), device=self.device))
-        else:  # a group mixes only streams past their first step (first steps form their own)
-            caches = BatchCaches.gather(states)
-        hyps = None if is_first else [s.hypothesis for s in states]
         with torch.inference_mode(), self._autocast():
-            result = self._model.conformer_stream_step(
-                processed_signal=inputs,
-                processed_signal_length=lengths,
-                cache_last_channel=caches.channel,
-                cache_last_time=caches.time,
-                cache_last_channel_len=caches.length,
-                keep_all_outputs=keep_all,
-                previous_hypotheses=hyps,
-                drop_extra_pre_encoded=drop,
-                return_transcription=True,
-            )
-        _, _, channel, time_cache, cache_len, best = result
-        produced = BatchCaches(channel, time_cache, cache_len)
-        for i, (job, s) in enumerate(zip(jobs, states)):
-            s.caches, s.row = produced, i
-            s.hypothesis = best[i]
-            s.text = best[i].text if isinstance(best[i].text, str) else ""
-            s.frames_done += job.new_frames
-            s.steps += 1
-            keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
-            s.window.forget_before(keep_from)
+            eager_stream_step(self._model, [job.state for job in jobs], inputs, lengths, keep_all, jobs[0].first, jobs[0].drop)
+        self._advance(jobs)
 
     def _run_fast(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
         """The same step on the fast path: slots, a static-shape (graphed on CUDA) step."""
@@ -393,16 +372,21 @@ class NemotronStreamingEngine:
         static = keep_all and width <= self._final_width
         kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, first)
         states = [job.state for job in jobs]
-        new_tokens = self._stepper.run(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
-        decode = self._model.decoding.decode_tokens_to_str_with_strip_punctuation
-        for job, s, tokens in zip(jobs, states, new_tokens):
+        pending = self._stepper.launch(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
+        self._advance(jobs)  # host work while the GPU steps
+        text = self._text
+        for s, tokens in zip(states, pending.tokens()):  # the step's one synchronisation
             if tokens:
                 s.tokens.extend(tokens)
-                s.text = decode(s.tokens)
+                s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
+
+    def _advance(self, jobs: list[StepJob]) -> None:
+        """Count the step's frames and forget the samples no later frame needs."""
+        for job in jobs:
+            s = job.state
             s.frames_done += job.new_frames
             s.steps += 1
-            keep_from = max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop
-            s.window.forget_before(keep_from)
+            s.window.forget_before(max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop)
 
 
 def _pick(value: int | list[int], index: int) -> int:

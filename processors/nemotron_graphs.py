@@ -35,26 +35,7 @@ from loguru import logger
 
 from processors.nemotron_attention import lean_streaming_step
 from processors.nemotron_model import GRAPH_OWNER_ATTR, check_no_graphs
-
-
-class SlotLease:
-    """A stream's claim on one slot of the pools; released on reset or when the stream is gone."""
-
-    def __init__(self, stepper: FastStepper, slot: int):
-        self.slot = slot
-        self._stepper = stepper
-        self._release = weakref.finalize(self, stepper._free_slot, slot)
-
-    def rows(self) -> dict[str, torch.Tensor]:
-        """This slot's rows of the pools (views)."""
-        return self._stepper.slot_rows(self.slot)
-
-    def release(self) -> None:
-        self._release()
-
-    @property
-    def alive(self) -> bool:
-        return self._release.alive
+from processors.nemotron_slots import PendingTokens, SlotLease, SlotPools, batch_dim
 
 
 @dataclass(frozen=True)
@@ -72,34 +53,6 @@ class _Rows:
     """Slots 1..count of the pools, in order (a batch stepped in place)."""
 
     count: int
-
-
-class _Pools:
-    """Per-slot state: encoder caches and the prediction network's state and output."""
-
-    def __init__(self, capacity: int, like: dict[str, torch.Tensor]):
-        self.capacity = capacity
-        # like[name] has the batch on dimension 1 (caches, LSTM state) or 0 (lengths, outputs)
-        self.tensors = {
-            name: torch.zeros(_with_batch(t, capacity, _batch_dim(name)), dtype=t.dtype, device=t.device)
-            for name, t in like.items()
-        }
-
-    def nbytes_per_slot(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
-
-
-_BATCH_DIM = {"channel": 1, "time": 1, "length": 0, "h": 1, "c": 1, "dec_out": 0}
-
-
-def _batch_dim(name: str) -> int:
-    return _BATCH_DIM[name]
-
-
-def _with_batch(t: torch.Tensor, batch: int, dim: int) -> list[int]:
-    shape = list(t.shape)
-    shape[dim] = batch
-    return shape
 
 
 class _Runner:
@@ -131,6 +84,12 @@ class _Runner:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.body()
+
+    def set_slots(self, slots: Sequence[int]) -> None:
+        """Point the batch's rows at ``slots`` (the rest at scratch slot 0); no host synchronisation."""
+        index = torch.zeros(self.bucket, dtype=torch.long, pin_memory=self.slots.is_cuda)
+        index[: len(slots)] = torch.as_tensor(slots, dtype=torch.long)
+        self.slots.copy_(index, non_blocking=True)  # pinned: the allocator keeps it until the copy is done
 
     def run(self) -> None:
         if self.graph is not None:
@@ -175,7 +134,7 @@ class FastStepper:
         self._lock = threading.Lock()
         self._runners: dict[tuple[_Kind, int], _Runner] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self._pools = _Pools(initial_slots + 1, self._probe_state_shapes())
+        self._pools = SlotPools(initial_slots + 1, self._probe_state_shapes())
         if self.graphs:
             check_no_graphs(model)
             setattr(model, GRAPH_OWNER_ATTR, weakref.ref(self))
@@ -217,9 +176,9 @@ class FastStepper:
     def _grow(self, capacity: int) -> None:
         old = self._pools
         with torch.inference_mode():
-            new = _Pools(capacity, {k: v.narrow(_batch_dim(k), 0, 1) for k, v in old.tensors.items()})
+            new = SlotPools(capacity, {k: v.narrow(batch_dim(k), 0, 1) for k, v in old.tensors.items()})
             for name, t in old.tensors.items():
-                new.tensors[name].narrow(_batch_dim(name), 0, old.capacity).copy_(t)
+                new.tensors[name].narrow(batch_dim(name), 0, old.capacity).copy_(t)
         self._pools = new
         # Graphs point at the old pools: drop them, and capture the next ones into a fresh
         # memory pool (capturing into a pool that dropped graphs shared trips an allocator assert).
@@ -234,7 +193,7 @@ class FastStepper:
         return self._pools.nbytes_per_slot()
 
     def slot_rows(self, slot: int) -> dict[str, torch.Tensor]:
-        return {k: v.narrow(_batch_dim(k), slot, 1) for k, v in self._pools.tensors.items()}
+        return {k: v.narrow(batch_dim(k), slot, 1) for k, v in self._pools.tensors.items()}
 
     # ----- the step -------------------------------------------------------------------------
 
@@ -245,13 +204,19 @@ class FastStepper:
 
         ``capture=False`` runs an odd shape eagerly rather than capturing a graph for it.
         """
-        results: list[list[int]] = []
+        return self.launch(kind, mel, lengths, slots, capture).tokens()
+
+    def launch(
+        self, kind: _Kind, mel: torch.Tensor, lengths: torch.Tensor, slots: Sequence[int], capture: bool = True
+    ) -> PendingTokens:
+        """:meth:`run` without waiting: the host may work while the GPU steps; then ``.tokens()``."""
+        parts = []
         for lo in range(0, len(slots), self.max_batch):
             part = slots[lo : lo + self.max_batch]
-            results += self._run_bucket(kind, mel[lo : lo + len(part)], lengths[lo : lo + len(part)], part, capture)
-        return results
+            parts.append(self._launch_bucket(kind, mel[lo : lo + len(part)], lengths[lo : lo + len(part)], part, capture))
+        return PendingTokens(parts, self.blank)
 
-    def _run_bucket(self, kind, mel, lengths, slots, capture) -> list[list[int]]:
+    def _launch_bucket(self, kind, mel, lengths, slots, capture) -> torch.Tensor:
         n = len(slots)
         bucket = 1 << max(0, (n - 1).bit_length())
         in_place = not kind.first and n == bucket and list(slots) == list(range(1, n + 1))
@@ -274,12 +239,9 @@ class FastStepper:
             runner.mel[:n, :, : mel.shape[-1]].copy_(mel[:, :, : kind.frames])
             runner.mel_len.fill_(kind.frames)
             runner.mel_len[:n].copy_(lengths)
-            index = torch.zeros(bucket, dtype=torch.long)
-            index[:n] = torch.as_tensor(list(slots), dtype=torch.long)
-            runner.slots.copy_(index)
+            runner.set_slots(slots)
             runner.run()
-            tokens = runner.tokens[:n].cpu().tolist()  # the one synchronisation of a step
-        return [[t for t in row if t != self.blank] for row in tokens]
+            return runner.tokens[:n].clone()  # a later part of the same step may replay this runner
 
     def compute(self, kind: _Kind, mel, mel_len, slots, in_place: bool = False) -> torch.Tensor:
         """The step itself, static shapes, no host synchronisation: returns [B, frames x max_symbols] labels.
@@ -306,16 +268,16 @@ class FastStepper:
     def _gather(self, slots, *names: str) -> list[torch.Tensor]:
         pools = self._pools.tensors
         if isinstance(slots, _Rows):
-            return [pools[n].narrow(_batch_dim(n), 1, slots.count) for n in names]
-        return [pools[n].index_select(_batch_dim(n), slots) for n in names]
+            return [pools[n].narrow(batch_dim(n), 1, slots.count) for n in names]
+        return [pools[n].index_select(batch_dim(n), slots) for n in names]
 
     def _scatter(self, slots, **values: torch.Tensor) -> None:
         pools = self._pools.tensors
         for name, value in values.items():
             if isinstance(slots, _Rows):
-                pools[name].narrow(_batch_dim(name), 1, slots.count).copy_(value)
+                pools[name].narrow(batch_dim(name), 1, slots.count).copy_(value)
             else:
-                pools[name].index_copy_(_batch_dim(name), slots, value.to(pools[name].dtype))
+                pools[name].index_copy_(batch_dim(name), slots, value.to(pools[name].dtype))
 
     def _initial_caches(self, bucket: int) -> list[torch.Tensor]:
         """Fresh streams' caches (zeros, as ``get_initial_cache_state`` gives the eager path)."""

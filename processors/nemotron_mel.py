@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from processors.nemotron_stream import StepJob
@@ -33,30 +34,38 @@ class MelBatcher:
         and a kept frame never reaches past its own job's samples, so the zero padding of
         shorter rows does not touch it.
         """
-        width = max(job.samples.size for job in jobs)
-        host = self._host_buffer(len(jobs) * width + len(jobs)).narrow(0, 0, len(jobs) * width + len(jobs))
-        batch = host.numpy()[: len(jobs) * width].reshape(len(jobs), width)
-        sizes_np = host.numpy()[len(jobs) * width :]
-        for i, (row, job) in enumerate(zip(batch, jobs)):
-            row[: job.samples.size] = job.samples
-            row[job.samples.size :] = 0.0
-            sizes_np[i] = job.samples.size  # exact in float32 (< 2**24 samples)
+        n, width = len(jobs), max(job.samples.size for job in jobs)
+        size = n * width + 2 * n  # samples, then each job's sample count and frame count
+        host = self._host_buffer(size).narrow(0, 0, size)
+        batch = host.numpy()[: n * width].reshape(n, width)
+        if all(job.samples.size == width for job in jobs):
+            np.stack([job.samples for job in jobs], out=batch)
+        else:
+            for row, job in zip(batch, jobs):
+                row[: job.samples.size] = job.samples
+                row[job.samples.size :] = 0.0
+        counts = [job.count for job in jobs]
+        host.numpy()[n * width :] = [job.samples.size for job in jobs] + counts  # exact in float32 (< 2**24)
         staged = host.to(self.device, non_blocking=True)  # pinned on CUDA: one asynchronous copy
         if self.device.type == "cuda":
             self._staged = torch.cuda.Event()
             self._staged.record()
-        signal = staged[: len(jobs) * width].view(len(jobs), width)
-        sizes = staged[len(jobs) * width :].long()
+        signal = staged[: n * width].view(n, width)
+        sizes = staged[n * width : n * width + n].long()
+        lengths = staged[n * width + n :].long()
         with torch.inference_mode():
             mel, _ = self._preprocessor(input_signal=signal, length=sizes)
-        counts = [job.count for job in jobs]
-        lengths = torch.tensor(counts).to(self.device)
         if all(job.skip == jobs[0].skip and job.count == counts[0] for job in jobs):
             return mel[:, :, jobs[0].skip : jobs[0].skip + counts[0]], lengths  # steady state
         frames = torch.zeros(len(jobs), mel.shape[1], max(counts), dtype=mel.dtype, device=mel.device)
         for i, job in enumerate(jobs):
             frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
         return frames, lengths
+
+    def reserve(self, streams: int, samples: int) -> None:
+        """Allocate the host buffer for ``streams`` jobs of ``samples`` each now (page-locking
+        tens of MB takes tens of ms: at warm-up, not in the first large step)."""
+        self._host_buffer(streams * samples + 2 * streams)
 
     def _host_buffer(self, size: int) -> torch.Tensor:
         """A reusable float32 host buffer of at least ``size`` (page-locked when the model is on a GPU).

@@ -1,4 +1,4 @@
-"""Per-stream state of the streaming engine, and the batch plumbing of the eager path.
+"""Per-stream state of the streaming engine, and the batch plumbing and step of the eager path.
 
 :class:`StreamState` is everything one call needs between steps (audio window, encoder caches
 or the fast path's slot, the turn's hypothesis); :class:`BatchCaches` holds the encoder caches
@@ -39,6 +39,7 @@ class StreamState:
     hypothesis: Any = None  # NeMo Hypothesis of the current turn (eager path)
     lease: Any = None  # the fast path's slot (processors.nemotron_graphs.SlotLease)
     tokens: list[int] = field(default_factory=list)  # the fast path's token ids of the turn
+    decoded: Any = None  # the fast path's text decoding state (processors.nemotron_text.TurnText)
     text: str = ""
     audio_s: float = 0.0  # seconds of audio received since the last reset
 
@@ -60,6 +61,7 @@ class StreamState:
             self.lease.release()
             self.lease = None
         self.tokens = []
+        self.decoded = None
         self.text = ""
         self.audio_s = 0.0
 
@@ -125,3 +127,29 @@ class StepJob:
     first: bool
     drop: int  # subsampled history frames to drop (drop_extra_pre_encoded)
     new_frames: int
+
+
+def eager_stream_step(model, states: Sequence[StreamState], inputs, lengths, keep_all: bool, first: bool, drop: int) -> None:
+    """NeMo's own ``conformer_stream_step`` for a batch of streams: their caches, hypotheses and
+    texts are updated (the caller holds inference mode and autocast, and advances the frames)."""
+    if all(s.caches is None for s in states):
+        caches = BatchCaches(*model.encoder.get_initial_cache_state(batch_size=len(states), device=inputs.device))
+    else:  # a group mixes only streams past their first step (first steps form their own)
+        caches = BatchCaches.gather(states)
+    result = model.conformer_stream_step(
+        processed_signal=inputs,
+        processed_signal_length=lengths,
+        cache_last_channel=caches.channel,
+        cache_last_time=caches.time,
+        cache_last_channel_len=caches.length,
+        keep_all_outputs=keep_all,
+        previous_hypotheses=None if first else [s.hypothesis for s in states],
+        drop_extra_pre_encoded=drop,
+        return_transcription=True,
+    )
+    _, _, channel, time_cache, cache_len, best = result
+    produced = BatchCaches(channel, time_cache, cache_len)
+    for i, s in enumerate(states):
+        s.caches, s.row = produced, i
+        s.hypothesis = best[i]
+        s.text = best[i].text if isinstance(best[i].text, str) else ""
