@@ -166,8 +166,10 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             how, self._previous_resumed = self._previous_resumed, None
             return await self._on_late_words(words, how)
         if self._paused_at is None and self._resumed_utterance:
-            how, self._resumed_utterance = self._resumed_utterance, None
-            return await self._on_late_words(words, how)
+            # Every partial and the final of an utterance that was resumed on, until the caller's
+            # next one starts: none of them may open a turn of its own (a turn opened by a partial
+            # has no text and holds the caller's next question until pipecat's stop watchdog).
+            return await self._on_late_words(words, self._resumed_utterance)
         if self._paused_at is None and not self._bot_speaking:
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
@@ -192,6 +194,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             logger.debug(f"{self}: words after the resume: interruption committed")
             self._cancel_timer()
             self._paused_at = None
+            self._resumed_utterance = None
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
         await self.trigger_reset_aggregation()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -297,3 +298,33 @@ async def test_a_late_backchannel_or_echo_after_the_resume_does_not_interrupt(se
         assert not interruptions_after(call, onset)
         assert " ".join(tts.requests).split() == REPLY.split()
         assert len(llm.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        pytest.param([interim("I see"), final("I see.")], id="interim-then-final"),
+        pytest.param([final("I see."), interim("I see")], id="final-then-stray-interim"),
+        pytest.param([interim("yeah"), interim("yeah okay"), final("Yeah, okay.")], id="several-partials"),
+    ],
+)
+async def test_late_words_of_a_resumed_backchannel_never_open_a_turn_once_annie_is_done(settings, llm, late):
+    """A slow STT: the caller's "I see" was resumed on, and its partials and final trickle in one by
+    one after Annie finished her reply. None of them opens a caller turn (a turn opened by a partial
+    has no text and hangs until pipecat's 5 s stop watchdog, deaf to the caller's next question),
+    and the caller's next question is answered at once."""
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+        onset = await resumed_after_a_lasting_sound(call)
+        await call.wait_silent(quiet_s=0.5)
+        for frame in late:
+            await call.send(frame)
+            await asyncio.sleep(0.15)
+        await asyncio.sleep(0.5)
+        assert not interruptions_after(call, onset), "a late backchannel opened a turn"
+        assert len(llm.requests) == 1
+        asked = await call.caller_says("what next")
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=3)
+        assert time.monotonic() - asked < 2.0, "the question waited for a stray turn to time out"
+        users = [m["content"] for m in llm.requests[1].messages if m["role"] == "user"]
+        assert users == ["tell me a story", "what next"]
