@@ -104,12 +104,17 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._blip = False  # the paused utterance ended within blip_s of the pause, with no words
         self._deadline = 0.0
         self._timer: asyncio.Task | None = None
+        self._committing = False
+        # The caller's current turn began as an interruption committed here (so Annie was cut off
+        # and owes the caller an answer, even if no words come).
+        self.turn_interrupted_annie = False
         # ("commit" | "resume", seconds after the pause) or ("commit late", seconds after the resume)
         self.decisions: list[tuple[str, float]] = []
 
     async def handle_user_turn_started(self):
         self._cancel_timer()
         self._paused_at = None
+        self.turn_interrupted_annie, self._committing = self._committing, False
 
     async def cleanup(self):
         self._cancel_timer()
@@ -195,7 +200,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             self._cancel_timer()
             self._paused_at = None
             self._resumed_utterance = None
-            await self.trigger_user_turn_started()
+            await self._start_interrupting_turn()
             return ProcessFrameResult.STOP
         await self.trigger_reset_aggregation()
         return ProcessFrameResult.CONTINUE
@@ -222,7 +227,14 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         logger.debug(f"{self}: interruption committed ({why})")
         self._cancel_timer()
         self._paused_at = None
-        await self.trigger_user_turn_started()
+        await self._start_interrupting_turn()
+
+    async def _start_interrupting_turn(self) -> None:
+        self._committing = True
+        try:
+            await self.trigger_user_turn_started()
+        finally:
+            self._committing = False
 
     async def _resume(self) -> None:
         self._record("resume")

@@ -34,6 +34,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "Answer in one or two short spoken sentences, no lists, no markdown, no emoji."
 )
 DEFAULT_APOLOGY = "Sorry, I'm having a little trouble right now. Could you say that again in a moment?"
+DEFAULT_REPEAT_REQUEST = "Sorry, I didn't catch that. Could you say it again?"
 
 
 class ConfigError(Exception):
@@ -65,6 +66,8 @@ class AgentSettings(BaseSettings):
         "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
     )
     resume_backup_ms: int = Field(0, ge=0, le=1000)
+    # Spoken when the caller cut Annie off (pause first, then decide committed) but no words came.
+    repeat_request_text: str = Field(DEFAULT_REPEAT_REQUEST, min_length=1)
 
     # Audio (PulseAudio)
     pulse_source: str = Field("echo_cancel_source", min_length=1)

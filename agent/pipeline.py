@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer
+from pipecat.frames.frames import TTSSpeakFrame
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -23,6 +24,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregator,
     LLMUserAggregatorParams,
+    UserTurnStoppedMessage,
 )
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.llm_service import LLMService
@@ -92,6 +94,30 @@ def user_aggregator_params(
     )
 
 
+def ask_to_repeat_after_silent_interruptions(
+    user_agg: LLMUserAggregator, start: PauseThenDecideStartStrategy, text: str
+) -> None:
+    """Annie speaks ``text`` when the caller cut her off but their turn ended with no words.
+
+    Pause-then-decide commits an interruption only on real words or on a caller who kept talking,
+    so Annie has stopped mid-reply and owes an answer; if the transcript then comes back empty (the
+    STT heard nothing it could spell, or the words were lost), the caller would be left in
+    silence. Once in a row: a second such turn is left alone until the caller is heard again.
+    Empty turns that did not cut Annie off (a cough while she is idle) are still not answered.
+    """
+    asked = False
+
+    @user_agg.event_handler("on_user_turn_stopped")
+    async def _on_user_turn_stopped(_aggregator, _strategy, message: UserTurnStoppedMessage):
+        nonlocal asked
+        if message.content:
+            asked = False
+        elif start.turn_interrupted_annie and not asked:
+            asked = True
+            logger.info("barge-in: the caller cut Annie off but no words came; asking them to repeat")
+            await user_agg.push_frame(TTSSpeakFrame(text))
+
+
 def build_call_pipeline(
     settings: AgentSettings,
     *,
@@ -118,6 +144,9 @@ def build_call_pipeline(
     user_agg, assistant_agg = LLMContextAggregatorPair(
         context, user_params=user_aggregator_params(settings, vad_analyzer, start)
     )
+
+    if start is not None:
+        ask_to_repeat_after_silent_interruptions(user_agg, start, settings.repeat_request_text)
 
     @assistant_agg.event_handler("on_assistant_turn_stopped")
     async def _on_assistant_turn_stopped(_aggregator, message: AssistantTurnStoppedMessage):

@@ -16,6 +16,7 @@ from pipecat.frames.frames import (
     InterimTranscriptionFrame,
     InterruptionFrame,
     TranscriptionFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -175,8 +176,11 @@ async def pause_and_resume(settings, frames) -> float:
     ):
         llm.queue_reply(REPLY)
         await annie_speaking(call)
-        # All at once: the sound is over right after the pause (as Annie's echo is).
-        await call.send(VADUserStartedSpeakingFrame(start_secs=0.064), *frames, VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        # The sound is over right after the pause (as Annie's echo is). The VAD frames are system
+        # frames and overtake queued transcripts, so the stop goes in once the words are through.
+        await call.send(VADUserStartedSpeakingFrame(start_secs=0.064), *frames)
+        await asyncio.sleep(0.1)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
         await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 5, "the resume")
         (decision, after_s), = call.call.pause_first.decisions
         assert decision == "resume"
@@ -328,3 +332,39 @@ async def test_late_words_of_a_resumed_backchannel_never_open_a_turn_once_annie_
         assert time.monotonic() - asked < 2.0, "the question waited for a stray turn to time out"
         users = [m["content"] for m in llm.requests[1].messages if m["role"] == "user"]
         assert users == ["tell me a story", "what next"]
+
+
+async def test_a_committed_interruption_without_words_is_asked_to_repeat_once(make_settings, llm):
+    """The caller kept talking past the window, so Annie stopped mid-story, but the STT gave no words
+    (a muffled voice, a lost transcript). Annie does not leave the caller in silence: she asks them
+    to repeat, once, without running the LLM; what the caller then says is answered as usual. An
+    empty turn that did not cut her off (a sound while she was idle) still gets no answer."""
+    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=600,
+                             repeat_request_text="Sorry, what was that?")
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+        # A sound while Annie is idle, no words: a turn that ends empty, and no answer.
+        await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+        await asyncio.sleep(0.3)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.wait_until(lambda: call.log.times(UserStoppedSpeakingFrame), 8, "the empty idle turn to end")
+        await asyncio.sleep(0.3)
+        assert tts.requests == [] and llm.requests == []
+
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        await call.wait_until(lambda: interruptions_after(call, onset), 2, "the interruption (kept talking)")
+        await asyncio.sleep(0.2)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.wait_until(lambda: "Sorry, what was that?" in tts.requests, 8, "the request to repeat")
+        asked = time.monotonic()
+        await call.wait_until(lambda: call.audible_since(asked) > 0.2, 3, "Annie to ask out loud")
+        assert len(llm.requests) == 1, "the LLM is not run for the request to repeat"
+        assert tts.requests.count("Sorry, what was that?") == 1
+
+        await call.wait_silent(quiet_s=0.5)
+        await call.caller_says("what next")
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        messages = llm.requests[1].messages
+        assert messages[-1] == {"role": "user", "content": "what next"}
+        assert any(m["role"] == "assistant" and "Sorry, what was that?" in m["content"] for m in messages)
