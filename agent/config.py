@@ -62,6 +62,8 @@ class AgentSettings(BaseSettings):
     # smoothing add ~230 ms to every onset; bench/bargein_aec_probe.py measures it).
     barge_in_vad_start_ms: int = Field(64, ge=20, le=2000)
     barge_in_vad_min_volume: float = Field(0.0, ge=0.0, lt=1.0)
+    # Silero confidence while pausing first (unset: VAD_CONFIDENCE). Lower hears double talk sooner.
+    barge_in_vad_confidence: float | None = Field(None, gt=0.0, lt=1.0)
     backchannel_words: str = Field(
         "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
     )

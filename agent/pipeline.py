@@ -139,7 +139,8 @@ def build_call_pipeline(
     start = pause_first_strategy(settings, transport.output(), stt_streams_partials)
     if start is not None and vad_analyzer is not None:
         tune_vad_for_pause_first(vad_analyzer, start_ms=settings.barge_in_vad_start_ms,
-                                 min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate)
+                                 min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate,
+                                 confidence=settings.barge_in_vad_confidence)
     context = LLMContext(messages=[])
     user_agg, assistant_agg = LLMContextAggregatorPair(
         context, user_params=user_aggregator_params(settings, vad_analyzer, start)

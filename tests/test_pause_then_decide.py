@@ -207,8 +207,9 @@ async def test_pause_first_makes_the_vad_start_sooner(make_settings):
     from pipecat.processors.filters.identity_filter import IdentityFilter
     from transports.simulated import SimulatedPhoneTransport
 
-    settings = make_settings(enable_barge_in=True, barge_in_vad_start_ms=64, barge_in_vad_min_volume=0.0)
-    for partials, expected in ((True, (0.064, 0.0)), (False, (0.2, VADParams().min_volume))):
+    settings = make_settings(enable_barge_in=True, barge_in_vad_start_ms=64, barge_in_vad_min_volume=0.0,
+                             barge_in_vad_confidence=0.5)
+    for partials, expected in ((True, (0.064, 0.0, 0.5)), (False, (0.2, VADParams().min_volume, settings.vad_confidence))):
         vad = build_vad(settings)
         assert isinstance(vad, SileroVADAnalyzer)
         call = build_call_pipeline(settings, transport=SimulatedPhoneTransport(), stt=IdentityFilter(),
@@ -216,8 +217,7 @@ async def test_pause_first_makes_the_vad_start_sooner(make_settings):
                                    stt_streams_partials=partials)
         assert (call.pause_first is not None) == partials
         vad.set_sample_rate(16000)  # as the pipeline does at start: the tuned parameters stay
-        assert (vad.params.start_secs, vad.params.min_volume) == expected
-        assert vad.params.confidence == settings.vad_confidence
+        assert (vad.params.start_secs, vad.params.min_volume, vad.params.confidence) == expected
 
 
 def test_the_tuned_vad_hears_a_word_onset_sooner():
