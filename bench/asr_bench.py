@@ -64,6 +64,38 @@ def gc_pauses():
         gc.callbacks.remove(callback)
 
 
+@contextlib.contextmanager
+def gpu_waits(engine):
+    """Milliseconds the host spends blocked reading the fast path's tokens back (waiting for the
+    GPU step, plus the read itself) meanwhile; None where the engine has no such split."""
+    stepper = getattr(engine, "_stepper", None)
+    if stepper is None or not hasattr(stepper, "launch"):
+        yield None
+        return
+    waits: list[float] = []
+    launch = stepper.launch
+
+    def timed_launch(*args, **kwargs):
+        pending = launch(*args, **kwargs)
+        read = pending.tokens
+
+        def timed_read():
+            t = time.perf_counter()
+            try:
+                return read()
+            finally:
+                waits.append(1e3 * (time.perf_counter() - t))
+
+        pending.tokens = timed_read
+        return pending
+
+    stepper.launch = timed_launch
+    try:
+        yield waits
+    finally:
+        del stepper.launch
+
+
 class EngineLoad:
     """B engine streams in lockstep: each step feeds one chunk per stream, then steps them all."""
 
@@ -77,6 +109,7 @@ class EngineLoad:
         self.step_ms: list[float] = []
         self.feed_ms: list[float] = []
         self.gc_ms: list[float] = []  # garbage collector pauses inside each recorded step
+        self.wait_ms: list[float | None] = []  # blocked on the GPU inside each recorded step (fast path)
 
     def run(self, steps: int, record: bool = True) -> None:
         engine, span = self.engine, len(self.audio) - self.chunk
@@ -86,7 +119,7 @@ class EngineLoad:
                 start = (offset + self.n * self.chunk) % span
                 engine.feed(state, self.audio[start : start + self.chunk])
             t1 = time.perf_counter()
-            with gc_pauses() as pauses:
+            with gc_pauses() as pauses, gpu_waits(engine) as waits:
                 while any(engine.ready(s) for s in self.states):
                     engine.step(self.states)
                 sync(engine)
@@ -96,6 +129,7 @@ class EngineLoad:
                 self.feed_ms.append(1e3 * (t1 - t0))
                 self.step_ms.append(1e3 * (t2 - t1))
                 self.gc_ms.append(sum(pauses))
+                self.wait_ms.append(None if waits is None else sum(waits))
 
     def row(self) -> dict:
         chunk_ms, p95, feed95 = self.engine.chunk_ms, percentile(self.step_ms, 95), percentile(self.feed_ms, 95)

@@ -138,15 +138,26 @@ def time_steps(engines: dict, batch: int, steps: int, warmup: int) -> dict:
             "p95_ms": round(percentile(load.step_ms, 95), 2),
             "feed_p50_ms": round(percentile(load.feed_ms, 50), 2),
             "tokens_per_stream": round(sum(s.num_tokens for s in load.states) / batch, 1),
+            **host_split(load),
             "gc_ms_total": round(sum(load.gc_ms), 2),
             "gc_ms_max_step": round(max(load.gc_ms, default=0.0), 2),
             "step_ms": [round(v, 2) for v in load.step_ms],
             "gc_ms": [round(v, 2) for v in load.gc_ms],
+            "gpu_wait_ms": [None if v is None else round(v, 2) for v in load.wait_ms],
         }
     for load in loads.values():
         for s in load.states:
             s.reset()
     return out
+
+
+def host_split(load) -> dict:
+    """Per step, time blocked on the GPU (reading the tokens back) vs the rest (host work), p50."""
+    if not load.wait_ms or load.wait_ms[0] is None:
+        return {}
+    host = [step - wait for step, wait in zip(load.step_ms, load.wait_ms)]
+    return {"gpu_wait_p50_ms": round(percentile(load.wait_ms, 50), 2), "host_p50_ms": round(percentile(host, 50), 2),
+            "host_p95_ms": round(percentile(host, 95), 2)}
 
 
 def graph_gpu_ms(engine, batch: int, repeats: int = 20) -> float | None:
@@ -366,7 +377,8 @@ def main() -> None:
     print(
         f"{largest} streams, fast engine alone (no eager blocks in between): step p50 {alone['p50_ms']} / p95 {alone['p95_ms']} ms"
         f" (interleaved with eager: p50 {interleaved['p50_ms']} / p95 {interleaved['p95_ms']} ms); target p95 <= 80 ms at >= 1,000 streams;"
-        f" garbage collector {alone['gc_ms_total']} ms in {len(alone['step_ms'])} steps (interleaved {interleaved['gc_ms_total']} ms)",
+        f" garbage collector {alone['gc_ms_total']} ms in {len(alone['step_ms'])} steps (interleaved {interleaved['gc_ms_total']} ms);"
+        f" host p50 {alone.get('host_p50_ms')} / p95 {alone.get('host_p95_ms')} ms, blocked on the GPU p50 {alone.get('gpu_wait_p50_ms')} ms",
         flush=True,
     )
     save()
