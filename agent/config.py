@@ -68,8 +68,10 @@ class AgentSettings(BaseSettings):
         "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
     )
     resume_backup_ms: int = Field(0, ge=0, le=1000)
-    # Spoken when the caller cut Annie off (pause first, then decide committed) but no words came.
+    # Spoken when a caller turn ends with no words although the caller spoke at least
+    # REPEAT_MIN_SPEECH_MS (a cough is shorter) or cut Annie off (pause first committed).
     repeat_request_text: str = Field(DEFAULT_REPEAT_REQUEST, min_length=1)
+    repeat_min_speech_ms: int = Field(700, ge=100, le=10000)
 
     # Audio (PulseAudio)
     pulse_source: str = Field("echo_cancel_source", min_length=1)

@@ -35,7 +35,13 @@ from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
 from agent.barge_in import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
-from agent.turns import HalfDuplexMuteStrategy, mark_interrupted_reply, trim_context, user_turn_strategies
+from agent.turns import (
+    HalfDuplexMuteStrategy,
+    TurnSpeechMeter,
+    mark_interrupted_reply,
+    trim_context,
+    user_turn_strategies,
+)
 from processors.audio_guard import InputAudioGuard
 from transports.playback import PausablePlayback
 
@@ -80,13 +86,14 @@ def user_aggregator_params(
     settings: AgentSettings,
     vad_analyzer: VADAnalyzer | None,
     start: PauseThenDecideStartStrategy | None = None,
+    meter: TurnSpeechMeter | None = None,
 ) -> LLMUserAggregatorParams:
     """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute."""
     mute = [] if settings.enable_barge_in else [HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000)]
     return LLMUserAggregatorParams(
         vad_analyzer=vad_analyzer,
         user_turn_strategies=user_turn_strategies(
-            speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None
+            speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter
         ),
         user_mute_strategies=mute,
         # A barge-in with no words (a cough, a bang) must not make Annie answer by itself.
@@ -94,16 +101,22 @@ def user_aggregator_params(
     )
 
 
-def ask_to_repeat_after_silent_interruptions(
-    user_agg: LLMUserAggregator, start: PauseThenDecideStartStrategy, text: str
+def ask_to_repeat_unheard_turns(
+    user_agg: LLMUserAggregator,
+    text: str,
+    *,
+    meter: TurnSpeechMeter,
+    min_speech_s: float,
+    pause_first: PauseThenDecideStartStrategy | None,
 ) -> None:
-    """Annie speaks ``text`` when the caller cut her off but their turn ended with no words.
+    """Annie speaks ``text`` when the caller spoke but their turn ended with no words.
 
-    Pause-then-decide commits an interruption only on real words or on a caller who kept talking,
-    so Annie has stopped mid-reply and owes an answer; if the transcript then comes back empty (the
-    STT heard nothing it could spell, or the words were lost), the caller would be left in
-    silence. Once in a row: a second such turn is left alone until the caller is heard again.
-    Empty turns that did not cut Annie off (a cough while she is idle) are still not answered.
+    A turn ends empty when the STT heard nothing it could spell, dropped the segment, or failed;
+    a caller who asked something and hears nothing is left in silence. So Annie asks them to repeat
+    when the turn's voice lasted at least ``min_speech_s`` (a cough or a door is shorter), or when
+    pause-then-decide committed the turn as an interruption (Annie stopped mid-reply for it: real
+    words, or a caller who kept talking). Once in a row: a second such turn is left alone until the
+    caller is heard again. The LLM is not run for it; the request goes into the context.
     """
     asked = False
 
@@ -112,10 +125,15 @@ def ask_to_repeat_after_silent_interruptions(
         nonlocal asked
         if message.content:
             asked = False
-        elif start.turn_interrupted_annie and not asked:
-            asked = True
-            logger.info("barge-in: the caller cut Annie off but no words came; asking them to repeat")
-            await user_agg.push_frame(TTSSpeakFrame(text))
+            return
+        interrupted = pause_first is not None and pause_first.turn_interrupted_annie
+        spoke = meter.last_turn_speech_s >= min_speech_s
+        if asked or not (interrupted or spoke):
+            return
+        asked = True
+        why = "it cut Annie off" if interrupted else f"{meter.last_turn_speech_s:.1f} s of voice"
+        logger.info(f"caller turn ended with no words ({why}); asking them to repeat")
+        await user_agg.push_frame(TTSSpeakFrame(text))
 
 
 def build_call_pipeline(
@@ -142,12 +160,12 @@ def build_call_pipeline(
                                  min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate,
                                  confidence=settings.barge_in_vad_confidence)
     context = LLMContext(messages=[])
+    meter = TurnSpeechMeter()
     user_agg, assistant_agg = LLMContextAggregatorPair(
-        context, user_params=user_aggregator_params(settings, vad_analyzer, start)
+        context, user_params=user_aggregator_params(settings, vad_analyzer, start, meter)
     )
-
-    if start is not None:
-        ask_to_repeat_after_silent_interruptions(user_agg, start, settings.repeat_request_text)
+    ask_to_repeat_unheard_turns(user_agg, settings.repeat_request_text, meter=meter,
+                                min_speech_s=settings.repeat_min_speech_ms / 1000, pause_first=start)
 
     @assistant_agg.event_handler("on_assistant_turn_stopped")
     async def _on_assistant_turn_stopped(_aggregator, message: AssistantTurnStoppedMessage):

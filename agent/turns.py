@@ -17,8 +17,15 @@ from __future__ import annotations
 import time
 
 from loguru import logger
-from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame, Frame
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    Frame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_mute import BaseUserMuteStrategy
 from pipecat.turns.user_start import (
     BaseUserTurnStartStrategy,
@@ -54,8 +61,41 @@ class HalfDuplexMuteStrategy(BaseUserMuteStrategy):
         return self._bot_speaking or time.monotonic() < self._muted_until
 
 
+class TurnSpeechMeter(BaseUserTurnStartStrategy):
+    """How long the caller's voice lasted in each turn (VAD start to stop); never starts a turn.
+
+    It must come first among the start strategies: a strategy that starts a turn stops the
+    others from seeing that frame. ``last_turn_speech_s`` holds the turn that ended last, set
+    before the user aggregator announces the turn's end.
+    """
+
+    def __init__(self):
+        super().__init__(enable_interruptions=False)
+        self._speaking_since: float | None = None
+        self._speech_s = 0.0
+        self.last_turn_speech_s = 0.0
+
+    async def process_frame(self, frame: Frame) -> ProcessFrameResult:
+        if isinstance(frame, VADUserStartedSpeakingFrame) and self._speaking_since is None:
+            self._speaking_since = time.monotonic()
+        elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._speaking_since is not None:
+            self._speech_s += time.monotonic() - self._speaking_since
+            self._speaking_since = None
+        return ProcessFrameResult.CONTINUE
+
+    async def handle_user_turn_started(self):
+        self._speech_s = 0.0  # sounds before the turn (resumed on, or while muted) are not its own
+
+    async def handle_user_turn_stopped(self):
+        ongoing = time.monotonic() - self._speaking_since if self._speaking_since is not None else 0.0
+        self.last_turn_speech_s, self._speech_s = self._speech_s + ongoing, 0.0
+
+
 def user_turn_strategies(
-    *, speech_timeout_s: float, start: list[BaseUserTurnStartStrategy] | None = None
+    *,
+    speech_timeout_s: float,
+    start: list[BaseUserTurnStartStrategy] | None = None,
+    meter: TurnSpeechMeter | None = None,
 ) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
@@ -65,13 +105,14 @@ def user_turn_strategies(
     strategies while she talks, so only a turn started while she is still thinking (before her
     first audio) supersedes the pending answer, as today. Emulating half-duplex with
     ``enable_interruptions=False`` instead would queue answers behind ignored speech.
+    ``meter``, if given, goes first, so it sees every frame.
     """
+    start = start or [
+        VADUserTurnStartStrategy(enable_interruptions=True),
+        TranscriptionUserTurnStartStrategy(enable_interruptions=True),
+    ]
     return UserTurnStrategies(
-        start=start
-        or [
-            VADUserTurnStartStrategy(enable_interruptions=True),
-            TranscriptionUserTurnStartStrategy(enable_interruptions=True),
-        ],
+        start=[meter, *start] if meter else start,
         stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s)],
     )
 

@@ -139,10 +139,10 @@ class PartialWhisperSTTService(WhisperSTTService):
 
 def whisper_stt(partials: bool, model_path: Path | None = None):
     """The agent's Whisper fallback (bundled tiny.en), with or without partial transcripts."""
-    from processors.whisper_stt import check_whisper_model_dir, default_whisper_model_path, make_whisper_stt
+    from processors.whisper_stt import NO_SPEECH_PROB, check_whisper_model_dir, default_whisper_model_path, make_whisper_stt
 
     if not partials:
         return make_whisper_stt(model_path)
     path = check_whisper_model_dir(model_path or default_whisper_model_path())
-    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN)
+    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
     return PartialWhisperSTTService(device="cpu", compute_type="default", settings=settings)

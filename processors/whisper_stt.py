@@ -18,6 +18,12 @@ from pipecat.transcriptions.language import Language
 from processors.errors import SetupError
 
 _REQUIRED_FILES = ("model.bin", "config.json")
+# Segments Whisper scores as "no speech" at or above this are dropped. Pipecat's default, 0.4,
+# dropped whole caller questions: tiny.en scores clear speech up to ~0.5 (bench/whisper_no_speech.py:
+# 0.17-0.51 on 39 utterances, 4 of them lost at 0.4, none at 0.6) while its one hallucination on noise
+# bursts ("You") scores 0.81-0.83.
+# The VAD has already decided that the segment is speech. 0.6 is also OpenAI Whisper's own default.
+NO_SPEECH_PROB = 0.6
 _INSTALL_HINT = "install the whisper extra: pip install -e '.[whisper]'"
 
 
@@ -68,7 +74,7 @@ def make_whisper_stt(
     except ImportError as e:
         raise SetupError(f"STT_BACKEND=whisper needs faster-whisper; {_INSTALL_HINT}.") from e
 
-    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN)
+    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
     logger.debug(f"Whisper STT: loading {path} on {device}")
     try:
         return WhisperSTTService(device=device, compute_type=compute_type, settings=settings, **kwargs)

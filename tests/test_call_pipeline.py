@@ -12,7 +12,7 @@ import socket
 import time
 
 import pytest
-from pipecat.frames.frames import BotStartedSpeakingFrame, ErrorFrame, InterruptionFrame
+from pipecat.frames.frames import BotStartedSpeakingFrame, ErrorFrame, InterruptionFrame, UserStoppedSpeakingFrame
 
 from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.turns import INTERRUPTED_MARK
@@ -136,6 +136,34 @@ async def test_barge_in_without_words_does_not_make_annie_answer(make_settings, 
         await asyncio.sleep(6.0)
         assert len(slow_llm.requests) == 1, "an empty barge-in made Annie answer"
         assert call.audible_since(onset + 0.5) == 0.0
+
+
+@pytest.mark.parametrize("barge_in", [False, True], ids=["half-duplex", "barge-in"])
+async def test_a_question_that_came_back_without_words_is_asked_again_once(make_settings, llm_server, barge_in):
+    """The caller spoke for a second but the STT returned no words (a dropped segment, a failed
+    step): Annie asks them to repeat instead of leaving them in silence, without running the LLM,
+    and only once in a row; a short sound with no words (a cough) still gets no answer."""
+    settings = make_settings(enable_barge_in=barge_in, repeat_request_text="Sorry, what was that?")
+    tts = ToneTTSService()
+    async with running_call(settings, llm_base_url=llm_server.base_url, tts=tts) as call:
+        await call.caller_says("", speech_s=0.2)  # a cough
+        await call.wait_until(lambda: call.log.times(UserStoppedSpeakingFrame), 8, "the cough's empty turn to end")
+        await asyncio.sleep(0.3)
+        assert not tts.requests
+        await call.caller_says("", speech_s=1.0)  # a question the STT lost
+        await call.wait_until(lambda: tts.requests, 8, "Annie to ask the caller to repeat")
+        assert tts.requests == ["Sorry, what was that?"] and not llm_server.requests
+        await call.wait_speaking()
+        await call.wait_silent(quiet_s=0.6)
+        await call.caller_says("", speech_s=1.0)  # lost again: not asked twice in a row
+        await asyncio.sleep(6.0)  # past the empty turn's 5 s watchdog
+        assert tts.requests == ["Sorry, what was that?"] and not llm_server.requests
+
+        await call.caller_says("what is the time")
+        await llm_server.wait_for(lambda: llm_server.requests, timeout=5)
+        messages = llm_server.requests[0].messages
+        assert user_texts(messages) == ["what is the time"]
+        assert {"role": "assistant", "content": "Sorry, what was that?"} in messages
 
 
 async def test_llm_error_is_retried_once_then_apologised_and_the_call_goes_on(make_settings, llm_server):

@@ -90,7 +90,8 @@ async def test_stt_failure_loses_one_turn_and_the_next_is_answered(
         await call.settle(quiet_s=0.3)
         lost_at = time.monotonic()
         call.transport.say(speech["first"])
-        # The lost turn: the failure is reported and logged, nobody answers, nothing is stuck.
+        # The lost turn: the failure is reported and logged, nothing is stuck, and the caller is not
+        # left in silence: Annie asks them to repeat (no LLM call, nothing made up).
         await call.wait_until(lambda: engine.raised == 1, 15, "the engine to fail")
         await call.wait_until(lambda: call.errors(), 10, "an ErrorFrame")
         await call.wait_until(lambda: not call.status.user_speaking, 10, "the caller's turn to end")
@@ -99,8 +100,10 @@ async def test_stt_failure_loses_one_turn_and_the_next_is_answered(
         assert any("this turn is lost" in line for line in call.log_lines), call.log_lines
         finals_before = len(call.log.times(TranscriptionFrame))
         assert finals_before == 0, "the failed turn still produced a transcript"
+        await call.wait_until(lambda: call.audible_since(lost_at) > 0.2, 10, "Annie to ask the caller to repeat")
+        assert tts.requests == [settings.repeat_request_text]
         assert not llm_server.requests, "Annie answered a turn nobody heard"
-        assert call.audible_since(0) == 0.0
+        await call.settle()
 
         # The next turn is heard, transcribed and answered out loud.
         asked = time.monotonic()
