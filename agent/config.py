@@ -50,6 +50,9 @@ class AgentSettings(BaseSettings):
     enable_barge_in: bool = False
     half_duplex_holdoff_ms: int = Field(300, ge=0, le=3000)
     user_speech_timeout_ms: int = Field(400, ge=100, le=3000)
+    # A turn that no transcript ends (the STT heard nothing, or failed) closes after this much
+    # quiet (pipecat's watchdog); the request to repeat follows. Keep it above the STT's slowest final.
+    user_turn_stop_timeout_ms: int = Field(5000, ge=500, le=30000)
     vad_confidence: float = Field(0.7, gt=0.0, lt=1.0)
     vad_start_ms: int = Field(200, ge=20, le=2000)
     vad_stop_ms: int = Field(200, ge=20, le=2000)

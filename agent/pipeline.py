@@ -96,6 +96,7 @@ def user_aggregator_params(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter
         ),
         user_mute_strategies=mute,
+        user_turn_stop_timeout=settings.user_turn_stop_timeout_ms / 1000,
         # A barge-in with no words (a cough, a bang) must not make Annie answer by itself.
         empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=None, idle_prompt=None),
     )

@@ -142,21 +142,23 @@ async def test_barge_in_without_words_does_not_make_annie_answer(make_settings, 
 async def test_a_question_that_came_back_without_words_is_asked_again_once(make_settings, llm_server, barge_in):
     """The caller spoke for a second but the STT returned no words (a dropped segment, a failed
     step): Annie asks them to repeat instead of leaving them in silence, without running the LLM,
-    and only once in a row; a short sound with no words (a cough) still gets no answer."""
-    settings = make_settings(enable_barge_in=barge_in, repeat_request_text="Sorry, what was that?")
+    and only once in a row; a short sound with no words (a cough) still gets no answer. Such a turn
+    closes USER_TURN_STOP_TIMEOUT_MS after the caller's voice (pipecat's watchdog, 5 s by default)."""
+    settings = make_settings(enable_barge_in=barge_in, repeat_request_text="Sorry, what was that?",
+                             user_turn_stop_timeout_ms=1500)
     tts = ToneTTSService()
     async with running_call(settings, llm_base_url=llm_server.base_url, tts=tts) as call:
         await call.caller_says("", speech_s=0.2)  # a cough
-        await call.wait_until(lambda: call.log.times(UserStoppedSpeakingFrame), 8, "the cough's empty turn to end")
+        await call.wait_until(lambda: call.log.times(UserStoppedSpeakingFrame), 4, "the cough's empty turn to end")
         await asyncio.sleep(0.3)
         assert not tts.requests
         await call.caller_says("", speech_s=1.0)  # a question the STT lost
-        await call.wait_until(lambda: tts.requests, 8, "Annie to ask the caller to repeat")
+        await call.wait_until(lambda: tts.requests, 4, "Annie to ask the caller to repeat")
         assert tts.requests == ["Sorry, what was that?"] and not llm_server.requests
         await call.wait_speaking()
         await call.wait_silent(quiet_s=0.6)
         await call.caller_says("", speech_s=1.0)  # lost again: not asked twice in a row
-        await asyncio.sleep(6.0)  # past the empty turn's 5 s watchdog
+        await asyncio.sleep(3.0)  # past the empty turn's 1.5 s watchdog
         assert tts.requests == ["Sorry, what was that?"] and not llm_server.requests
 
         await call.caller_says("what is the time")

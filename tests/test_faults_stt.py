@@ -100,7 +100,7 @@ async def test_stt_failure_loses_one_turn_and_the_next_is_answered(
         assert any("this turn is lost" in line for line in call.log_lines), call.log_lines
         finals_before = len(call.log.times(TranscriptionFrame))
         assert finals_before == 0, "the failed turn still produced a transcript"
-        await call.wait_until(lambda: call.audible_since(lost_at) > 0.2, 10, "Annie to ask the caller to repeat")
+        asked_at = await call.wait_until(lambda: call.audible_since(lost_at) > 0.2, 10, "Annie to ask the caller to repeat")
         assert tts.requests == [settings.repeat_request_text]
         assert not llm_server.requests, "Annie answered a turn nobody heard"
         await call.settle()
@@ -119,5 +119,6 @@ async def test_stt_failure_loses_one_turn_and_the_next_is_answered(
     report(
         f"STT {where} step raises {type(lost_errors[0].exception).__name__ if lost_errors[0].exception else 'error'}",
         lost_turn_start_to_error=call.log.times(ErrorFrame)[0] - lost_at,
+        lost_turn_start_to_request_to_repeat_heard=asked_at - lost_at,
         next_turn_start_to_answer=answer_at - asked,
     )
