@@ -183,7 +183,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         if self._paused_at is None and not self._bot_speaking:
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
-        if self._paused_at is not None:
+        if self._paused_at is not None and not self._annies_own(words):
+            # Annie's own words (her echo, transcribed) do not make a sound more than a blip.
             self._words_while_paused = True
         if self._real_words(words):
             await self._commit("words")
@@ -209,6 +210,10 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             return ProcessFrameResult.STOP
         await self.trigger_reset_aggregation()
         return ProcessFrameResult.CONTINUE
+
+    def _annies_own(self, words: list[str]) -> bool:
+        echo = self._playback.recent_bot_words()
+        return all(w in echo for w in words)
 
     def _real_words(self, words: list[str]) -> bool:
         """Some word that is not a backchannel, a hum, or one Annie is saying (her echo)."""
