@@ -110,6 +110,7 @@ class EngineLoad:
         self.feed_ms: list[float] = []
         self.gc_ms: list[float] = []  # garbage collector pauses inside each recorded step
         self.wait_ms: list[float | None] = []  # blocked on the GPU inside each recorded step (fast path)
+        self.cpu_ms: list[float] = []  # this process's CPU time inside each recorded step
 
     def run(self, steps: int, record: bool = True) -> None:
         engine, span = self.engine, len(self.audio) - self.chunk
@@ -118,18 +119,19 @@ class EngineLoad:
             for state, offset in zip(self.states, self.offsets):
                 start = (offset + self.n * self.chunk) % span
                 engine.feed(state, self.audio[start : start + self.chunk])
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             with gc_pauses() as pauses, gpu_waits(engine) as waits:
                 while any(engine.ready(s) for s in self.states):
                     engine.step(self.states)
                 sync(engine)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             self.n += 1
             if record:
                 self.feed_ms.append(1e3 * (t1 - t0))
                 self.step_ms.append(1e3 * (t2 - t1))
                 self.gc_ms.append(sum(pauses))
                 self.wait_ms.append(None if waits is None else sum(waits))
+                self.cpu_ms.append(1e3 * (c2 - c1))
 
     def row(self) -> dict:
         chunk_ms, p95, feed95 = self.engine.chunk_ms, percentile(self.step_ms, 95), percentile(self.feed_ms, 95)
@@ -144,6 +146,51 @@ class EngineLoad:
             "streams_real_time_est": int(self.batch * chunk_ms / (p95 + feed95)),
             "tokens_per_stream": round(sum(s.num_tokens for s in self.states) / self.batch, 1),
         }
+
+
+class StubDevice:
+    """Stands in for the model's arithmetic on the fast path, so that a step times the engine's
+    host work alone (audio, jobs, staging, bookkeeping, text): the preprocessor returns zero mel
+    frames and each step's labels are random: a stream emits with probability ``p`` 1..``most``
+    tokens (about what the random full-size model emits in ``asr_graph_bench.py``)."""
+
+    def __init__(self, engine, p: float = 0.52, most: int = 15, seed: int = 0):
+        self.blank, self.p, self.most = engine._stepper.blank, p, most
+        self.hop, self.features = engine._hop, engine._features
+        self.gen = torch.Generator().manual_seed(seed)
+        engine._mel._preprocessor = self.mel
+        engine._stepper.compute = self.labels
+
+    def mel(self, input_signal, length):
+        return torch.zeros(input_signal.shape[0], self.features, input_signal.shape[1] // self.hop + 1), length
+
+    def labels(self, kind, mel, mel_len, slots, in_place=False):
+        batch, width = mel.shape[0], 20
+        counts = (torch.rand(batch, generator=self.gen) < self.p) * torch.randint(1, self.most + 1, (batch,), generator=self.gen)
+        tokens = torch.randint(0, self.blank, (batch, width), generator=self.gen)
+        return torch.where(torch.arange(width)[None, :] < counts[:, None], tokens, torch.full_like(tokens, self.blank))
+
+
+def host_only(args) -> None:
+    """The fast path's host work per step on the CPU, the model's arithmetic stubbed (StubDevice)."""
+    torch.set_num_threads(1)  # the host's own work: one thread, as the engine's worker
+    engine = NemotronStreamingEngine.from_model(build_model("tiny"), 160, "cpu", fast=True)
+    StubDevice(engine)
+    rows = []
+    print(f"# fast path, host work only (model arithmetic stubbed), 160 ms chunks, {platform.machine()} CPU", flush=True)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        load = EngineLoad(engine, batch)
+        load.run(args.warmup, record=False)
+        load.run(args.steps)
+        cpu = {"cpu_p50_ms": round(percentile(load.cpu_ms, 50), 2), "cpu_p95_ms": round(percentile(load.cpu_ms, 95), 2)}
+        rows.append({**load.row(), **cpu, "gc_ms_total": round(sum(load.gc_ms), 2)})
+        print(f"batch {batch}: step p50 {rows[-1]['step_p50_ms']} / p95 {rows[-1]['step_p95_ms']} ms (CPU time p50 {cpu['cpu_p50_ms']} /"
+              f" p95 {cpu['cpu_p95_ms']} ms), {rows[-1]['tokens_per_stream']} tokens per stream,"
+              f" garbage collector {rows[-1]['gc_ms_total']} ms in {args.steps} steps", flush=True)
+        for s in load.states:
+            s.reset()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "asr_host_only_cpu.json").write_text(json.dumps({"device": platform.machine(), "steps": rows}, indent=2))
 
 
 class RawLoad:
@@ -279,6 +326,7 @@ def main() -> None:
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--tiny", action="store_true", help="tiny random model (2 layers, d_model 64) on CPU")
     size.add_argument("--full", action="store_true", help="full-size architecture, random weights, GPU if present")
+    size.add_argument("--host-only", action="store_true", help="the fast path's host work alone (CPU, arithmetic stubbed)")
     parser.add_argument("--chunks", default="80,160,560,1120")
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--steps", type=int, default=60)
@@ -290,6 +338,8 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="also time bare NeMo steps (same chunks and batches)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.host_only:
+        return host_only(args)
 
     device = "cpu" if args.tiny else "auto"
     if args.tiny:
