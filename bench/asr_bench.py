@@ -2,6 +2,7 @@
 
     python bench/asr_bench.py --tiny              # tiny random model, CPU (what CI machines have)
     python bench/asr_bench.py --full              # full-size architecture, random weights, GPU
+    python bench/asr_bench.py --host-only         # the fast path's host work alone (CPU, arithmetic stubbed)
 
 ``--full`` builds nvidia/nemotron-speech-streaming-en-0.6b's architecture (24 layers, d_model
 1024, 8 heads, vocab 1024, 128 mel) with RANDOM weights and the joint biased toward blank so that

@@ -35,7 +35,6 @@ import json
 import platform
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
