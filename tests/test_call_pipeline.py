@@ -168,6 +168,26 @@ async def test_a_question_that_came_back_without_words_is_asked_again_once(make_
         assert {"role": "assistant", "content": "Sorry, what was that?"} in messages
 
 
+async def test_the_llm_client_is_warmed_up_when_the_call_starts(make_settings, llm_server):
+    """The LLM client's first request pays for its set-up; the agent makes it at start (a GET of
+    /v1/models), so the caller's first question does not. A server that is down at start only
+    costs a log line: the first question is still answered once it is up."""
+    async with running_call(make_settings(), llm_base_url=llm_server.base_url, tts=ToneTTSService()) as call:
+        await llm_server.wait_for(lambda: llm_server.models_requests == 1, timeout=5)
+        assert not llm_server.requests, "the warm-up is no chat completion"
+        await call.caller_says("hello")
+        await llm_server.wait_for(lambda: llm_server.requests, timeout=5)
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    tts = ToneTTSService()
+    async with running_call(make_settings(), llm_base_url=dead_url, tts=tts) as call:
+        await asyncio.sleep(0.5)
+        await call.caller_says("hello")
+        await call.wait_until(lambda: tts.requests, 15, "the apology")
+
+
 async def test_llm_error_is_retried_once_then_apologised_and_the_call_goes_on(make_settings, llm_server):
     settings = make_settings(enable_barge_in=True)
     llm_server.fault = "error"  # HTTP 500 on every request, the client's one retry included

@@ -73,6 +73,7 @@ class LLMStandIn:
     fault: Fault = "none"
     requests: list[ChatRequestRecord] = field(default_factory=list)
     replies: deque[str] = field(default_factory=deque)
+    models_requests: int = 0  # GET /v1/models (the agent's warm-up at start)
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
@@ -124,6 +125,8 @@ class LLMStandIn:
         return web.json_response({"status": "ok"})
 
     async def _models(self, _request: web.Request) -> web.Response:
+        self.models_requests += 1
+        self._changed.set()
         return web.json_response({"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
 
     def _reply_for(self, messages: list[dict]) -> str:
