@@ -141,3 +141,20 @@ def test_no_pulseaudio_server_exits_2_naming_the_setting():
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("annie: ") and "PULSE_" in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_objects_loaded_at_start_are_frozen_out_of_the_garbage_collector():
+    """A full collection over everything loaded at start-up stalls the call's event loop; after
+    ``freeze_loaded_objects`` a full collection no longer walks them."""
+    import gc
+
+    from agent.phone import freeze_loaded_objects
+
+    kept = [[i] for i in range(50_000)]  # stands in for a loaded model's objects
+    try:
+        frozen = freeze_loaded_objects()
+        assert frozen >= len(kept)
+        collected = {id(o) for o in gc.get_objects()}  # what a full collection walks
+        assert not any(id(k) in collected for k in kept)
+    finally:
+        gc.unfreeze()
