@@ -11,7 +11,10 @@ strategy (Pipecat 1.x) that, while Annie speaks:
      caller's turn starts with an interruption (LLM and TTS cancelled, queued audio dropped);
    - the caller still speaking when the window ends -> commit (a caller who keeps talking wins);
    - the speech ended with only backchannel words ("mm-hm", "okay") or none at all (a cough,
-     a door) -> resume Annie's speech where it paused; the LLM context is unchanged.
+     a door) -> resume Annie's speech where it paused; the LLM context is unchanged. She never
+     resumes until the caller has been quiet for ``resume_quiet_s`` after the VAD stop: a caller
+     who pauses at a comma ("Wait, ... stop please") is one utterance, not a blip and a new
+     pause, and the voice coming back within that hold keeps Annie paused and the decision going.
 3. words that come after a resume (a busy machine, a slow final) still commit, within a bound,
    unless the sound was a blip over with the pause (echo) or the words are backchannels or echo.
 
@@ -86,6 +89,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         late_words_s: float = 2.0,
         backchannels: Iterable[str] = DEFAULT_BACKCHANNELS,
         resume_backup_ms: int = 0,
+        resume_quiet_s: float = 0.3,
     ):
         super().__init__(enable_interruptions=True)
         self._playback = playback
@@ -96,6 +100,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._words_while_paused = False
         self._backchannels = {w for phrase in backchannels for w in words_of(phrase)}
         self._resume_backup_ms = resume_backup_ms
+        self._resume_quiet_s = resume_quiet_s
+        self._quiet_since = 0.0  # the caller's last VAD stop
         self._bot_speaking = False
         self._caller_speaking = False
         self._paused_at: float | None = None
@@ -139,8 +145,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._caller_speaking = False
             self._stopped_since_start = True
+            self._quiet_since = now = time.monotonic()
             if self._paused_at is not None:
-                now = time.monotonic()
                 # A sound that ended within a blip of the pause, with no words, was Annie's own
                 # echo (it stops when she does) or a click: resume at once. Otherwise wait a
                 # moment for the final transcript before resuming.
@@ -153,11 +159,14 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         return ProcessFrameResult.CONTINUE
 
     async def _on_voice(self) -> ProcessFrameResult:
-        if not self._bot_speaking or self._paused_at is not None:
-            if self._paused_at is None:
-                await self.trigger_user_turn_started()
-                return ProcessFrameResult.STOP
+        if self._paused_at is not None:
+            # The caller goes on after a short gap, still paused: the same utterance. The decision
+            # is due at the window's end again (at once, with a commit, if that has passed).
+            self._reschedule(max(self._deadline, self._paused_at + self._window_s))
             return ProcessFrameResult.CONTINUE
+        if not self._bot_speaking:
+            await self.trigger_user_turn_started()
+            return ProcessFrameResult.STOP
         await self._playback.pause_playback()
         self._paused_at = time.monotonic()
         self._words_while_paused = False
@@ -222,15 +231,22 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         return bool(content) and not all(w in echo for w in content)
 
     async def _decide_at_deadline(self) -> None:
-        while time.monotonic() < self._deadline:
-            await asyncio.sleep(max(0.005, self._deadline - time.monotonic()))
-        self._timer = None
-        if self._paused_at is None:
-            return
-        if self._caller_speaking:
-            await self._commit("kept talking")
-        else:
-            await self._resume()
+        while True:
+            while time.monotonic() < self._deadline:
+                await asyncio.sleep(max(0.005, self._deadline - time.monotonic()))
+            if self._paused_at is None:
+                self._timer = None
+                return
+            if self._caller_speaking:
+                self._timer = None
+                await self._commit("kept talking")
+                return
+            quiet_until = self._quiet_since + self._resume_quiet_s
+            if time.monotonic() >= quiet_until:
+                self._timer = None
+                await self._resume()
+                return
+            self._deadline = quiet_until  # hold: the caller may only be between two words
 
     async def _commit(self, why: str) -> None:
         self._record("commit")

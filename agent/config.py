@@ -71,6 +71,9 @@ class AgentSettings(BaseSettings):
         "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
     )
     resume_backup_ms: int = Field(0, ge=0, le=1000)
+    # Annie resumes only after this much quiet following the caller's VAD stop: a caller who
+    # pauses at a comma ("Wait, ... stop please") must not be talked over between the two parts.
+    barge_in_resume_quiet_ms: int = Field(300, ge=0, le=2000)
     # Spoken when a caller turn ends with no words although the caller spoke at least
     # REPEAT_MIN_SPEECH_MS (a cough is shorter) or cut Annie off (pause first committed).
     repeat_request_text: str = Field(DEFAULT_REPEAT_REQUEST, min_length=1)

@@ -79,6 +79,7 @@ def pause_first_strategy(
         window_s=settings.barge_in_decide_ms / 1000,
         backchannels=settings.backchannels,
         resume_backup_ms=settings.resume_backup_ms,
+        resume_quiet_s=settings.barge_in_resume_quiet_ms / 1000,
     )
 
 

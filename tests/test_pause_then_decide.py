@@ -191,11 +191,42 @@ async def test_a_blip_that_ends_with_the_pause_resumes_at_once(make_settings):
     """Annie's own echo stops when she pauses: with no words, or only her own words (the STT
     transcribing her echo), the resume does not wait for a final transcript; a sound with other
     words still does (and none waits for the 3 s window)."""
-    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=3000)
+    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=3000, barge_in_resume_quiet_ms=100)
     blip = await pause_and_resume(settings, [])
     echo = await pause_and_resume(settings, [interim("once upon a")])
     hum = await pause_and_resume(settings, [interim("mm")])
-    assert max(blip, echo) < 0.3 < hum < 2.5
+    # The VAD stop comes 0.1 s after the pause, the resume after 0.1 s of quiet; a hum waits
+    # for its final transcript (0.5 s).
+    assert 0.2 <= min(blip, echo) and max(blip, echo) < 0.4 < hum < 2.5
+
+
+@pytest.mark.parametrize(
+    "first_s, gap_s",
+    [
+        pytest.param(0.1, 0.2, id="gap-after-a-blip"),  # "Wait, ... stop please": a blip, then more
+        pytest.param(0.5, 0.2, id="gap-at-the-window-end"),  # the window ends during the gap
+    ],
+)
+async def test_a_caller_who_pauses_at_a_comma_is_not_talked_over(make_settings, llm, first_s, gap_s):
+    """The caller's first word ends (VAD stop) and the voice comes back within the quiet hold:
+    Annie stays paused throughout, and the caller, still talking, wins at the window's end."""
+    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=600, barge_in_resume_quiet_ms=300)
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+        await asyncio.sleep(first_s)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await asyncio.sleep(gap_s)
+        await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+        await call.wait_until(lambda: interruptions_after(call, onset), 2, "the interruption")
+        committed = min(interruptions_after(call, onset))
+        assert [d for d, _ in call.call.pause_first.decisions] == ["commit"], "resumed over the caller"
+        assert len(call.loudspeaker.pauses) == 1, "paused once, never resumed in between"
+        assert call.audible_since(call.loudspeaker.pauses[0][0] + 0.01) == 0.0
+        assert committed - onset < max(0.6, first_s + gap_s) + 0.15, "by the window's end or the voice's return"
+        await call.send(final("wait stop please what time is it"), VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await llm.wait_for(lambda: len(llm.requests) == 2, timeout=5)
+        assert llm.requests[1].messages[-1]["content"] == "wait stop please what time is it"
 
 
 async def test_pause_first_makes_the_vad_start_sooner(make_settings):
