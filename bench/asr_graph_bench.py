@@ -290,6 +290,25 @@ def memory_per_stream(engine, batch: int) -> float | None:
     return round(grown / batch / 2**20, 2)
 
 
+def compare_kv(model, args, device, eager, pcms) -> dict:
+    """The fast path again, its attention caches holding projected keys and values: against
+    the eager reference (mismatches), time to final, and steps (alone, after the fast engine's)."""
+    kv = NemotronStreamingEngine.from_model(model, args.chunk, device, precision="auto", fast=True, project_kv=True)
+    out = {"mode": repr(kv), "slot_bytes_per_stream": kv.bytes_per_stream}
+    out["mismatch"] = mismatches(eager, kv, pcms)
+    out["time_to_final_b1"] = time_finals({"kv": kv}, args.turns)["kv"]
+    print(f"projected kv ({kv!r}): mismatches {out['mismatch']}; time to final p50 {out['time_to_final_b1']['p50_ms']} /"
+          f" p95 {out['time_to_final_b1']['p95_ms']} ms; slot {kv.bytes_per_stream / 2**20:.2f} MiB", flush=True)
+    out["steps"] = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        row = {"batch": batch, **time_steps({"kv": kv}, batch, args.steps, args.warmup)["kv"], "gpu_ms": graph_gpu_ms(kv, batch)}
+        out["steps"].append(row)
+        print(f"projected kv, {batch:>5} streams alone: step p50 {row['p50_ms']} / p95 {row['p95_ms']} ms, graph GPU {row['gpu_ms']} ms,"
+              f" host p50 {row.get('host_p50_ms')} ms", flush=True)
+    kv.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true")
@@ -304,6 +323,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile-batch", type=int, default=1024, help="profile one steady step at this batch (GPU; 0: skip)")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 mismatch check")
+    parser.add_argument("--compare-kv", action="store_true",
+                        help="then the fast path with caches of projected keys and values (project_kv): mismatches, time to final, steps")
     parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
                         help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
@@ -399,6 +420,13 @@ def main() -> None:
             print_profile(results["profile"])
         except Exception as e:  # the profile is an extra: keep the rest of the run
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+        save()
+    if args.compare_kv:
+        fast.close()  # one engine at a time may hold graphs on the shared model
+        try:
+            results["project_kv"] = compare_kv(model, args, device, eager, pcms)
+        except Exception as e:  # an extra: keep the rest of the run
+            print(f"projected kv failed: {type(e).__name__}: {e}", flush=True)
         save()
     results["fast_slot_bytes_per_stream"] = fast.bytes_per_stream
     results["memory_MiB_per_stream"] = {"eager": memory_per_stream(eager, 64), "fast": memory_per_stream(fast, 64)}

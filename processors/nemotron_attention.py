@@ -40,22 +40,37 @@ import torch
 from nemo.utils import avoid_float16_autocast_context
 
 _MASKED = -10000.0  # NeMo's -INF_VAL for masked scores
+PROJECT_KV_ATTR = "_annie_project_kv"
 
 
 def cached_attention(module, query, key, value, mask, pos_emb, cache=None):
-    """``RelPositionMultiHeadAttention.forward`` for a streaming step (``cache`` given)."""
+    """``RelPositionMultiHeadAttention.forward`` for a streaming step (``cache`` given).
+
+    With ``project_kv`` (set on the module by :func:`lean_streaming_step`) the cache holds the
+    history's keys and values already projected (``[B, T, 2 * d_model]``, keys first) instead of
+    the layer's input: ``linear_k(cat(cache, x)) = cat(linear_k(cache), linear_k(x))`` row by row,
+    so each step projects only its new frames, not the whole history again.
+    """
     if cache is None or key is not query or value is not query:
         return type(module).forward(module, query, key, value, mask, pos_emb, cache)
     keep = query.shape[1] - module.cache_drop_size
-    joined = torch.cat([cache, query.to(cache.dtype)], dim=1)  # NeMo: key = value = cat(cache, key)
-    next_cache = joined[:, keep : keep + cache.shape[1]]  # cat(cache[:, keep:], query[:, :keep])
+    project_kv = getattr(module, PROJECT_KV_ATTR, False)
+    x = query.to(cache.dtype)
     if torch.is_autocast_enabled():
         query = query.to(torch.float32)
     with avoid_float16_autocast_context():
         batch, heads, width = query.shape[0], module.h, module.d_k
         q = module.linear_q(query).view(batch, -1, heads, width)
-        k = module.linear_k(joined).view(batch, -1, heads, width).transpose(1, 2)
-        v = module.linear_v(joined).view(batch, -1, heads, width).transpose(1, 2)
+        if project_kv:
+            new = torch.cat([module.linear_k(x), module.linear_v(x)], dim=-1).to(cache.dtype)
+            joined = torch.cat([cache, new], dim=1)
+            k, v = joined[..., : heads * width], joined[..., heads * width :]
+        else:
+            joined = torch.cat([cache, x], dim=1)  # NeMo: key = value = cat(cache, key)
+            k, v = module.linear_k(joined), module.linear_v(joined)
+        next_cache = joined[:, keep : keep + cache.shape[1]]  # cat(cache[:, keep:], new[:, :keep])
+        k = k.view(batch, -1, heads, width).transpose(1, 2)
+        v = v.view(batch, -1, heads, width).transpose(1, 2)
         p = module.linear_pos(pos_emb).view(pos_emb.size(0), -1, heads, width).transpose(1, 2)
         q_u = (q + module.pos_bias_u).transpose(1, 2)
         q_v = (q + module.pos_bias_v).transpose(1, 2)
@@ -123,15 +138,17 @@ def _is_pointwise(conv) -> bool:
 
 
 @contextlib.contextmanager
-def lean_streaming_step(encoder) -> Iterator[None]:
+def lean_streaming_step(encoder, project_kv: bool = False) -> Iterator[None]:
     """Meanwhile route the encoder's rel-pos attention layers through :func:`cached_attention`
-    and its conformer convolution modules' pointwise convolutions through :func:`pointwise_conv`."""
+    (with caches of projected keys and values if ``project_kv``) and its conformer convolution
+    modules' pointwise convolutions through :func:`pointwise_conv`."""
     from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
 
     patched = []
     for m in encoder.modules():
         if type(m) is RelPositionMultiHeadAttention:
             m.forward = cached_attention.__get__(m)
+            setattr(m, PROJECT_KV_ATTR, project_kv)
             patched.append(m)
         elif _is_pointwise(m):
             m.forward = pointwise_conv.__get__(m)
@@ -141,3 +158,5 @@ def lean_streaming_step(encoder) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+            if hasattr(m, PROJECT_KV_ATTR):
+                delattr(m, PROJECT_KV_ATTR)

@@ -57,6 +57,7 @@ class NemotronStreamingEngine:
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
+        project_kv: bool = False,
     ):
         self._model = loaded.model
         self.device = loaded.device
@@ -101,7 +102,7 @@ class NemotronStreamingEngine:
             self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
             self._stepper = FastStepper(
                 self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
-                cache_dtype=cache_dtype,
+                cache_dtype=cache_dtype, project_kv=project_kv,
             )
             self._text = TextDecoder(self._model.decoding)
             if self.device.type == "cuda":  # page-lock the largest batch's staging buffer now, not mid-call
@@ -121,6 +122,7 @@ class NemotronStreamingEngine:
         warm_up: bool = True,
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
+        project_kv: bool = False,
     ) -> NemotronStreamingEngine:
         """Load a local ``.nemo`` cache-aware RNN-T model for ``chunk_ms`` chunks.
 
@@ -128,7 +130,8 @@ class NemotronStreamingEngine:
         ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         ``final_pad_ms``: digital silence appended at :meth:`finalize` as right context for the
         last words (default: one chunk). ``fast``: slot-pooled static-shape steps (default on
-        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA). Raises :class:`SetupError` naming the setting at fault.
+        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA); ``project_kv``: the
+        fast path caches projected attention keys and values instead of layer inputs. Raises :class:`SetupError` naming the setting at fault.
         """
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
             allowed = ", ".join(str(c) for c in CHUNK_MS_TO_RIGHT_CONTEXT)
@@ -140,7 +143,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs)
+        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs, project_kv=project_kv)
         if warm_up:
             started = time.perf_counter()
             engine.warm_up()
@@ -159,6 +162,7 @@ class NemotronStreamingEngine:
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
+        project_kv: bool = False,
     ) -> NemotronStreamingEngine:
         """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed."""
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
@@ -170,7 +174,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch)
+        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, project_kv=project_kv)
         engine.warm_up()
         return engine
 
@@ -186,6 +190,7 @@ class NemotronStreamingEngine:
 
     def __repr__(self) -> str:
         mode = "eager" if not self.fast else ("cuda graphs" if self._stepper.graphs else "static")
+        mode += ", projected kv" if self._stepper is not None and self._stepper.project_kv else ""
         return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision}, {mode})"
 
     @property

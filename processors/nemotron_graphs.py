@@ -116,6 +116,7 @@ class FastStepper:
         max_batch: int = 1024,
         initial_slots: int = 8,
         cache_dtype: torch.dtype | None = None,
+        project_kv: bool = False,
     ):
         self.model = model
         self.device = device
@@ -124,6 +125,8 @@ class FastStepper:
         self.final_frames = final_frames
         self.max_batch = max_batch
         self.cache_dtype = cache_dtype  # encoder caches' dtype in the pools (None: as the encoder returns them)
+        # Attention caches hold projected keys and values, not layer inputs (see cached_attention).
+        self.project_kv = bool(project_kv)
         self.features = int(model.preprocessor.featurizer.nfilt)
         decoding = model.decoding.decoding
         self.max_symbols = int(getattr(decoding, "max_symbols", None) or 10)
@@ -282,10 +285,12 @@ class FastStepper:
     def _initial_caches(self, bucket: int) -> list[torch.Tensor]:
         """Fresh streams' caches (zeros, as ``get_initial_cache_state`` gives the eager path)."""
         channel, time_cache, length = self.model.encoder.get_initial_cache_state(batch_size=bucket, device=self.device)
+        if self.project_kv:  # keys and values; zeros where the history is masked, as the layer inputs are
+            channel = torch.cat([channel, channel], dim=-1)
         return [channel.to(self.cache_dtype or channel.dtype), time_cache.to(self.cache_dtype or time_cache.dtype), length]
 
     def _encode(self, kind: _Kind, mel, mel_len, caches):
-        with lean_streaming_step(self.model.encoder):
+        with lean_streaming_step(self.model.encoder, project_kv=self.project_kv):
             return self.model.encoder.cache_aware_stream_step(
                 processed_signal=mel,
                 processed_signal_length=mel_len,

@@ -36,6 +36,15 @@ def fast(model_path) -> dict[int, NemotronStreamingEngine]:
     return {ms: NemotronStreamingEngine.load(model_path, ms, "cpu", fast=True) for ms in CHUNKS}
 
 
+@pytest.fixture(scope="module")
+def fast_kv(model_path) -> dict[int, NemotronStreamingEngine]:
+    """The fast path with caches of projected attention keys and values."""
+    return {ms: NemotronStreamingEngine.load(model_path, ms, "cpu", fast=True, project_kv=True) for ms in CHUNKS}
+
+
+BOTH_FAST = pytest.mark.parametrize("fast_engines", ["fast", "fast_kv"])
+
+
 def int16(samples: np.ndarray) -> np.ndarray:
     return np.round(np.clip(samples, -1, 1) * 32767).astype(np.int16)
 
@@ -53,14 +62,18 @@ def eager_turn(engine, pcm, pad_ms=None) -> tuple[list[str], str]:
     return partials, engine.finalize(state, pad_ms=pad_ms)
 
 
-def test_engines_are_in_the_modes_asked_for(eager, fast):
+def test_engines_are_in_the_modes_asked_for(eager, fast, fast_kv):
     assert not eager[160].fast and fast[160].fast
     assert "static" in repr(fast[160]) and "eager" in repr(eager[160])
+    assert "projected kv" in repr(fast_kv[160]) and "projected" not in repr(fast[160])
     assert fast[160].bytes_per_stream > 0 and eager[160].bytes_per_stream is None
+    assert fast_kv[160].bytes_per_stream > fast[160].bytes_per_stream  # keys and values: twice the attention cache
 
 
+@BOTH_FAST
 @pytest.mark.parametrize("chunk_ms", CHUNKS)
-def test_fast_path_equals_eager_for_lengths_and_frame_sizes(eager, fast, chunk_ms):
+def test_fast_path_equals_eager_for_lengths_and_frame_sizes(eager, request, fast_engines, chunk_ms):
+    fast = request.getfixturevalue(fast_engines)
     rng = np.random.default_rng(chunk_ms + 1)
     sizes = [int(x) for x in rng.integers(1, 1500, size=40)]
     for seconds in (0.05, 0.43, 1.61, 3.3):
@@ -92,10 +105,12 @@ def test_final_after_feeding_without_steps_equals_eager(eager, fast):
     assert fast[160].finalize_many(states, pad_ms=0) == [reference] * 3
 
 
+@BOTH_FAST
 @pytest.mark.parametrize("chunk_ms", [80, 160, 1120])
-def test_scheduler_streams_join_leave_and_equal_eager_alone(eager, fast, chunk_ms):
+def test_scheduler_streams_join_leave_and_equal_eager_alone(eager, request, fast_engines, chunk_ms):
     """Calls join, speak several turns and leave at different times, with different frame
     sizes; every turn's partials and final equal the same audio run alone through eager NeMo."""
+    fast = request.getfixturevalue(fast_engines)
     rng = np.random.default_rng(chunk_ms)
     scheduler = StreamScheduler(fast[chunk_ms])
     # (join tick, [turn lengths in samples], frame size) per call
@@ -236,3 +251,34 @@ def test_lean_cache_attention_equals_nemo_attention_under_bf16_autocast(fast, ba
         out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, cache)
     assert torch.equal(cache_ours, cache_nemo)
     assert torch.equal(out_ours, out_nemo) if batch == 1 else torch.allclose(out_ours, out_nemo, rtol=1e-5, atol=1e-5)
+
+
+def test_projected_kv_attention_equals_nemo_attention(fast):
+    """A cache of projected keys and values gives NeMo's layer output (fp32, up to the rounding
+    of projecting rows in a smaller product) and the projection of NeMo's next cache."""
+    import torch
+
+    from processors.nemotron_attention import PROJECT_KV_ATTR, cached_attention
+
+    encoder = fast[160].model.encoder
+    attention = encoder.layers[1].self_attn
+    gen = torch.Generator().manual_seed(5)
+    width, cached, new, batch = encoder.d_model, encoder.streaming_cfg.last_channel_cache_size, 2, 3
+    query = torch.randn(batch, new, width, generator=gen)
+    cache = torch.randn(batch, cached, width, generator=gen)
+    _, pos_emb = encoder.pos_enc(x=torch.zeros(1, new, width), cache_len=cached)
+    mask = torch.zeros(batch, new, cached + new, dtype=torch.bool)
+    mask[-1, :, :5] = True
+    with torch.inference_mode():
+        out_nemo, cache_nemo = attention(query=query, key=query, value=query, mask=mask, pos_emb=pos_emb, cache=cache)
+        projected = torch.cat([attention.linear_k(cache), attention.linear_v(cache)], dim=-1)
+        setattr(attention, PROJECT_KV_ATTR, True)
+        try:
+            out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, projected)
+        finally:
+            delattr(attention, PROJECT_KV_ATTR)
+        want_cache = torch.cat([attention.linear_k(cache_nemo), attention.linear_v(cache_nemo)], dim=-1)
+    assert cache_ours.shape == (batch, cached, 2 * width)
+    assert torch.allclose(cache_ours, want_cache, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out_ours, out_nemo, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out_ours, torch.zeros_like(out_ours))
