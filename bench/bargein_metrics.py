@@ -205,6 +205,20 @@ class PassAnalysis:
                 "false_barge_in_times": [x - self.t0 for x in false_commits],
                 "false_barge_ins_per_min": len(false_commits) / (exposure / 60) if exposure > 0 else None}
 
+    def no_speech_scores(self, scores: list[tuple[float, str, float]]) -> dict:
+        """Whisper's ``no_speech_prob`` of each transcribed segment, split into the caller's
+        (from a caller event's onset to 2 s after its end, as Whisper's final comes late: speech,
+        backchannel or noise) and Annie's echo residue (all others), with how many each threshold
+        would keep."""
+        split: dict[str, list[dict]] = {"caller": [], "echo": []}
+        for t, text, prob in scores:
+            caller = any(s - 0.3 <= t <= e + 2.0 for s, e, _ in self.utterances)
+            split["caller" if caller else "echo"].append(
+                {"t": round(t - self.t0, 3), "text": text, "no_speech_prob": round(prob, 3)})
+        passed = {who: {str(th): sum(r["no_speech_prob"] < th for r in rows) for th in (0.4, 0.5, 0.6, 0.7, 0.8)}
+                  for who, rows in split.items()}
+        return {"segments": split, "counts": {k: len(v) for k, v in split.items()}, "kept_below_threshold": passed}
+
     def records(self) -> list[dict]:
         return [self.event_record(ev) for ev in self.events]
 

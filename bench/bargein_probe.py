@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -97,11 +98,33 @@ class FrameTimes(BaseObserver):
         return b"".join(audio for _, audio, _ in self.tts_audio)
 
 
+class _ScoredModel:
+    """The faster-whisper model, noting every segment it returns with its ``no_speech_prob``
+    (before any threshold), so a run can tell how Annie's echo residue scores against the caller."""
+
+    def __init__(self, model, scores: list[tuple[float, str, float]]):
+        self._model, self._scores = model, scores
+
+    def transcribe(self, *args, **kwargs):
+        segments, info = self._model.transcribe(*args, **kwargs)
+        segments = list(segments)
+        now = time.monotonic()
+        self._scores.extend((now, s.text.strip(), float(s.no_speech_prob)) for s in segments if s.text.strip())
+        return iter(segments), info
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 class PartialWhisperSTTService(WhisperSTTService):
     """Whisper with interim transcripts while the caller speaks (see module doc)."""
 
     def __init__(self, *, partial_every_s: float = 0.3, **kwargs):
         super().__init__(**kwargs)
+        # (time, text, no_speech_prob) of every segment Whisper returned, partials and finals.
+        self.scores: list[tuple[float, str, float]] = []
+        if self._model is not None:
+            self._model = _ScoredModel(self._model, self.scores)
         self._partial_every_bytes = 0
         self._partial_every_s = partial_every_s
         self._next_partial_at = 0
@@ -144,5 +167,6 @@ def whisper_stt(partials: bool, model_path: Path | None = None):
     if not partials:
         return make_whisper_stt(model_path)
     path = check_whisper_model_dir(model_path or default_whisper_model_path())
-    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
+    threshold = float(os.environ.get("BARGEIN_NO_SPEECH_PROB", NO_SPEECH_PROB))
+    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=threshold)
     return PartialWhisperSTTService(device="cpu", compute_type="default", settings=settings)
