@@ -183,7 +183,8 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
             with open(f"{os.environ['BARGEIN_DUMP']}-{name}.pkl", "wb") as f:
                 pickle.dump({"played": line.played_chunks(), "produced": times.tts_audio, "pauses": pauses,
                              "times": dict(times.times), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
-                             "events": script.events, "utterances": script.utterances}, f)
+                             "events": script.events, "utterances": script.utterances,
+                             "agent_input": line.agent_input(t0, t_end) if hasattr(line, "agent_input") else None}, f)
         records = analysis.records()
         if hasattr(line, "agent_input"):
             offline_vad_latency(records, line.agent_input(t0, t_end), vad.params)
