@@ -47,6 +47,7 @@ from pipecat.workers.runner import WorkerRunner
 from agent.config import AgentSettings, ConfigError, load_settings
 from agent.demo_line import DemoLine, loud_onset, loud_seconds, open_line
 from agent.demo_servers import start_backends
+from agent.phone import freeze_loaded_objects
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_stt, build_tts, build_vad
 from transports.rig_audio import synth_speech
@@ -253,6 +254,7 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             vad_analyzer=build_vad(settings),
             observers=[log],
         )
+        freeze_loaded_objects()  # as the agent does at start: no full-collection stalls mid-call
         print(
             f"Simulated call, barge-in {'ON' if settings.enable_barge_in else 'OFF (half-duplex)'}\n"
             f"  phone: {line.label}\n  STT:   {stt_label(settings)}\n"

@@ -372,7 +372,7 @@ async def test_a_committed_interruption_without_words_is_asked_to_repeat_once(ma
     (a muffled voice, a lost transcript). Annie does not leave the caller in silence: she asks them
     to repeat, once, without running the LLM; what the caller then says is answered as usual. An
     empty turn that did not cut her off (a sound while she was idle) still gets no answer."""
-    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=600,
+    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=600, user_turn_stop_timeout_ms=1500,
                              repeat_request_text="Sorry, what was that?")
     tts = ToneTTSService()
     async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
