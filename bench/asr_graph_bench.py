@@ -290,6 +290,37 @@ def memory_per_stream(engine, batch: int) -> float | None:
     return round(grown / batch / 2**20, 2)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Step latency against streams per step: eager, fast (and projected kv), p95 solid, p50 dashed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series = {name: [(r["batch"], r[name]) for r in results["steps"] if name in r] for name in ("eager", "fast")}
+    series["fast, projected kv"] = [(r["batch"], r) for r in results.get("project_kv", {}).get("steps", [])]
+    for name, rows in series.items():
+        if not rows:
+            continue
+        (line,) = ax.plot([b for b, _ in rows], [r["p95_ms"] for _, r in rows], marker="o", label=f"{name} p95")
+        ax.plot([b for b, _ in rows], [r["p50_ms"] for _, r in rows], ls="--", color=line.get_color(), alpha=0.6)
+    ax.axhline(80, color="grey", ls=":", lw=0.8, label="target p95 80 ms")
+    ax.axhline(results["chunk_ms"], color="black", ls=":", lw=0.8, label=f"real time ({results['chunk_ms']} ms chunk)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("streams per batched step")
+    ax.set_ylabel("step latency (ms)")
+    final = results.get("time_to_final_b1", {}).get("fast", {})
+    ax.set_title(f"{results['model']}\n{results['device']}, {results['precision']}, {results['chunk_ms']} ms chunks; "
+                 f"fast time to final p50 {final.get('p50_ms')} ms", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def compare_kv(model, args, device, eager, pcms) -> dict:
     """The fast path again, its attention caches holding projected keys and values: against
     the eager reference (mismatches), time to final, and steps (alone, after the fast engine's)."""
@@ -323,11 +354,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile-batch", type=int, default=1024, help="profile one steady step at this batch (GPU; 0: skip)")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 mismatch check")
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the PNG of a results JSON")
     parser.add_argument("--compare-kv", action="store_true",
                         help="then the fast path with caches of projected keys and values (project_kv): mismatches, time to final, steps")
     parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
                         help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
 
     size = "tiny" if args.tiny else "full"
     device = "cpu" if args.tiny else "auto"
@@ -441,6 +476,7 @@ def main() -> None:
         results["mismatch_fp32"] = m = mismatches(e32, f32, pcms[: max(4, args.check_turns // 2)])
         print(f"mismatches fp32: {m}", flush=True)
         save()
+    plot(results, path.with_suffix(".png"))
     print(f"wrote {path}")
 
 
