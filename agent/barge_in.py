@@ -15,6 +15,10 @@ strategy (Pipecat 1.x) that, while Annie speaks:
      resumes until the caller has been quiet for ``resume_quiet_s`` after the VAD stop: a caller
      who pauses at a comma ("Wait, ... stop please") is one utterance, not a blip and a new
      pause, and the voice coming back within that hold keeps Annie paused and the decision going.
+     A sound that lasted (``long_sound_s``) but has no words yet is most likely speech the STT
+     has not caught up with: Annie stays paused until its final transcript (at most
+     ``final_wait_s`` after the VAD stop), even past the window. A final without real words
+     decides at once.
 3. words that come after a resume (a busy machine, a slow final) still commit, within a bound,
    unless the sound was a blip over with the pause (echo) or the words are backchannels or echo.
 
@@ -90,6 +94,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         backchannels: Iterable[str] = DEFAULT_BACKCHANNELS,
         resume_backup_ms: int = 0,
         resume_quiet_s: float = 0.3,
+        long_sound_s: float = 0.8,
+        final_wait_s: float = 1.2,
     ):
         super().__init__(enable_interruptions=True)
         self._playback = playback
@@ -101,6 +107,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         self._backchannels = {w for phrase in backchannels for w in words_of(phrase)}
         self._resume_backup_ms = resume_backup_ms
         self._resume_quiet_s = resume_quiet_s
+        self._long_sound_s = long_sound_s
+        self._final_wait_s = final_wait_s
         self._quiet_since = 0.0  # the caller's last VAD stop
         self._bot_speaking = False
         self._caller_speaking = False
@@ -149,9 +157,17 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             if self._paused_at is not None:
                 # A sound that ended within a blip of the pause, with no words, was Annie's own
                 # echo (it stops when she does) or a click: resume at once. Otherwise wait a
-                # moment for the final transcript before resuming.
-                self._blip = now - self._paused_at <= self._blip_s and not self._words_while_paused
-                self._reschedule(min(self._deadline, now + (0.0 if self._blip else self._final_grace_s)))
+                # moment for the final transcript before resuming; a long sound (most likely
+                # speech whose words the STT has not caught up with) waits for it even past the
+                # window. A final without real words decides at once (see _on_words).
+                lasted = now - self._paused_at
+                self._blip = lasted <= self._blip_s and not self._words_while_paused
+                if self._blip:
+                    self._reschedule(now)
+                elif lasted >= self._long_sound_s:
+                    self._reschedule(now + self._final_wait_s)
+                else:
+                    self._reschedule(min(self._deadline, now + self._final_grace_s))
         elif isinstance(frame, InterimTranscriptionFrame):
             return await self._on_words(frame.text)
         elif isinstance(frame, TranscriptionFrame):
@@ -198,6 +214,8 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         if self._real_words(words):
             await self._commit("words")
             return ProcessFrameResult.STOP
+        if final and self._paused_at is not None and self._stopped_since_start:
+            self._reschedule(time.monotonic())  # the final is in, and no real words: decide now
         return ProcessFrameResult.CONTINUE
 
     async def _on_late_words(self, words: list[str], how: str) -> ProcessFrameResult:

@@ -401,3 +401,44 @@ async def test_a_committed_interruption_without_words_is_asked_to_repeat_once(ma
         messages = llm.requests[1].messages
         assert messages[-1] == {"role": "user", "content": "what next"}
         assert any(m["role"] == "assistant" and "Sorry, what was that?" in m["content"] for m in messages)
+
+
+@pytest.mark.parametrize(
+    "late_final, decision",
+    [
+        pytest.param("stop, call my daughter", "commit", id="words-come-late"),
+        pytest.param("Mm-hm.", "resume", id="backchannel-comes-late"),
+        pytest.param(None, "resume", id="no-final"),
+    ],
+)
+async def test_a_long_sound_without_words_waits_for_its_final(make_settings, llm, late_final, decision):
+    """The caller spoke for ~0.9 s inside the window and the STT had no words yet (a slow final on
+    a busy machine): Annie stays paused past the window until the final. Real words commit without
+    a resume in between; a backchannel resumes as soon as it is in; no final resumes after the wait."""
+    settings = make_settings(enable_barge_in=True, barge_in_decide_ms=1300, barge_in_resume_quiet_ms=300)
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+        await asyncio.sleep(0.9)
+        stopped = await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await asyncio.sleep(0.8)  # past the window (1.3 s from the pause) and the 0.5 s grace
+        assert call.call.pause_first.decisions == [], "decided before the final transcript"
+        if late_final is not None:
+            arrived = await call.send(final(late_final))
+        pause_first = call.call.pause_first
+        await call.wait_until(lambda: pause_first.decisions, 2, "the decision")
+        (made, _), = pause_first.decisions
+        assert made == decision
+        if decision == "commit":
+            await call.wait_until(lambda: interruptions_after(call, onset), 1, "the interruption")
+            assert len(call.loudspeaker.pauses) == 1
+            assert call.audible_since(call.loudspeaker.pauses[0][0] + 0.01) == 0.0, "resumed over the caller"
+        else:
+            await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 2, "the resume")
+            resumed = call.loudspeaker.pauses[0][1]
+            if late_final is None:
+                assert 1.0 < resumed - stopped < 1.5, "resumed after the wait for a final (1.2 s)"
+            else:
+                assert resumed - arrived < 0.25, "a backchannel final resumes at once"
+            await asyncio.sleep(0.3)
+            assert not interruptions_after(call, onset)
