@@ -48,8 +48,9 @@ from pipecat.turns.user_start import BaseUserTurnStartStrategy
 
 from transports.playback import PausablePlayback, words_of
 
-# "mm", "mhm", "hmm", "uh-huh" as STTs spell them ("M-M-H-M.", "Mmm", "Uh huh"): letters only.
-_HUM = re.compile(r"^(?:[mh]+|u+h+|a+h+|o+h+)$")
+# "mm", "mhm", "hmm", "uh-huh", "umm" as STTs spell them ("M-M-H-M.", "Mmm", "MME.", "Uh huh"):
+# letters only.
+_HUM = re.compile(r"^(?:[mh]+|[mh]{2,}e|u+h+|u+m+|a+h+|o+h+)$")
 
 DEFAULT_BACKCHANNELS = (
     "mm", "hm", "mhm", "mm-hm", "mmhm", "uh-huh", "uh", "huh", "um", "hmm", "yeah", "yes", "yep",

@@ -91,6 +91,7 @@ async def test_real_words_commit_the_interruption(settings, llm):
         pytest.param([], id="noise-no-words"),
         pytest.param([interim("mm"), final("Mm-hm.")], id="backchannel"),
         pytest.param([interim("M-M"), final("M-M-H-M.")], id="backchannel-as-whisper-spells-it"),
+        pytest.param([interim("MME."), final("Mmm.")], id="hum-as-whisper-spells-it"),
         pytest.param([interim("okay"), final("Okay, yeah.")], id="backchannel-phrase"),
         pytest.param([interim("once upon"), final("Once upon a time.")], id="echo-of-annie"),
     ],
