@@ -246,26 +246,23 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
     def _real_words(self, words: list[str]) -> bool:
         """Some word that is not a backchannel, a hum, or one Annie is saying (her echo)."""
         content = [w for w in words if w not in self._backchannels and not _HUM.match(w)]
-        echo = self._playback.recent_bot_words()
-        return bool(content) and not all(w in echo for w in content)
+        return bool(content) and not self._annies_own(content)
 
     async def _decide_at_deadline(self) -> None:
         while True:
             while time.monotonic() < self._deadline:
                 await asyncio.sleep(max(0.005, self._deadline - time.monotonic()))
-            if self._paused_at is None:
-                self._timer = None
-                return
-            if self._caller_speaking:
-                self._timer = None
-                await self._commit("kept talking")
-                return
             quiet_until = self._quiet_since + self._resume_quiet_s
-            if time.monotonic() >= quiet_until:
-                self._timer = None
-                await self._resume()
-                return
+            if self._paused_at is None or self._caller_speaking or time.monotonic() >= quiet_until:
+                break
             self._deadline = quiet_until  # hold: the caller may only be between two words
+        self._timer = None
+        if self._paused_at is None:
+            return
+        if self._caller_speaking:
+            await self._commit("kept talking")
+        else:
+            await self._resume()
 
     async def _commit(self, why: str) -> None:
         self._record("commit")

@@ -181,6 +181,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         analysis = PassAnalysis(events=script.events, utterances=script.utterances, times=times, caller=caller,
                                 output=output, t0=t0, pauses=pauses, played=line.played_chunks(),
                                 echo_blocks=script.echo_blocks, pause_first=pause_first)
+        agent_input = line.agent_input(t0, t_end) if hasattr(line, "agent_input") else None  # rig only
         if os.environ.get("BARGEIN_DUMP"):
             import pickle
 
@@ -188,10 +189,10 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                 pickle.dump({"played": line.played_chunks(), "produced": times.tts_audio, "pauses": pauses,
                              "times": dict(times.times), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
                              "events": script.events, "utterances": script.utterances,
-                             "agent_input": line.agent_input(t0, t_end) if hasattr(line, "agent_input") else None}, f)
+                             "agent_input": agent_input}, f)
         records = analysis.records()
-        if hasattr(line, "agent_input"):
-            offline_vad_latency(records, line.agent_input(t0, t_end), vad.params)
+        if agent_input is not None:
+            offline_vad_latency(records, agent_input, vad.params)
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
                 "vad_start_ms": round(vad.params.start_secs * 1000), "vad_min_volume": vad.params.min_volume,
                 "vad_confidence": vad.params.confidence, "barge_in_decide_ms": settings.barge_in_decide_ms,

@@ -29,6 +29,12 @@ from bench.bargein_script import Event
 LOUD_DBFS = -45.0
 EXPLAIN_AFTER_S = 6.0  # Whisper's final transcript can come seconds after the caller stopped
 DURING_AFTER_S = 1.0  # the VAD's stop delay and the sink's tail after a caller utterance
+
+
+def in_caller_window(utterances, t: float, after_s: float = DURING_AFTER_S) -> bool:
+    """Whether ``t`` falls from 0.3 s before a caller utterance (speech, backchannel or noise)
+    to ``after_s`` after its end."""
+    return any(s - 0.3 <= t <= e + after_s for s, e, *_ in utterances)
 REPLY_WITHIN_S = 8.0  # an interruption not answered within this long was not heard (STT gave no words)
 
 
@@ -173,7 +179,7 @@ class PassAnalysis:
 
     # -- echo only --------------------------------------------------------------------------
     def _during_caller(self, t: float) -> bool:
-        return any(s - 0.3 <= t <= e + DURING_AFTER_S for s, e, _ in self.utterances)
+        return in_caller_window(self.utterances, t)
 
     def _late_transcript(self, t: float) -> bool:
         """A turn started by a final transcript of something the caller said a little earlier."""
@@ -212,8 +218,7 @@ class PassAnalysis:
         would keep."""
         split: dict[str, list[dict]] = {"caller": [], "echo": []}
         for t, text, prob in scores:
-            caller = any(s - 0.3 <= t <= e + 2.0 for s, e, _ in self.utterances)
-            split["caller" if caller else "echo"].append(
+            split["caller" if in_caller_window(self.utterances, t, after_s=2.0) else "echo"].append(
                 {"t": round(t - self.t0, 3), "text": text, "no_speech_prob": round(prob, 3)})
         passed = {who: {str(th): sum(r["no_speech_prob"] < th for r in rows) for th in (0.4, 0.5, 0.6, 0.7, 0.8)}
                   for who, rows in split.items()}

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -167,6 +166,5 @@ def whisper_stt(partials: bool, model_path: Path | None = None):
     if not partials:
         return make_whisper_stt(model_path)
     path = check_whisper_model_dir(model_path or default_whisper_model_path())
-    threshold = float(os.environ.get("BARGEIN_NO_SPEECH_PROB", NO_SPEECH_PROB))
-    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=threshold)
+    settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
     return PartialWhisperSTTService(device="cpu", compute_type="default", settings=settings)

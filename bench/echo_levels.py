@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bargein_metrics import in_caller_window
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RATE, FRAME = 16000, 320
 ANNIE_AUDIBLE_DBFS = -45.0
@@ -68,7 +70,7 @@ def vad_start_levels(dump: dict) -> list[dict]:
         in_max, out_max = float(heard[k - 10 : k].max()), float(played[k - 20 : k].max())
         if out_max < ANNIE_AUDIBLE_DBFS:
             continue  # Annie silent: no echo to tell apart
-        caller = any(s - 0.3 <= t <= e + 1.0 for s, e, *_ in utterances)
+        caller = in_caller_window(utterances, t)
         corr = envelope_corr(dump["agent_input"], dump["output"], k * FRAME)
         rows.append({"t": round(t - t0, 2), "who": "caller" if caller else "echo", "in_max": round(in_max, 1),
                      "out_max": round(out_max, 1), "in_minus_out": round(in_max - out_max, 1),
