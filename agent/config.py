@@ -20,6 +20,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agent.bargein.core import DEFAULT_BACKCHANNELS
+from processors.errors import SetupError
+
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "agent.toml"
 
 SttBackend = Literal["nemotron", "whisper", "parakeet-http"]
@@ -37,7 +40,7 @@ DEFAULT_APOLOGY = "Sorry, I'm having a little trouble right now. Could you say t
 DEFAULT_REPEAT_REQUEST = "Sorry, I didn't catch that. Could you say it again?"
 
 
-class ConfigError(Exception):
+class ConfigError(SetupError):
     """A setting is missing or wrong; the message is one sentence for the operator."""
 
 
@@ -67,9 +70,7 @@ class AgentSettings(BaseSettings):
     barge_in_vad_min_volume: float = Field(0.0, ge=0.0, lt=1.0)
     # Silero confidence while pausing first (unset: VAD_CONFIDENCE). Lower hears double talk sooner.
     barge_in_vad_confidence: float | None = Field(None, gt=0.0, lt=1.0)
-    backchannel_words: str = Field(
-        "mm-hm, mhm, hmm, uh-huh, yeah, yes, yep, okay, ok, right, sure, alright, i see, aha, oh", min_length=1
-    )
+    backchannel_words: str = Field(", ".join(DEFAULT_BACKCHANNELS), min_length=1)
     resume_backup_ms: int = Field(0, ge=0, le=1000)
     # Annie resumes only after this much quiet following the caller's VAD stop: a caller who
     # pauses at a comma ("Wait, ... stop please") must not be talked over between the two parts.

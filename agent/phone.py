@@ -7,7 +7,6 @@ a component cannot start (one sentence on stderr names the setting), 1 on an une
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import os
 import signal
@@ -16,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from loguru import logger
 
-from agent.config import AgentSettings, ConfigError, load_settings
+from agent.config import AgentSettings, load_settings
 from processors.errors import SetupError
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
@@ -76,25 +75,12 @@ async def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) 
             loop.remove_signal_handler(sig)
 
 
-def freeze_loaded_objects() -> int:
-    """Move everything loaded so far (models, libraries) out of the garbage collector's reach.
-
-    With NeMo and pipecat loaded the process tracks ~830,000 objects, and a full collection walks
-    them all: 412 ms on the 2-core CPU box, a stall of the event loop (audio, barge-in) whenever
-    one happens mid-call. Frozen, a full collection takes well under a millisecond. Returns how
-    many objects were frozen.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
 async def run_phone(settings: AgentSettings, stop: asyncio.Event) -> None:
     """The real call loop: build services, run the pipeline until a signal, release everything."""
     from pipecat.workers.runner import WorkerRunner
 
     from agent.pipeline import build_call_pipeline
-    from agent.services import build_services
+    from agent.services import build_services, freeze_loaded_objects
     from agent.status import CallStatus, StatusObserver, StatusServer
 
     status = CallStatus.from_settings(settings)
@@ -138,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level or os.environ.get("LOG_LEVEL", "INFO").upper())
     try:
         if args.simulate:
-            from agent.simulate import run_simulated_call
+            from agent.demo.simulate import run_simulated_call
 
             return asyncio.run(run_simulated_call(args.out, log_level=args.log_level, echo_path=args.echo_path))
         settings = load_settings()
         configure_logging(args.log_level or settings.log_level)
         asyncio.run(run_until_signalled(lambda stop: run_phone(settings, stop)))
         return EXIT_OK
-    except (ConfigError, SetupError) as e:
+    except SetupError as e:  # ConfigError is one
         print(f"annie: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -33,7 +33,9 @@ from pipecat.services.tts_service import TTSService
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
-from agent.barge_in import PauseThenDecideStartStrategy, tune_vad_for_pause_first
+from agent.bargein.core import BargeInParams
+from agent.bargein.recording import EventLog
+from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
 from agent.turns import (
     HalfDuplexMuteStrategy,
@@ -59,7 +61,7 @@ class CallPipeline:
 
 
 def pause_first_strategy(
-    settings: AgentSettings, output: FrameProcessor, stt_streams_partials: bool
+    settings: AgentSettings, output: FrameProcessor, stt_streams_partials: bool, decision_log: EventLog | None = None
 ) -> PauseThenDecideStartStrategy | None:
     """The pause-then-decide start strategy, when barge-in is on and everything it needs is there."""
     if not (settings.enable_barge_in and settings.barge_in_pause_first):
@@ -69,18 +71,12 @@ def pause_first_strategy(
         return None
     if not stt_streams_partials:
         logger.info(
-            f"barge-in: STT_BACKEND={settings.stt_backend} gives no partial transcripts; "
+            f"barge-in: the STT (STT_BACKEND={settings.stt_backend}) gives no partial transcripts; "
             "Annie stops at the caller's first sound (no pause-then-decide)"
         )
         return None
     logger.info(f"barge-in: pause first, decide within {settings.barge_in_decide_ms} ms from partial transcripts")
-    return PauseThenDecideStartStrategy(
-        playback=output,
-        window_s=settings.barge_in_decide_ms / 1000,
-        backchannels=settings.backchannels,
-        resume_backup_ms=settings.resume_backup_ms,
-        resume_quiet_s=settings.barge_in_resume_quiet_ms / 1000,
-    )
+    return PauseThenDecideStartStrategy(playback=output, params=BargeInParams.from_settings(settings), log=decision_log)
 
 
 def user_aggregator_params(
@@ -148,15 +144,18 @@ def build_call_pipeline(
     vad_analyzer: VADAnalyzer | None,
     observers: list[BaseObserver] | None = None,
     stt_streams_partials: bool | None = None,
+    decision_log: EventLog | None = None,
 ) -> CallPipeline:
     """Wire the services into one pipeline and a worker that runs until told to stop.
 
-    ``stt_streams_partials`` defaults to whether the configured STT backend streams partial
-    transcripts (only ``nemotron`` does); pause-then-decide barge-in needs them.
+    ``stt_streams_partials`` defaults to what the STT service says (its ``streams_partials``;
+    none that lacks it does); pause-then-decide barge-in needs partials. Tests that inject
+    transcription frames in place of an STT set it. ``decision_log`` records what the barge-in
+    decision saw and did (benchmarks; it holds the caller's words).
     """
     if stt_streams_partials is None:
-        stt_streams_partials = settings.stt_backend == "nemotron"
-    start = pause_first_strategy(settings, transport.output(), stt_streams_partials)
+        stt_streams_partials = bool(getattr(stt, "streams_partials", False))
+    start = pause_first_strategy(settings, transport.output(), stt_streams_partials, decision_log)
     if start is not None and vad_analyzer is not None:
         tune_vad_for_pause_first(vad_analyzer, start_ms=settings.barge_in_vad_start_ms,
                                  min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate,

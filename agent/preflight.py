@@ -137,7 +137,7 @@ async def _read_sse_text(lines, started: float) -> tuple[float | None, str]:
 
 async def gate_tts(settings: AgentSettings) -> GateResult:
     try:
-        from processors.chatterbox_smoke import run_smoke_test
+        from processors.chatterbox.smoke import run_smoke_test
     except ImportError as e:
         return _fail("tts", f"the Chatterbox smoke test is not available ({e})")
     result = await run_smoke_test(settings.chatterbox_url, settings.chatterbox_voice)
@@ -182,7 +182,7 @@ async def gate_gpu(settings: AgentSettings) -> GateResult:
 async def gate_stt(settings: AgentSettings) -> GateResult:
     from processors.errors import SetupError
 
-    from agent.stt_probe import transcribe_wav, word_overlap, write_speech_wav
+    from agent.demo.stt_probe import transcribe_wav, word_overlap, write_speech_wav
 
     with tempfile.TemporaryDirectory(prefix="annie-preflight-") as tmp:
         wav = Path(tmp) / "test.wav"

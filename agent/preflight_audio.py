@@ -90,7 +90,7 @@ class EchoMeasurement:
 
 def measure_echo(sink: str, source: str, server: str | None = None, sample_rate: int = 16000) -> EchoMeasurement:
     """Play espeak-ng speech into ``sink`` (paplay) while recording ``source`` and its raw mic (parec)."""
-    from agent.stt_probe import write_speech_wav
+    from agent.demo.stt_probe import write_speech_wav
 
     for tool in ("paplay", "parec"):
         if shutil.which(tool) is None:

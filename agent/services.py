@@ -7,6 +7,7 @@ setting rather than an ImportError.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 from loguru import logger
@@ -48,8 +49,8 @@ def build_stt(settings: AgentSettings) -> FrameProcessor:
     backend = settings.stt_backend
     try:
         if backend == "nemotron":
-            from processors.nemotron_engine import NemotronStreamingEngine
-            from processors.nemotron_stt import NemotronStreamingSTTService
+            from processors.nemotron.engine import NemotronStreamingEngine
+            from processors.nemotron.stt import NemotronStreamingSTTService
 
             engine = NemotronStreamingEngine.load(
                 settings.stt_model_path, settings.asr_chunk_ms, settings.asr_device, precision=settings.asr_precision
@@ -86,7 +87,7 @@ def build_llm(settings: AgentSettings, base_url: str | None = None) -> GemmaLLMS
 
 
 def build_tts(settings: AgentSettings, base_url: str | None = None) -> FrameProcessor:
-    from processors.chatterbox_tts import ChatterboxTTSService
+    from processors.chatterbox.tts import ChatterboxTTSService
 
     return ChatterboxTTSService(
         base_url=base_url or settings.chatterbox_url,
@@ -128,3 +129,16 @@ def build_services(settings: AgentSettings) -> CallServices:
         tts=build_tts(settings),
         vad_analyzer=build_vad(settings),
     )
+
+
+def freeze_loaded_objects() -> int:
+    """Move everything loaded so far (models, libraries) out of the garbage collector's reach.
+
+    With NeMo and pipecat loaded the process tracks ~830,000 objects, and a full collection walks
+    them all: 412 ms on the 2-core CPU box, a stall of the event loop (audio, barge-in) whenever
+    one happens mid-call. Frozen, a full collection takes well under a millisecond. Returns how
+    many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

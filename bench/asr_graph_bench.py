@@ -44,8 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.asr_bench import EngineLoad, gc_pauses, percentile, sync  # noqa: E402
-from processors.nemotron_engine import NemotronStreamingEngine  # noqa: E402
-from tests.nemo_tiny import build_model, speechlike  # noqa: E402
+from processors.nemotron.engine import NemotronStreamingEngine  # noqa: E402
+from processors.nemotron.tiny import build_model, speechlike  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -256,7 +256,7 @@ def profile_fast_step(engine, batch: int, top: int = 15) -> dict | None:
 
 def stepper_rows(runner, slots):
     """What the runner's step reads its caches from: the pools' rows (in place) or gathered slots."""
-    from processors.nemotron_graphs import _Rows
+    from processors.nemotron.graphs import _Rows
 
     return _Rows(runner.bucket) if runner.in_place else slots
 

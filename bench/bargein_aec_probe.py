@@ -30,8 +30,8 @@ import numpy as np
 from loguru import logger
 
 from bench import bargein_audio as audio
-from transports.pulse_rig import DEFAULT_AEC_ARGS, PulseRig
-from transports.rig_audio import synth_speech
+from transports.rig.pulse import DEFAULT_AEC_ARGS, PulseRig
+from transports.rig.audio import synth_speech
 
 RATE = 16000
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +71,7 @@ VAD_SETTINGS = (
 def annie_voice():
     """Annie's sentences as the benchmark's TTS makes them (Piper joe-medium), 24 kHz int16."""
     try:
-        from agent.standins.piper_server import PiperSynthesizer, joe_voice_path
+        from agent.demo.standins.piper_server import PiperSynthesizer, joe_voice_path
 
         voice = PiperSynthesizer(joe_voice_path())
         return "Piper en_US-joe-medium", lambda text: (np.frombuffer(voice.speak(text), dtype=np.int16), 24000)

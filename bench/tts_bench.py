@@ -30,9 +30,9 @@ from pathlib import Path
 from loguru import logger
 from pipecat.frames.frames import InterruptionFrame, TTSSpeakFrame, TTSStoppedFrame
 
-from agent.standins.tts_server import TTSStandInProcess
-from processors.chatterbox_smoke import LONG_TEXT, TTSProbe
-from processors.chatterbox_tts import ChatterboxTTSService
+from agent.demo.standins.tts_server import TTSStandInProcess
+from processors.chatterbox.smoke import LONG_TEXT, TTSProbe
+from processors.chatterbox.tts import ChatterboxTTSService
 
 SHORT_TEXT = "Of course, I can help with that."
 RESULTS = Path(__file__).resolve().parent / "results"

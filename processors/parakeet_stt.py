@@ -23,7 +23,6 @@ stops sending this service work); other 4xx answers concern one utterance only.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.time import time_now_iso8601
 
 from processors.errors import SetupError
+from processors.retry import Retries, ServiceRequestError
 
 RequestFormat = Literal["multipart", "raw"]
 TOKEN_HEADER = "X-Internal-Token"
@@ -43,13 +43,11 @@ _PERMANENT_STATUS = {401: ErrorCategory.AUTHENTICATION, 403: ErrorCategory.AUTHO
                      404: ErrorCategory.INVALID_REQUEST}
 
 
-class SidecarError(Exception):
-    """One utterance could not be transcribed; ``category`` says whether retrying can help."""
+class SidecarError(ServiceRequestError):
+    """One utterance could not be transcribed; ``retryable`` says whether retrying can help."""
 
     def __init__(self, message: str, category: ErrorCategory, *, retry: bool) -> None:
-        super().__init__(message)
-        self.category = category
-        self.retry = retry
+        super().__init__(message, retryable=retry, category=category)
 
 
 def build_request(wav: bytes, request_format: RequestFormat) -> dict[str, Any]:
@@ -145,15 +143,13 @@ class ParakeetHTTPSTTService(SegmentedSTTService):
             yield TranscriptionFrame(text, self._user_id, time_now_iso8601())
 
     async def _transcribe_with_retry(self, wav: bytes) -> str:
-        for attempt in range(1, self._max_attempts + 1):
+        retries = Retries(self, self._max_attempts - 1, self._retry_delay_s)
+        while True:
             try:
                 return await self._post(wav)
             except SidecarError as e:
-                if not e.retry or attempt == self._max_attempts:
+                if not await retries.again(e):
                     raise
-                logger.warning(f"{self}: {e}; will retry ({attempt}/{self._max_attempts})")
-                await asyncio.sleep(self._retry_delay_s)
-        raise AssertionError("unreachable")
 
     async def _post(self, wav: bytes) -> str:
         session = await self._ensure_session()

@@ -20,33 +20,22 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.filters.identity_filter import IdentityFilter
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
 from agent.config import AgentSettings
 from agent.pipeline import CallPipeline, build_call_pipeline
+from agent.demo.frames import FrameTimes
 from agent.services import build_llm
-from transports.simulated import SimulatedPhoneTransport
+from transports.rig.simulated import SimulatedPhoneTransport
 
 
-class FrameLog(BaseObserver):
-    """Every frame type pushed anywhere in the pipeline, with its wall-clock time."""
+class FrameLog(FrameTimes):
+    """Every frame pushed anywhere in the pipeline, with its time (:class:`FrameTimes` keeping all)."""
 
     def __init__(self):
-        super().__init__()
-        self.events: list[tuple[float, Frame, str]] = []
-
-    async def on_push_frame(self, data: FramePushed):
-        self.events.append((time.monotonic(), data.frame, str(data.source)))
-
-    def times(self, frame_type: type) -> list[float]:
-        seen: dict[int, float] = {}
-        for t, frame, _ in self.events:
-            if isinstance(frame, frame_type) and frame.id not in seen:
-                seen[frame.id] = t
-        return sorted(seen.values())
+        super().__init__(keep_all=True)
 
 
 class CallHarness:

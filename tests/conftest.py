@@ -47,7 +47,7 @@ def make_settings():
 
 @pytest.fixture
 async def llm_server():
-    from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
+    from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 
     async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.05, token_delay_s=0.03)) as server:
         yield server

@@ -22,7 +22,7 @@ from pipecat.frames.frames import (
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import run_test
 
-from agent.stt_probe import word_overlap, words  # noqa: F401 - re-exported for the tests
+from agent.demo.stt_probe import word_overlap, words  # noqa: F401 - re-exported for the tests
 
 RATE = 16000
 CHUNK_BYTES = RATE // 50 * 2  # 20 ms of 16-bit mono

@@ -14,7 +14,7 @@ import time
 import pytest
 from pipecat.frames.frames import BotStartedSpeakingFrame, ErrorFrame, InterruptionFrame, UserStoppedSpeakingFrame
 
-from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
+from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.turns import INTERRUPTED_MARK
 from tests.call_harness import running_call
 from tests.doubles import ToneTTSService
@@ -256,7 +256,7 @@ async def test_llm_stall_or_drop_mid_call_ends_in_an_apology(make_settings, llm_
 async def test_barge_in_closes_the_chatterbox_request_and_drops_its_audio(make_settings, slow_llm):
     """The same cut with the real Chatterbox service against the stand-in speech server."""
     from agent.services import build_tts
-    from agent.standins.tts_server import TTSStandIn, TTSStandInOptions
+    from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
 
     slow_llm.queue_reply(
         "Once upon a time, in a village by the sea, an old fisherman mended his nets every single "

@@ -18,9 +18,9 @@ import pytest
 from loguru import logger
 from pipecat.frames.frames import ErrorFrame, InterruptionFrame, TTSSpeakFrame, TTSStoppedFrame
 
-from agent.standins.tts_server import TTSStandIn, TTSStandInOptions, TTSStandInProcess, split_sentences, synthesize
-from processors.chatterbox_smoke import TTSProbe, open_tcp_connections, run_smoke_test
-from processors.chatterbox_tts import ChatterboxTTSService
+from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions, TTSStandInProcess, split_sentences, synthesize
+from processors.chatterbox.smoke import TTSProbe, open_tcp_connections, run_smoke_test
+from processors.chatterbox.tts import ChatterboxTTSService
 
 SHORT = "Hello there. How are you today?"
 LONG = (

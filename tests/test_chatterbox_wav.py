@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.standins.tts_server import STREAM_DATA_SIZE, wav_header
-from processors.chatterbox_wav import WavFormatError, WavStreamParser
+from agent.demo.standins.tts_server import STREAM_DATA_SIZE, wav_header
+from processors.chatterbox.wav import WavFormatError, WavStreamParser
 
 
 def pcm(seconds: float, rate: int = 24000, seed: int = 0) -> bytes:

@@ -148,7 +148,7 @@ def test_objects_loaded_at_start_are_frozen_out_of_the_garbage_collector():
     ``freeze_loaded_objects`` a full collection no longer walks them."""
     import gc
 
-    from agent.phone import freeze_loaded_objects
+    from agent.services import freeze_loaded_objects
 
     kept = [[i] for i in range(50_000)]  # stands in for a loaded model's objects
     try:

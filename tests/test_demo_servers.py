@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack
 import httpx
 import pytest
 
-from agent.demo_servers import (
+from agent.demo.servers import (
     SMOLLM2_ALIAS,
     SMOLLM2_SETTINGS,
     LlamaServerProcess,
@@ -17,7 +17,7 @@ from agent.demo_servers import (
     smollm2_gguf,
     start_backends,
 )
-from agent.simulate import demo_settings, scripted_reply
+from agent.demo.simulate import demo_settings, scripted_reply
 from processors.errors import SetupError
 
 needs_llama = pytest.mark.skipif(
@@ -106,7 +106,7 @@ async def test_configured_servers_are_used_and_nothing_is_started():
 
 
 async def test_without_llama_cpp_the_scripted_stand_in_answers(monkeypatch):
-    monkeypatch.setattr("agent.demo_servers.llama_server_available", lambda: False)
+    monkeypatch.setattr("agent.demo.servers.llama_server_available", lambda: False)
     async with AsyncExitStack() as stack:
         backends = await start_backends(stack, {"chatterbox_url"}, llm_url="unused", tts_url="http://x:1",
                                         scripted_reply=scripted_reply)

@@ -48,12 +48,12 @@ from pipecat.workers.runner import WorkerRunner
 from agent.config import AgentSettings
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_tts
-from agent.standins.llm_server import LLMStandIn, LLMStandInOptions
-from agent.standins.tts_server import TTSStandIn, TTSStandInOptions
+from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
+from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
 from agent.status import CallStatus, StatusObserver
 from tests.call_harness import CallHarness, FrameLog
 from tests.doubles import ToneTTSService
-from transports.simulated import SimulatedPhoneTransport
+from transports.rig.simulated import SimulatedPhoneTransport
 
 REPO = Path(__file__).resolve().parent.parent
 BOTH_MODES = pytest.mark.parametrize("barge_in", [False, True], ids=["half-duplex", "barge-in"])
@@ -167,7 +167,7 @@ def free_port() -> int:
 class ChildServer:
     """A stand-in server in a child process on a fixed port, to kill, freeze and start again.
 
-    ``module`` is ``agent.standins.llm_server`` or ``agent.standins.tts_server``; both print one
+    ``module`` is ``agent.demo.standins.llm_server`` or ``agent.demo.standins.tts_server``; both print one
     line with their URL when they listen.
     """
 
@@ -243,7 +243,7 @@ async def test_llm_killed_mid_stream_then_down_for_a_turn_then_back(make_setting
     settings = make_settings(enable_barge_in=False, llm_timeout_s=2.0)
     tts = ToneTTSService()
     # 0.25 s per token: the reply is still streaming after its first sentence is spoken.
-    server = ChildServer("agent.standins.llm_server", "--token-delay", "0.25")
+    server = ChildServer("agent.demo.standins.llm_server", "--token-delay", "0.25")
     await server.start_async()
     try:
         async with fault_call(settings, llm_base_url=server.url, tts=tts) as call:
@@ -317,7 +317,7 @@ async def test_tts_killed_mid_utterance(make_settings, llm, barge_in):
     llm.queue_reply(REPLY)
     llm.queue_reply(ANSWER)
     # Synthesis at 1.2x real time: the long second sentence is still streaming when it is killed.
-    speech = ChildServer("agent.standins.tts_server", "--realtime-factor", "1.2")
+    speech = ChildServer("agent.demo.standins.tts_server", "--realtime-factor", "1.2")
     await speech.start_async()
     try:
         tts = build_tts(settings, base_url=speech.url)
@@ -388,7 +388,7 @@ async def test_tts_frozen_mid_utterance_then_caller_speaks(make_settings, llm, b
     llm.queue_reply(REPLY)
     llm.queue_reply(ANSWER)
     llm.queue_reply(ANSWER)
-    speech = ChildServer("agent.standins.tts_server", "--realtime-factor", "1.2")
+    speech = ChildServer("agent.demo.standins.tts_server", "--realtime-factor", "1.2")
     await speech.start_async()
     try:
         tts = build_tts(settings, base_url=speech.url)

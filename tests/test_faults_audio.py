@@ -26,8 +26,8 @@ from processors.whisper_stt import make_whisper_stt
 from tests.call_harness import FrameLog
 from tests.doubles import ToneTTSService
 from tests.test_faults import fault_call
-from transports.rig_audio import synth_speech
-from transports.simulated import SimulatedPhoneParams, SimulatedPhoneTransport
+from transports.rig.audio import synth_speech
+from transports.rig.simulated import SimulatedPhoneParams, SimulatedPhoneTransport
 
 pytestmark = [
     pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng not installed (the caller's voice)"),

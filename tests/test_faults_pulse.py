@@ -24,8 +24,8 @@ from processors.whisper_stt import make_whisper_stt
 from tests.doubles import ToneTTSService
 from tests.test_faults import fault_call, report
 from transports.pulse import PulseAudioParams, PulseAudioTransport
-from transports.pulse_rig import PulseRig, pulseaudio_available
-from transports.rig_audio import synth_speech
+from transports.rig.pulse import PulseRig, pulseaudio_available
+from transports.rig.audio import synth_speech
 
 pytestmark = [
     pytest.mark.skipif(

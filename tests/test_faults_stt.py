@@ -18,12 +18,12 @@ import torch
 from pipecat.frames.frames import ErrorFrame, TranscriptionFrame
 
 from agent.services import build_vad
-from processors.nemotron_engine import NemotronStreamingEngine
-from processors.nemotron_stt import NemotronStreamingSTTService
+from processors.nemotron.engine import NemotronStreamingEngine
+from processors.nemotron.stt import NemotronStreamingSTTService
 from tests.doubles import ToneTTSService
-from tests.nemo_tiny import tiny_nemo_once
+from processors.nemotron.tiny import tiny_nemo_once
 from tests.test_faults import fault_call, report
-from transports.rig_audio import synth_speech
+from transports.rig.audio import synth_speech
 
 pytestmark = pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng not installed (the caller's voice)")
 

@@ -15,9 +15,9 @@ import soxr
 import torch
 
 from processors.errors import SetupError
-from processors.nemotron_audio import AudioFormatError
-from processors.nemotron_engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
-from tests.nemo_tiny import offline_text, save_random_nemo, speechlike, tiny_nemo_once
+from processors.nemotron.audio import AudioFormatError
+from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
+from processors.nemotron.tiny import offline_text, save_random_nemo, speechlike, tiny_nemo_once
 
 CHUNKS = sorted(CHUNK_MS_TO_RIGHT_CONTEXT)
 
@@ -282,7 +282,7 @@ def test_bad_device_names_the_setting(model_path):
 
 
 def test_model_without_streaming_or_this_chunk_is_refused(tmp_path, monkeypatch):
-    import tests.nemo_tiny as nemo_tiny
+    import processors.nemotron.tiny as nemo_tiny
 
     config = nemo_tiny.model_config("tiny")
     config["encoder"]["att_context_size"] = [[70, 1]]

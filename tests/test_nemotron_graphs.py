@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from processors.nemotron_engine import NemotronStreamingEngine
-from processors.nemotron_scheduler import StreamScheduler
-from tests.nemo_tiny import speechlike, tiny_nemo_once
+from processors.nemotron.engine import NemotronStreamingEngine
+from processors.nemotron.scheduler import StreamScheduler
+from processors.nemotron.tiny import speechlike, tiny_nemo_once
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; none is visible")
 

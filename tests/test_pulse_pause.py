@@ -22,8 +22,8 @@ from pipecat.workers.runner import WorkerRunner
 
 from tests.test_pulse_transport import IN_RATE, LOUD_DBFS, OUT_RATE, rig_params, tts_frames
 from transports.pulse import PulseAudioTransport
-from transports.pulse_rig import PulseRig, pulseaudio_available
-from transports.rig_audio import rms_dbfs
+from transports.rig.pulse import PulseRig, pulseaudio_available
+from transports.rig.audio import rms_dbfs
 
 pytestmark = pytest.mark.skipif(not pulseaudio_available(), reason="pulseaudio/pactl not installed")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transports.pulse_rig import PulseRig, pulseaudio_available
-from transports.rig_audio import rms_dbfs, synth_speech
+from transports.rig.pulse import PulseRig, pulseaudio_available
+from transports.rig.audio import rms_dbfs, synth_speech
 
 pytestmark = pytest.mark.skipif(
     not pulseaudio_available(), reason="pulseaudio/pactl not installed (apt-get install pulseaudio pulseaudio-utils)"
@@ -92,7 +92,7 @@ def test_daemon_dies_with_a_killed_owner():
     """A test process killed with SIGKILL (no cleanup at all) leaves no daemon behind."""
     script = (
         "import sys, time\n"
-        "from transports.pulse_rig import PulseRig\n"
+        "from transports.rig.pulse import PulseRig\n"
         "rig = PulseRig(); rig.start()\n"
         "print(rig.pid, flush=True)\n"
         "time.sleep(60)\n"

@@ -1,7 +1,7 @@
 """PulseAudioTransport on the real rig: capture, playback, flush, outages, start-up errors.
 
 A pipeline ``[transport.input(), Tap, transport.output()]`` runs under a real ``WorkerRunner``
-against a private PulseAudio daemon (``transports.pulse_rig``). Measured figures are printed
+against a private PulseAudio daemon (``transports.rig.pulse``). Measured figures are printed
 (``pytest -s``); assertions are on what a caller or the pipeline would notice.
 """
 
@@ -21,8 +21,8 @@ from pipecat.workers.runner import WorkerRunner
 
 from processors.errors import SetupError
 from transports.pulse import PulseAudioParams, PulseAudioTransport
-from transports.pulse_rig import PulseRig, pulseaudio_available
-from transports.rig_audio import rms_dbfs, synth_speech, tone
+from transports.rig.pulse import PulseRig, pulseaudio_available
+from transports.rig.audio import rms_dbfs, synth_speech, tone
 
 pytestmark = pytest.mark.skipif(
     not pulseaudio_available(), reason="pulseaudio/pactl not installed (apt-get install pulseaudio pulseaudio-utils)"

@@ -211,14 +211,14 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def live_line(env, tmp_path):
     """A rig, the LLM and TTS stand-ins as servers: what `start.sh phone` needs to run for real."""
     pytest.importorskip("transports.pulse", reason="the PulseAudio transport (transports/pulse.py) is not available")
-    rig_module = pytest.importorskip("transports.pulse_rig", reason="the PulseAudio rig is not available")
+    rig_module = pytest.importorskip("transports.rig.pulse", reason="the PulseAudio rig is not available")
     if not rig_module.pulseaudio_available():
         pytest.skip("pulseaudio/pactl not installed")
     llm_port, tts_port = _free_port(), _free_port()
     servers = [
-        subprocess.Popen([sys.executable, "-m", "agent.standins.llm_server", "--port", str(llm_port)], cwd=REPO,
+        subprocess.Popen([sys.executable, "-m", "agent.demo.standins.llm_server", "--port", str(llm_port)], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "agent.standins.tts_server", "--port", str(tts_port)], cwd=REPO,
+        subprocess.Popen([sys.executable, "-m", "agent.demo.standins.tts_server", "--port", str(tts_port)], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:

@@ -236,7 +236,7 @@ LONG_REPLY = (
 
 @pytest.fixture
 async def tts_server():
-    from agent.standins.tts_server import TTSStandIn
+    from agent.demo.standins.tts_server import TTSStandIn
 
     async with TTSStandIn() as server:
         yield server
@@ -248,7 +248,7 @@ async def test_status_follows_a_real_call_with_barge_in(make_settings, llm_serve
     from agent.pipeline import build_call_pipeline
     from agent.services import build_llm, build_tts
     from tests.call_harness import CallHarness, FrameLog
-    from transports.simulated import SimulatedPhoneTransport
+    from transports.rig.simulated import SimulatedPhoneTransport
 
     settings = make_settings(enable_barge_in=True)
     status = CallStatus.from_settings(settings, model_loaded=True)

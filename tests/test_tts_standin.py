@@ -12,14 +12,14 @@ import httpx
 import numpy as np
 import pytest
 
-from agent.standins.tts_server import (
+from agent.demo.standins.tts_server import (
     TTSStandIn,
     TTSStandInOptions,
     TTSStandInProcess,
     split_sentences,
     synthesize,
 )
-from processors.chatterbox_wav import WavStreamParser
+from processors.chatterbox.wav import WavStreamParser
 
 TEXT = "Good morning. The kettle is on and the sun is out."
 STREAM = "/v1/audio/speech/stream"

@@ -10,16 +10,12 @@ echo of her own voice can be told apart from the caller.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from typing import Protocol, runtime_checkable
 
-_WORD = re.compile(r"[a-z0-9']+")
+from transports.words import words_of
 
-
-def words_of(text: str) -> list[str]:
-    """Lower-case words, punctuation dropped ("Mm-hm, okay!" -> ["mm", "hm", "okay"])."""
-    return _WORD.findall(text.lower())
+__all__ = ["PausablePlayback", "PlaybackGate", "words_of"]
 
 
 @runtime_checkable

@@ -1,0 +1,326 @@
+"""Pause first, then decide: the barge-in decision core. Pure: no pipecat, no asyncio, no clock.
+
+Events come in with the time they happened (the caller's voice starting and stopping, partial
+and final words, Annie starting and stopping, her playback silent after a pause, a turn
+starting, a tick); actions come out (pause,
+resume, commit, start a turn, reset the transcript, "wake me at t"). The pipecat start strategy
+(:mod:`agent.bargein.strategy`) feeds it frames and carries out its actions; tests and replays
+feed it tables of events with their own clock.
+
+While Annie speaks, the rules are:
+
+1. the caller's voice pauses Annie's playback at once (the reply that was generated is kept);
+2. the partial transcripts decide within ``window_s`` of the pause:
+   - real words (not a backchannel, not a hum, not an echo of Annie's own words) -> commit: the
+     caller's turn starts as an interruption (LLM and TTS cancelled, queued audio dropped);
+   - the caller still speaking when the window ends -> commit (a caller who keeps talking wins);
+   - the speech ended with only backchannel words ("mm-hm", "okay") or none (a cough, a door)
+     -> resume Annie where she paused; the LLM context is unchanged. She never resumes before the
+     caller has been quiet for ``resume_quiet_s`` after the VAD stop: a caller who pauses at a
+     comma ("Wait, ... stop please") is one utterance, and her voice coming back within that
+     hold keeps Annie paused and the decision going;
+   - a sound over within ``blip_s`` of the pause with no words (Annie's own echo stops when she
+     does, a click) decides at once; one that lasted ``long_sound_s`` with no words yet is most
+     likely speech the STT has not caught up with: Annie stays paused until its final (at most
+     ``final_wait_s`` after the VAD stop), even past the window; a shorter one waits at most
+     ``final_grace_s``. A final without real words decides at once;
+3. words that come after a resume (a busy machine, a slow final) still commit within
+   ``late_words_s``, unless the sound was a blip (echo) or the words are backchannels or echo.
+
+When Annie is not speaking, a turn starts on the caller's voice or on a transcript, as usual.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from transports.words import words_of
+
+# The words a listener says to keep the speaker going (BACKCHANNEL_WORDS; hums are recognised apart).
+DEFAULT_BACKCHANNELS = (
+    "mm-hm", "mhm", "hmm", "uh-huh", "yeah", "yes", "yep", "okay", "ok", "right", "sure", "alright",
+    "i see", "aha", "oh",
+)
+
+# "mm", "mhm", "hmm", "uh-huh", "umm" as STTs spell them ("M-M-H-M.", "Mmm", "MME.", "Uh huh"):
+# letters only.
+_HUM = re.compile(r"^(?:[mh]+|[mh]{2,}e|u+h+|u+m+|a+h+|o+h+)$")
+
+
+@dataclass(frozen=True)
+class BargeInParams:
+    """Every threshold of the decision, in seconds. Settable ones come from the settings
+    (:meth:`from_settings`); the others are fixed for the reasons given."""
+
+    # BARGE_IN_DECIDE_MS: counted from the pause; long enough for a drawn-out "mm-hm" and the
+    # VAD's stop time to end inside it.
+    window_s: float = 1.3
+    # BARGE_IN_RESUME_QUIET_MS: quiet after the VAD stop before Annie may resume.
+    resume_quiet_s: float = 0.3
+    # RESUME_BACKUP_MS: how far back Annie starts again on a resume (to repeat a cut word).
+    resume_backup_ms: int = 0
+    # Fixed: a shorter sound than the VAD's stop time (200 ms) plus a frame cannot be speech the
+    # caller meant; Annie's echo stops within it of her pause.
+    blip_s: float = 0.3
+    # Fixed: how long a short sound's final may take after the VAD stop (Whisper on a quiet
+    # machine, Nemotron's final ~20 ms); longer than that costs Annie's flow for every cough.
+    final_grace_s: float = 0.5
+    # Fixed: a sound this long is speech more often than not (a cough is ~0.3-0.6 s).
+    long_sound_s: float = 0.8
+    # Fixed: the most Annie waits for a long sound's final after the VAD stop.
+    final_wait_s: float = 1.2
+    # Fixed: words of a "waited" utterance arriving this long after the resume still commit.
+    late_words_s: float = 2.0
+    backchannels: frozenset[str] = field(
+        default_factory=lambda: frozenset(w for phrase in DEFAULT_BACKCHANNELS for w in words_of(phrase))
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> BargeInParams:
+        return cls(
+            window_s=settings.barge_in_decide_ms / 1000,
+            resume_quiet_s=settings.barge_in_resume_quiet_ms / 1000,
+            resume_backup_ms=settings.resume_backup_ms,
+            backchannels=backchannel_words(settings.backchannels),
+        )
+
+
+def backchannel_words(phrases: Iterable[str]) -> frozenset[str]:
+    return frozenset(w for phrase in phrases for w in words_of(phrase))
+
+
+class Phase(Enum):
+    LISTENING = "listening"  # Annie is not paused; nothing of the current utterance was resumed on
+    PAUSED = "paused"  # Annie is paused on the caller's voice; the decision is pending
+    RESUMED = "resumed"  # Annie resumed on the current utterance; its words come late
+
+
+class Resumed(Enum):
+    """How an utterance was resumed on."""
+
+    BLIP = "blip"  # over with the pause and no words: Annie's echo, or a click
+    WAITED = "waited"  # it lasted, but no real words came in time
+
+
+class Flow(Enum):
+    """What the frame that carried an event does next among the start strategies."""
+
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Silence Annie now; keep what she has not played."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Play on from the pause (``backup_ms`` earlier)."""
+
+    backup_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Start the caller's turn as an interruption of Annie."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class StartTurn:
+    """Start the caller's turn (Annie is not speaking)."""
+
+
+@dataclass(frozen=True)
+class ResetAggregation:
+    """Forget the transcript gathered so far (words that were not a turn)."""
+
+
+@dataclass(frozen=True)
+class WakeAt:
+    """Call :meth:`BargeInCore.tick` at (or after) ``t``."""
+
+    t: float
+
+
+Action = Pause | Resume | Commit | StartTurn | ResetAggregation | WakeAt
+
+
+@dataclass
+class Outcome:
+    actions: list[Action] = field(default_factory=list)
+    flow: Flow = Flow.CONTINUE
+
+
+class BargeInCore:
+    """The decision, as a state machine. Each method takes the event's time ``now`` (seconds on
+    any monotonic clock) and returns the actions to take, in order."""
+
+    def __init__(self, params: BargeInParams | None = None):
+        self.params = params or BargeInParams()
+        self.phase = Phase.LISTENING
+        self.bot_speaking = False
+        self.caller_speaking = False
+        # When the decision is due (PAUSED only; the time a WakeAt asked for).
+        self.wake_at: float | None = None
+        self._paused_at = 0.0
+        self._quiet_since = 0.0  # the caller's last VAD stop
+        self._stopped_since_start = True  # a VAD stop came since the current utterance's start
+        self._words_while_paused = False  # words that are not Annie's own came while paused
+        self._blip = False  # the paused utterance ended within blip_s of the pause, with no words
+        self._resumed_how: Resumed | None = None  # RESUMED: how the current utterance was resumed on
+        self._previous_resumed: Resumed | None = None  # the one before (its final may be on its way)
+        self._resumed_at = 0.0
+        # ("commit" | "resume", seconds after the pause) or ("commit late", seconds after the resume)
+        self.decisions: list[tuple[str, float]] = []
+
+    # --- events --------------------------------------------------------------------------------
+
+    def bot_started(self, now: float) -> Outcome:
+        self.bot_speaking = True
+        return Outcome()
+
+    def bot_stopped(self, now: float) -> Outcome:
+        self.bot_speaking = False
+        return Outcome()
+
+    def turn_started(self, now: float) -> Outcome:
+        """The caller's turn started (here or by another strategy): nothing is pending any more."""
+        self.wake_at = None
+        if self.phase is Phase.PAUSED:
+            self.phase = Phase.LISTENING
+        return Outcome()
+
+    def voice_started(self, now: float) -> Outcome:
+        self.caller_speaking = True
+        self._stopped_since_start = False
+        self._previous_resumed = self._resumed_how
+        if self.phase is Phase.RESUMED:
+            self._enter_listening()
+        if self.phase is Phase.PAUSED:
+            # The caller goes on after a short gap, still paused: the same utterance. The decision
+            # is due at the window's end again (at once, with a commit, if that has passed).
+            return self._wake(max(self.wake_at or 0.0, self._paused_at + self.params.window_s))
+        if not self.bot_speaking:
+            return Outcome([StartTurn()], Flow.STOP)
+        self.phase = Phase.PAUSED
+        self._paused_at = now  # until the playback says it is silent (playback_paused)
+        self._words_while_paused = False
+        self._blip = False
+        return Outcome([Pause()])
+
+    def playback_paused(self, now: float) -> Outcome:
+        """Annie is silent (the :class:`Pause` was carried out; a sink may take a few ms to flush):
+        the window, and the blip's measure, start here."""
+        if self.phase is not Phase.PAUSED:
+            return Outcome()
+        self._paused_at = now
+        return self._wake(now + self.params.window_s)
+
+    def voice_stopped(self, now: float) -> Outcome:
+        self.caller_speaking = False
+        self._stopped_since_start = True
+        self._quiet_since = now
+        if self.phase is not Phase.PAUSED:
+            return Outcome()
+        lasted = now - self._paused_at
+        self._blip = lasted <= self.params.blip_s and not self._words_while_paused
+        if self._blip:
+            return self._wake(now)
+        if lasted >= self.params.long_sound_s:
+            return self._wake(now + self.params.final_wait_s)
+        return self._wake(min(self.wake_at or now, now + self.params.final_grace_s))
+
+    def words(self, now: float, text: str, *, final: bool, annies_words: Iterable[str] = ()) -> Outcome:
+        """A partial (or, with ``final``, the final) transcript; ``annies_words`` are the words
+        Annie is saying or just said (her echo, if the STT hears it)."""
+        words = words_of(text)
+        if not words:
+            return Outcome()
+        echo = frozenset(annies_words)
+        if final and not self._stopped_since_start and self._previous_resumed:
+            # Every STT here finalizes on a VAD stop, so a final before this utterance's stop is
+            # the late final of the previous one, which was judged and resumed on.
+            how, self._previous_resumed = self._previous_resumed, None
+            return self._late_words(now, words, how, echo)
+        if self.phase is Phase.RESUMED:
+            # Every partial and the final of an utterance that was resumed on, until the caller's
+            # next one starts: none may open a turn of its own (a turn opened by a partial has no
+            # text and holds the caller's next question until pipecat's stop watchdog).
+            return self._late_words(now, words, self._resumed_how, echo)
+        paused = self.phase is Phase.PAUSED
+        if not paused and not self.bot_speaking:
+            return Outcome([StartTurn()], Flow.STOP)
+        if paused and not _all_in(words, echo):
+            self._words_while_paused = True  # Annie's own words do not make a sound more than a blip
+        if self._real_words(words, echo):
+            return self._commit(now, "words")
+        if final and paused and self._stopped_since_start:
+            return self._wake(now)  # the final is in, and no real words: decide now
+        return Outcome()
+
+    def tick(self, now: float) -> Outcome:
+        """The time asked for by :class:`WakeAt` has come (an early or stray tick does nothing)."""
+        if self.wake_at is None or now < self.wake_at:
+            return Outcome([WakeAt(self.wake_at)] if self.wake_at is not None else [])
+        if self.phase is not Phase.PAUSED:
+            self.wake_at = None
+            return Outcome()
+        quiet_until = self._quiet_since + self.params.resume_quiet_s
+        if not self.caller_speaking and now < quiet_until:
+            return self._wake(quiet_until)  # hold: the caller may only be between two words
+        self.wake_at = None
+        if self.caller_speaking:
+            return self._commit(now, "kept talking")
+        return self._resume(now)
+
+    # --- rules ---------------------------------------------------------------------------------
+
+    def _real_words(self, words: list[str], echo: frozenset[str]) -> bool:
+        """Some word that is not a backchannel, a hum, or one Annie is saying (her echo)."""
+        content = [w for w in words if w not in self.params.backchannels and not _HUM.match(w)]
+        return bool(content) and not _all_in(content, echo)
+
+    def _late_words(self, now: float, words: list[str], how: Resumed | None, echo: frozenset[str]) -> Outcome:
+        """Words of an utterance Annie already resumed on. A blip's words stand as decided; an
+        utterance that lasted but whose real words came late is the caller's, within
+        ``late_words_s`` of the resume. Backchannels and echo stay ignored."""
+        since = now - self._resumed_at
+        if how is Resumed.WAITED and since <= self.params.late_words_s and self._real_words(words, echo):
+            self.decisions.append(("commit late", since))
+            self.wake_at = None
+            self._enter_listening()
+            return Outcome([Commit("words after the resume")], Flow.STOP)
+        return Outcome([ResetAggregation()])
+
+    def _commit(self, now: float, why: str) -> Outcome:
+        if self.phase is Phase.PAUSED:
+            self.decisions.append(("commit", now - self._paused_at))
+            self.phase = Phase.LISTENING
+        self.wake_at = None
+        return Outcome([Commit(why)], Flow.STOP)
+
+    def _resume(self, now: float) -> Outcome:
+        self.decisions.append(("resume", now - self._paused_at))
+        self.phase = Phase.RESUMED
+        self._resumed_how = Resumed.BLIP if self._blip else Resumed.WAITED
+        self._resumed_at = now
+        return Outcome([ResetAggregation(), Resume(self.params.resume_backup_ms)])
+
+    def _enter_listening(self) -> None:
+        self.phase = Phase.LISTENING
+        self._resumed_how = None
+
+    def _wake(self, t: float) -> Outcome:
+        self.wake_at = t
+        return Outcome([WakeAt(t)])
+
+
+def _all_in(words: list[str], echo: frozenset[str]) -> bool:
+    return all(w in echo for w in words)

@@ -1,0 +1,399 @@
+"""Synchronous cache-aware streaming ASR engine for nvidia/nemotron-speech-streaming-en-0.6b.
+
+torch and NeMo only, no asyncio: the Pipecat service (``processors.nemotron.stt``) runs it on one
+worker thread. One :class:`NemotronStreamingEngine` holds the model; each call (stream) has its
+own :class:`StreamState`. PCM of any frame size goes in; one ``conformer_stream_step`` per chunk
+gives the running hypothesis (the partial transcript); :meth:`NemotronStreamingEngine.finalize`
+returns the final text and resets the stream.
+
+Streaming is token-identical to offline inference (fp32, greedy): every step recomputes its mel
+frames from the raw samples around them, so each frame is exactly the frame a whole-utterance
+pass would produce, and the steps follow NeMo's rules (first chunk of ``chunk_size[0]`` frames
+with nothing dropped; later chunks with ``pre_encode_cache_size`` frames of history and
+``drop_extra_pre_encoded``; the tail, however short, with ``keep_all_outputs=True``). One
+departure: for 80 ms chunks the second step has only one frame of history, and instead of
+zero-padding it (NeMo's ``CacheAwareStreamingAudioBuffer`` does, and then differs from offline)
+its input starts at frame 0 and the already-emitted encoder frame is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from loguru import logger
+
+from processors.errors import SetupError
+from processors.nemotron.audio import MODEL_SAMPLE_RATE, pcm_to_float
+from processors.nemotron.mel import MelBatcher
+from processors.nemotron.model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
+from processors.nemotron.stream import StepJob, StreamState, eager_stream_step
+from processors.nemotron.text import TextDecoder
+
+__all__ = ["CHUNK_MS_TO_RIGHT_CONTEXT", "NemotronStreamingEngine", "StreamState"]
+
+# Chunk size (ms) -> right attention context R of att_context_size=[70, R].
+CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
+
+
+class NemotronStreamingEngine:
+    """A loaded cache-aware RNN-T model plus the streaming rules around it.
+
+    Thread-safe: model calls take a lock, so several worker threads may share one engine; each
+    :class:`StreamState` must be used by one thread at a time.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        chunk_ms: int,
+        *,
+        final_pad_ms: int | None = None,
+        fast: bool | None = None,
+        cuda_graphs: bool | None = None,
+        max_batch: int = 1024,
+        project_kv: bool = False,
+    ):
+        self._model = loaded.model
+        self.device = loaded.device
+        self.precision = loaded.precision
+        self.chunk_ms = chunk_ms
+        self.right_context = CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms]
+        cfg = self._model.encoder.streaming_cfg
+        self._first_frames = _pick(cfg.chunk_size, 0)
+        self._shift_frames = _pick(cfg.shift_size, 1)
+        self._pre_cache = _pick(cfg.pre_encode_cache_size, 1)
+        self._drop = cfg.drop_extra_pre_encoded
+        self._valid_out = int(cfg.valid_out_len)  # encoder frames per full chunk
+        self._final_in_one_step = cfg.last_channel_cache_size % (self.right_context + 1) == 0
+        featurizer = self._model.preprocessor.featurizer
+        self._hop = int(featurizer.hop_length)
+        self._half_fft = int(featurizer.n_fft) // 2
+        self._features = int(featurizer.nfilt)
+        # Samples before a frame's centre that its window (and pre-emphasis) can reach.
+        self._left_frames = -(-(self._half_fft + 1) // self._hop)
+        self.final_pad_ms = chunk_ms if final_pad_ms is None else final_pad_ms
+        self._lock = threading.Lock()
+        self._mel = MelBatcher(self._model.preprocessor, self.device)
+        if self.device.type == "cuda" and self.precision == "bf16":
+            self._autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            self._autocast = contextlib.nullcontext
+        # The fast path (slots, static shapes, CUDA graphs on a GPU) is the default on CUDA; the
+        # eager NeMo path is the default on the CPU and the reference for the fast one.
+        self.fast = self.device.type == "cuda" if fast is None else bool(fast)
+        self._stepper = None
+        if self.fast:
+            from processors.nemotron.graphs import FastStepper
+
+            graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+            cache_dtype = None
+            if self.device.type == "cuda" and self.precision == "bf16":
+                # cache_enabled=False: cached weight casts must not outlive a graph capture
+                autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+                cache_dtype = torch.bfloat16  # exact: the caches are only read through bf16 matmuls
+            else:
+                autocast = contextlib.nullcontext
+            self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
+            self._stepper = FastStepper(
+                self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
+                cache_dtype=cache_dtype, project_kv=project_kv,
+            )
+            self._text = TextDecoder(self._model.decoding)
+            if self.device.type == "cuda":  # page-lock the largest batch's staging buffer now, not mid-call
+                frames = max(self._final_width, self._first_frames, self._pre_cache + self._shift_frames)
+                self._mel.reserve(max_batch, (frames - 1 + self._left_frames) * self._hop + self._half_fft)
+
+    @classmethod
+    def load(
+        cls,
+        model_path: Path | str | None,
+        chunk_ms: int,
+        device: str = "auto",
+        *,
+        precision: str = "auto",
+        final_pad_ms: int | None = None,
+        cuda_graph_decoder: bool = False,
+        warm_up: bool = True,
+        fast: bool | None = None,
+        cuda_graphs: bool | None = None,
+        project_kv: bool = False,
+    ) -> NemotronStreamingEngine:
+        """Load a local ``.nemo`` cache-aware RNN-T model for ``chunk_ms`` chunks.
+
+        ``device``: "auto" (CUDA when available, else CPU with a warning), "cuda" or "cpu".
+        ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
+        ``final_pad_ms``: digital silence appended at :meth:`finalize` as right context for the
+        last words (default: one chunk). ``fast``: slot-pooled static-shape steps (default on
+        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA); ``project_kv``: the
+        fast path caches projected attention keys and values instead of layer inputs. Raises :class:`SetupError` naming the setting at fault.
+        """
+        if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
+            allowed = ", ".join(str(c) for c in CHUNK_MS_TO_RIGHT_CONTEXT)
+            raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}): allowed values are {allowed}.")
+        loaded = load_streaming_model(
+            model_path,
+            right_context=CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms],
+            device=device,
+            precision=precision,
+            cuda_graph_decoder=cuda_graph_decoder,
+        )
+        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs, project_kv=project_kv)
+        if warm_up:
+            started = time.perf_counter()
+            engine.warm_up()
+            logger.debug(f"{engine}: warm-up took {1e3 * (time.perf_counter() - started):.0f} ms")
+        return engine
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        chunk_ms: int,
+        device: str = "auto",
+        *,
+        precision: str = "auto",
+        cuda_graph_decoder: bool = False,
+        fast: bool | None = None,
+        cuda_graphs: bool | None = None,
+        max_batch: int = 1024,
+        project_kv: bool = False,
+    ) -> NemotronStreamingEngine:
+        """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed."""
+        if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
+            raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}).")
+        loaded = prepare_streaming_model(
+            model,
+            right_context=CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms],
+            device=resolve_device(device),
+            precision=precision,
+            cuda_graph_decoder=cuda_graph_decoder,
+        )
+        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, project_kv=project_kv)
+        engine.warm_up()
+        return engine
+
+    def close(self) -> None:
+        """Release the fast path's CUDA graphs (the engine keeps working, without graphs).
+
+        Needed before another engine is built on the same in-memory model (see
+        :func:`processors.nemotron.model.check_no_graphs`); idempotent.
+        """
+        if self._stepper is not None:
+            with self._lock:
+                self._stepper.close()
+
+    def __repr__(self) -> str:
+        mode = "eager" if not self.fast else ("cuda graphs" if self._stepper.graphs else "static")
+        mode += ", projected kv" if self._stepper is not None and self._stepper.project_kv else ""
+        return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision}, {mode})"
+
+    @property
+    def bytes_per_stream(self) -> int | None:
+        """Device memory of one stream's slot on the fast path (caches and decoder state)."""
+        return None if self._stepper is None else self._stepper.bytes_per_stream
+
+    @property
+    def sample_rate(self) -> int:
+        return MODEL_SAMPLE_RATE
+
+    @property
+    def model(self):
+        """The underlying NeMo model (eval mode, streaming context set); for tests and benches."""
+        return self._model
+
+    def new_stream(self, sample_rate: int = MODEL_SAMPLE_RATE) -> StreamState:
+        """A fresh stream; audio at another ``sample_rate`` is resampled to 16 kHz."""
+        return StreamState(sample_rate=sample_rate)
+
+    # ----- audio in -------------------------------------------------------------------------
+
+    def feed(self, state: StreamState, pcm: np.ndarray | bytes) -> None:
+        """Append PCM (16-bit bytes, int16 or float array) to the stream; no model work."""
+        samples, state.carry = pcm_to_float(pcm, state.carry)
+        state.audio_s += samples.size / state.sample_rate
+        state.window.append(state.resampler(samples))
+
+    def ready(self, state: StreamState) -> bool:
+        """Whether the stream holds enough audio for its next encoder step."""
+        need = self._first_frames if state.steps == 0 else self._shift_frames
+        return self._frames_settled(state.window.total) - state.frames_done >= need
+
+    def accept(self, state: StreamState, pcm: np.ndarray | bytes) -> str | None:
+        """Feed PCM and step every complete chunk; the new partial text if it changed, else None."""
+        self.feed(state, pcm)
+        changed = None
+        while self.ready(state):
+            text = self.step([state])[0]
+            changed = text if text is not None else changed
+        return changed
+
+    # ----- steps ----------------------------------------------------------------------------
+
+    def step(self, states: Sequence[StreamState]) -> list[str | None]:
+        """One chunk for every ready stream, batched; per stream the new text if it changed.
+
+        Streams on their first chunk and streams in steady state need different NeMo arguments,
+        so they form separate batches (two at most, three for 80 ms chunks). Streams that are not ready are skipped (None).
+        """
+        before = [s.text for s in states]
+        groups: dict[tuple[bool, int], list[StepJob]] = {}
+        for s in states:
+            if self.ready(s):
+                need = self._first_frames if s.steps == 0 else self._shift_frames
+                job = self._job(s, s.frames_done + need)
+                groups.setdefault((job.first, job.drop), []).append(job)
+        for jobs in groups.values():
+            self._run(jobs, keep_all=False)
+        return [s.text if s.text != text else None for s, text in zip(states, before)]
+
+    def finalize(self, state: StreamState, pad_ms: int | None = None) -> str:
+        """Step the rest of the turn (plus ``pad_ms`` of silence), return its text, reset the stream."""
+        return self.finalize_many([state], pad_ms)[0]
+
+    def finalize_many(self, states: Sequence[StreamState], pad_ms: int | None = None) -> list[str]:
+        """:meth:`finalize` for several streams; on the fast path their last steps share a batch."""
+        pad_ms = self.final_pad_ms if pad_ms is None else pad_ms
+        if not self.fast:
+            return [self._finalize_eager(s, pad_ms) for s in states]
+        for state in states:
+            self._append_tail(state, pad_ms)
+        pending = list(states)
+        while pending:
+            # Streams that still need ordinary chunks first (only when fed without stepping).
+            behind = [s for s in pending if self._final_end(s) - s.frames_done > self._final_fits(s)]
+            if behind:
+                done = [s.frames_done for s in behind]
+                self.step(behind)
+                if done != [s.frames_done for s in behind]:
+                    continue
+            groups: dict[tuple[bool, int], list[StepJob]] = {}
+            for s in pending:
+                end = self._final_end(s)
+                if end > s.frames_done:
+                    job = self._job(s, end)
+                    groups.setdefault((job.first, job.drop), []).append(job)
+            for jobs in groups.values():
+                self._run(jobs, keep_all=True)
+            pending = []
+        texts = [s.text for s in states]
+        for s in states:
+            s.reset()
+        return texts
+
+    def _final_end(self, state: StreamState) -> int:
+        return state.window.total // self._hop  # frame count of an offline pass over the same audio
+
+    def _final_fits(self, state: StreamState) -> int:
+        """New frames one static final step can take (history frames come on top)."""
+        history = 0 if state.steps == 0 else min(state.frames_done, self._pre_cache)
+        return self._final_width - history
+
+    def _append_tail(self, state: StreamState, pad_ms: int) -> None:
+        tail = state.resampler(np.zeros(0, dtype=np.float32), last=True)
+        state.window.append(tail)
+        if state.window.total > 0 and pad_ms > 0:
+            state.window.append(np.zeros(MODEL_SAMPLE_RATE * pad_ms // 1000, dtype=np.float32))
+
+    def _finalize_eager(self, state: StreamState, pad_ms: int) -> str:
+        self._append_tail(state, pad_ms)
+        end = state.window.total // self._hop  # frame count of an offline pass over the same audio
+        while end > state.frames_done:
+            # One step for all the rest, however many chunks, when the left cache (70 frames)
+            # is a whole number of chunks: the chunked attention mask then stays aligned with
+            # the offline pass. keep_all_outputs keeps the short last chunk.
+            need = self._first_frames if state.steps == 0 else self._shift_frames
+            last = self._final_in_one_step or end - state.frames_done <= need
+            self._run([self._job(state, end if last else state.frames_done + need)], keep_all=last)
+        text = state.text
+        state.reset()
+        return text
+
+    def warm_up(self) -> None:
+        """Run a first, a steady and a final step on silence so the first call is not slow."""
+        state = self.new_stream()
+        samples = MODEL_SAMPLE_RATE * 3 * self.chunk_ms // 1000
+        self.accept(state, np.zeros(samples, dtype=np.int16))
+        self.finalize(state)
+
+    # ----- internals ------------------------------------------------------------------------
+
+    def _frames_settled(self, total: int) -> int:
+        """Mel frames whose whole window lies inside the first ``total`` samples."""
+        return 0 if total < self._half_fft else (total - self._half_fft) // self._hop + 1
+
+    def _job(self, state: StreamState, end_frame: int) -> StepJob:
+        """The samples behind the next step's mel frames [start, end_frame), history included.
+
+        NeMo's rules: the first chunk goes in alone with nothing dropped; later chunks carry
+        ``pre_encode_cache_size`` frames of history whose extra subsampled outputs are dropped.
+        While fewer history frames exist (only 80 ms chunks, second step) the input starts at
+        frame 0 and the encoder frames already emitted are dropped: zero-padding the history,
+        as NeMo's own buffer does, would not match an offline pass.
+        """
+        first = state.steps == 0
+        if first:
+            start, drop = 0, 0
+        elif state.frames_done < self._pre_cache:
+            start, drop = 0, state.steps * self._valid_out
+        else:
+            start, drop = state.frames_done - self._pre_cache, self._drop
+        window_start = max(0, start - self._left_frames) * self._hop
+        window_end = min(state.window.total, (end_frame - 1) * self._hop + self._half_fft)
+        samples = state.window.slice(window_start, window_end)
+        skip = start - window_start // self._hop
+        return StepJob(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
+
+    def _run(self, jobs: list[StepJob], keep_all: bool) -> None:
+        """One ``conformer_stream_step`` over ``jobs`` (all with the same ``first`` and ``drop``)."""
+        with self._lock:  # the staging buffer, the model and the slot pools
+            if self.fast:  # slots first, and the batch in slot order (slots 1..N step in place)
+                for job in jobs:
+                    if job.state.lease is None:
+                        job.state.lease = self._stepper.lease()
+                jobs = sorted(jobs, key=lambda job: job.state.lease.slot)
+            inputs, lengths = self._mel(jobs)
+            if self.fast:
+                self._run_fast(jobs, inputs, lengths, keep_all)
+            else:
+                self._run_eager(jobs, inputs, lengths, keep_all)
+
+    def _run_eager(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
+        with torch.inference_mode(), self._autocast():
+            eager_stream_step(self._model, [job.state for job in jobs], inputs, lengths, keep_all, jobs[0].first, jobs[0].drop)
+        self._advance(jobs)
+
+    def _run_fast(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
+        """The same step on the fast path: slots, a static-shape (graphed on CUDA) step."""
+        from processors.nemotron.graphs import new_kind
+
+        first = jobs[0].first
+        width = max(job.count for job in jobs)
+        static = keep_all and width <= self._final_width
+        kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, first)
+        states = [job.state for job in jobs]
+        pending = self._stepper.launch(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
+        self._advance(jobs)  # host work while the GPU steps
+        text = self._text
+        for s, tokens in zip(states, pending.tokens()):  # the step's one synchronisation
+            if tokens:
+                s.tokens.extend(tokens)
+                s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
+
+    def _advance(self, jobs: list[StepJob]) -> None:
+        """Count the step's frames and forget the samples no later frame needs."""
+        for job in jobs:
+            s = job.state
+            s.frames_done += job.new_frames
+            s.steps += 1
+            s.window.forget_before(max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop)
+
+
+def _pick(value: int | list[int], index: int) -> int:
+    """NeMo streaming sizes are either one int or [first step, later steps]."""
+    return int(value[index]) if isinstance(value, (list, tuple)) else int(value)
