@@ -56,6 +56,13 @@ class AgentSettings(BaseSettings):
     # A turn that no transcript ends (the STT heard nothing, or failed) closes after this much
     # quiet (pipecat's watchdog); the request to repeat follows. Keep it above the STT's slowest final.
     user_turn_stop_timeout_ms: int = Field(5000, ge=500, le=30000)
+    # While the STT still has the turn's audio in flight (slower than real time: Whisper on a busy
+    # CPU), the watchdog waits up to this much longer for its transcript before closing the turn.
+    stt_wait_max_ms: int = Field(15000, ge=0, le=120000)
+    # A transcript that arrives this long after the watchdog closed its turn empty (and before the
+    # caller speaks again) is still answered as the caller's turn; an unplayed request to repeat
+    # is withdrawn.
+    late_transcript_ms: int = Field(20000, ge=0, le=120000)
     vad_confidence: float = Field(0.7, gt=0.0, lt=1.0)
     vad_start_ms: int = Field(200, ge=20, le=2000)
     vad_stop_ms: int = Field(200, ge=20, le=2000)

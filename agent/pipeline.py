@@ -9,6 +9,7 @@ wires them, so tests can pass in stand-ins, simulated transports or injected fra
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from loguru import logger
@@ -38,13 +39,18 @@ from agent.bargein.recording import EventLog
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
 from agent.turns import (
+    EmptyTurnTimeout,
+    EmptyTurnWatchdog,
     HalfDuplexMuteStrategy,
+    LateTranscriptHold,
+    LateTranscripts,
     TurnSpeechMeter,
     mark_interrupted_reply,
     trim_context,
     user_turn_strategies,
 )
 from processors.audio_guard import InputAudioGuard
+from processors.stt_in_flight import audio_in_flight
 from transports.playback import PausablePlayback
 
 
@@ -84,16 +90,26 @@ def user_aggregator_params(
     vad_analyzer: VADAnalyzer | None,
     start: PauseThenDecideStartStrategy | None = None,
     meter: TurnSpeechMeter | None = None,
+    stt: object | None = None,
+    mute: HalfDuplexMuteStrategy | None = None,
 ) -> LLMUserAggregatorParams:
-    """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute."""
-    mute = [] if settings.enable_barge_in else [HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000)]
+    """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute.
+
+    A turn that no transcript ends is closed by :class:`EmptyTurnWatchdog`, which waits while
+    ``stt`` still has the turn's audio in flight; pipecat's own watchdog is only a backstop.
+    """
+    if mute is None and not settings.enable_barge_in:
+        mute = HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000)
+    rule = EmptyTurnTimeout(quiet_s=settings.user_turn_stop_timeout_ms / 1000, stt_wait_s=settings.stt_wait_max_ms / 1000)
+    watchdog = EmptyTurnWatchdog(rule, lambda: audio_in_flight(stt))
     return LLMUserAggregatorParams(
         vad_analyzer=vad_analyzer,
         user_turn_strategies=user_turn_strategies(
-            speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter
+            speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
+            watchdog=watchdog,
         ),
-        user_mute_strategies=mute,
-        user_turn_stop_timeout=settings.user_turn_stop_timeout_ms / 1000,
+        user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],
+        user_turn_stop_timeout=rule.quiet_s + rule.stt_wait_s + 2.0,
         # A barge-in with no words (a cough, a bang) must not make Annie answer by itself.
         empty_user_turn=EmptyUserTurnConfig(interrupted_prompt=None, idle_prompt=None),
     )
@@ -106,6 +122,7 @@ def ask_to_repeat_unheard_turns(
     meter: TurnSpeechMeter,
     min_speech_s: float,
     pause_first: PauseThenDecideStartStrategy | None,
+    late: LateTranscripts | None = None,
 ) -> None:
     """Annie speaks ``text`` when the caller spoke but their turn ended with no words.
 
@@ -124,6 +141,8 @@ def ask_to_repeat_unheard_turns(
         if message.content:
             asked = False
             return
+        if late is not None:
+            late.turn_closed_empty(time.monotonic())
         interrupted = pause_first is not None and pause_first.turn_interrupted_annie
         spoke = meter.last_turn_speech_s >= min_speech_s
         if asked or not (interrupted or spoke):
@@ -162,11 +181,13 @@ def build_call_pipeline(
                                  confidence=settings.barge_in_vad_confidence)
     context = LLMContext(messages=[])
     meter = TurnSpeechMeter()
+    late = LateTranscripts(settings.late_transcript_ms / 1000)
+    mute = None if settings.enable_barge_in else HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000, late)
     user_agg, assistant_agg = LLMContextAggregatorPair(
-        context, user_params=user_aggregator_params(settings, vad_analyzer, start, meter)
+        context, user_params=user_aggregator_params(settings, vad_analyzer, start, meter, stt, mute)
     )
     ask_to_repeat_unheard_turns(user_agg, settings.repeat_request_text, meter=meter,
-                                min_speech_s=settings.repeat_min_speech_ms / 1000, pause_first=start)
+                                min_speech_s=settings.repeat_min_speech_ms / 1000, pause_first=start, late=late)
 
     @assistant_agg.event_handler("on_assistant_turn_stopped")
     async def _on_assistant_turn_stopped(_aggregator, message: AssistantTurnStoppedMessage):
@@ -174,8 +195,10 @@ def build_call_pipeline(
             mark_interrupted_reply(context, message.content)
         trim_context(context, settings.context_max_messages)
 
+    # Half-duplex: a late transcript waits for the mute to end (barge-in decides on it itself).
+    hold = [LateTranscriptHold(late, mute)] if mute is not None else []
     pipeline = Pipeline(
-        [transport.input(), InputAudioGuard(), stt, user_agg, llm, tts, transport.output(), assistant_agg]
+        [transport.input(), InputAudioGuard(), stt, *hold, user_agg, llm, tts, transport.output(), assistant_agg]
     )
     worker = PipelineWorker(
         pipeline,

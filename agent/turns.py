@@ -14,17 +14,24 @@ and user *mute* strategies drop the caller's audio, VAD and transcripts while th
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from loguru import logger
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     Frame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    UserMuteStoppedFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_mute import BaseUserMuteStrategy
 from pipecat.turns.user_start import (
@@ -32,33 +39,182 @@ from pipecat.turns.user_start import (
     TranscriptionUserTurnStartStrategy,
     VADUserTurnStartStrategy,
 )
-from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
+from pipecat.turns.user_stop import BaseUserTurnStopStrategy, SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 INTERRUPTED_MARK = " [cut off here: the caller interrupted, so they did not hear the rest]"
+
+
+class LateTranscripts:
+    """Whether a final transcript is the late one of a turn the watchdog already closed empty.
+
+    An STT slower than real time can deliver a turn's words after the watchdog gave up on it
+    (and Annie asked the caller to repeat). Such a transcript is still the caller's question: it
+    is answered as a turn of its own if it comes within ``bound_s`` of the empty close and the
+    caller has not spoken since. The rule is pure; the clock is passed in.
+    """
+
+    def __init__(self, bound_s: float):
+        self.bound_s = bound_s
+        self._closed_empty_at: float | None = None
+
+    def turn_closed_empty(self, now: float) -> None:
+        self._closed_empty_at = now
+
+    def caller_spoke(self) -> None:
+        self._closed_empty_at = None
+
+    def answerable(self, now: float) -> bool:
+        return self._closed_empty_at is not None and now - self._closed_empty_at <= self.bound_s
+
+    def taken(self) -> None:
+        """The late transcript was let through: the next one is not late any more."""
+        self._closed_empty_at = None
 
 
 class HalfDuplexMuteStrategy(BaseUserMuteStrategy):
     """Mute the caller while Annie speaks and for ``holdoff_s`` after she stops.
 
     Mute strategies are evaluated on every frame reaching the user aggregator, and audio frames
-    arrive every 10-20 ms, so the hold-off ends within one frame of its deadline.
+    arrive every 10-20 ms, so the hold-off ends within one frame of its deadline. (The state a
+    frame sets applies from the next frame on: pipecat decides a frame's fate before asking.)
+    ``late``: the caller's voice heard while unmuted ends the wait for a late transcript.
     """
 
-    def __init__(self, holdoff_s: float = 0.3):
+    def __init__(self, holdoff_s: float = 0.3, late: LateTranscripts | None = None):
         super().__init__()
         self._holdoff_s = holdoff_s
+        self._late = late
         self._bot_speaking = False
         self._muted_until = 0.0
 
     async def process_frame(self, frame: Frame) -> bool:
         await super().process_frame(frame)
+        now = time.monotonic()
         if isinstance(frame, BotStartedSpeakingFrame):
             self._bot_speaking = True
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking = False
-            self._muted_until = time.monotonic() + self._holdoff_s
+            self._muted_until = now + self._holdoff_s
+        muted = self.muted
+        if isinstance(frame, VADUserStartedSpeakingFrame) and not muted and self._late is not None:
+            self._late.caller_spoke()
+        return muted
+
+    @property
+    def muted(self) -> bool:
         return self._bot_speaking or time.monotonic() < self._muted_until
+
+
+class LateTranscriptHold(FrameProcessor):
+    """Half-duplex: keeps the late transcript of a turn closed empty (see :class:`LateTranscripts`)
+    from being muted away, between the STT and the user aggregator.
+
+    Annie may already be asking the caller to repeat when the words come; half-duplex never cuts
+    her, and the user aggregator drops what arrives while the caller is muted. So the transcript
+    waits here until the mute ends (she finished), and then opens the caller's turn and is
+    answered. A request to repeat that had not started playing is withdrawn by that turn's start
+    as usual (a transcript that comes before Annie speaks is not muted).
+    """
+
+    def __init__(self, late: LateTranscripts, mute: HalfDuplexMuteStrategy):
+        super().__init__()
+        self._late = late
+        self._mute = mute
+        self._held: TranscriptionFrame | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TranscriptionFrame) and self._mute.muted and self._late.answerable(time.monotonic()):
+            self._late.taken()
+            self._held = frame
+            logger.info("a transcript came after its turn was closed empty: answering it when Annie is done")
+            return
+        await self.push_frame(frame, direction)
+        if isinstance(frame, UserMuteStoppedFrame) and self._held is not None:
+            held, self._held = self._held, None
+            await self.push_frame(held, FrameDirection.DOWNSTREAM)
+
+
+@dataclass
+class EmptyTurnTimeout:
+    """When to close a caller turn that no transcript has ended (the rule; pure, clock passed in).
+
+    The turn closes after ``quiet_s`` with neither the caller's voice nor a transcript, unless
+    the STT still has the turn's audio in flight: then it waits up to ``stt_wait_s`` longer for
+    the transcript (an STT slower than real time must not be raced by the watchdog).
+    """
+
+    quiet_s: float
+    stt_wait_s: float
+    last_activity: float = 0.0
+
+    def activity(self, now: float) -> None:
+        self.last_activity = now
+
+    def due(self, now: float, *, caller_speaking: bool, stt_busy: bool) -> bool:
+        if caller_speaking:
+            return False
+        quiet = now - self.last_activity
+        return quiet >= self.quiet_s + (self.stt_wait_s if stt_busy else 0.0)
+
+
+class EmptyTurnWatchdog(BaseUserTurnStopStrategy):
+    """Closes a caller turn that no transcript ended, by :class:`EmptyTurnTimeout`, asking the
+    STT (``stt_busy``) whether it still works on the turn's audio. Pipecat's own watchdog stays
+    as a backstop, set beyond this one's longest wait."""
+
+    def __init__(self, rule: EmptyTurnTimeout, stt_busy: Callable[[], bool], *, poll_s: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._rule = rule
+        self._stt_busy = stt_busy
+        self._poll_s = poll_s
+        self._clock = clock
+        self._caller_speaking = False
+        self._task: asyncio.Task | None = None
+
+    async def process_frame(self, frame: Frame) -> ProcessFrameResult:
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._caller_speaking = True
+            self._rule.activity(self._clock())
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._caller_speaking = False
+            self._rule.activity(self._clock())
+        elif isinstance(frame, (TranscriptionFrame, InterimTranscriptionFrame)):
+            self._rule.activity(self._clock())
+        return ProcessFrameResult.CONTINUE
+
+    async def handle_user_turn_started(self):
+        self._rule.activity(self._clock())
+        self._cancel()
+        self._task = self.task_manager.create_task(self._watch(), f"{self}::watch")
+
+    async def handle_user_turn_stopped(self):
+        self._cancel()
+
+    async def cleanup(self):
+        self._cancel()
+        await super().cleanup()
+
+    async def _watch(self) -> None:
+        waited = False
+        while True:
+            await asyncio.sleep(self._poll_s)
+            now, busy = self._clock(), self._stt_busy()
+            if self._rule.due(now, caller_speaking=self._caller_speaking, stt_busy=busy):
+                break
+            if busy and not waited and self._rule.due(now, caller_speaking=self._caller_speaking, stt_busy=False):
+                waited = True
+                logger.info("caller turn quiet, but the STT is still transcribing it: waiting for its words")
+        logger.debug(f"{self}: no transcript ended the caller's turn; closing it")
+        self._task = None
+        await self.trigger_user_turn_stopped()
+
+    def _cancel(self) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._task = None
 
 
 class TurnSpeechMeter(BaseUserTurnStartStrategy):
@@ -96,6 +252,7 @@ def user_turn_strategies(
     speech_timeout_s: float,
     start: list[BaseUserTurnStartStrategy] | None = None,
     meter: TurnSpeechMeter | None = None,
+    watchdog: EmptyTurnWatchdog | None = None,
 ) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
@@ -105,7 +262,8 @@ def user_turn_strategies(
     strategies while she talks, so only a turn started while she is still thinking (before her
     first audio) supersedes the pending answer, as today. Emulating half-duplex with
     ``enable_interruptions=False`` instead would queue answers behind ignored speech.
-    ``meter``, if given, goes first, so it sees every frame.
+    ``meter``, if given, goes first, so it sees every frame; ``watchdog`` closes turns that no
+    transcript ends.
     """
     start = start or [
         VADUserTurnStartStrategy(enable_interruptions=True),
@@ -113,7 +271,7 @@ def user_turn_strategies(
     ]
     return UserTurnStrategies(
         start=[meter, *start] if meter else start,
-        stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s)],
+        stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s), *([watchdog] if watchdog else [])],
     )
 
 

@@ -19,6 +19,8 @@ from pipecat.services.whisper.stt import WhisperSTTService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.time import time_now_iso8601
 
+from processors.stt_in_flight import SegmentInFlight
+
 
 class _ScoredModel:
     """The faster-whisper model, noting every segment it returns with its ``no_speech_prob``
@@ -38,7 +40,7 @@ class _ScoredModel:
         return getattr(self._model, name)
 
 
-class PartialWhisperSTTService(WhisperSTTService):
+class PartialWhisperSTTService(SegmentInFlight, WhisperSTTService):
     """Whisper with interim transcripts while the caller speaks (see module doc)."""
 
     streams_partials = True

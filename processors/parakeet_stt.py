@@ -36,6 +36,7 @@ from pipecat.utils.time import time_now_iso8601
 
 from processors.errors import SetupError
 from processors.retry import Retries, ServiceRequestError
+from processors.stt_in_flight import SegmentInFlight
 
 RequestFormat = Literal["multipart", "raw"]
 TOKEN_HEADER = "X-Internal-Token"
@@ -67,7 +68,7 @@ def parse_answer(body: Any) -> str:
     return text.strip()
 
 
-class ParakeetHTTPSTTService(SegmentedSTTService):
+class ParakeetHTTPSTTService(SegmentInFlight, SegmentedSTTService):
     """Posts each VAD-segmented utterance as WAV to the Parakeet sidecar; one final transcript each."""
 
     def __init__(

@@ -16,6 +16,7 @@ from pipecat.services.stt_service import STTService
 from pipecat.transcriptions.language import Language
 
 from processors.errors import SetupError
+from processors.stt_in_flight import SegmentInFlight
 
 _REQUIRED_FILES = ("model.bin", "config.json")
 # Segments Whisper scores as "no speech" at or above this are dropped. Pipecat's default, 0.4,
@@ -77,8 +78,22 @@ def make_whisper_stt(
     settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
     logger.debug(f"Whisper STT: loading {path} on {device}")
     try:
-        return WhisperSTTService(device=device, compute_type=compute_type, settings=settings, **kwargs)
+        return whisper_service_class()(device=device, compute_type=compute_type, settings=settings, **kwargs)
     except (RuntimeError, ValueError, OSError) as e:
         raise SetupError(
             f"WHISPER_MODEL_PATH {str(path)!r} could not be loaded as a Whisper model ({e})."
         ) from e
+
+
+_SERVICE_CLASS: type | None = None
+
+
+def whisper_service_class() -> type:
+    """Pipecat's ``WhisperSTTService`` that also says when a segment is in flight (imported on
+    first use: faster-whisper is an optional extra)."""
+    global _SERVICE_CLASS
+    if _SERVICE_CLASS is None:
+        from pipecat.services.whisper.stt import WhisperSTTService
+
+        _SERVICE_CLASS = type("WhisperSTTService", (SegmentInFlight, WhisperSTTService), {"__module__": __name__})
+    return _SERVICE_CLASS

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
-from pipecat.frames.frames import TTSAudioRawFrame
+from pipecat.frames.frames import Frame, TranscriptionFrame, TTSAudioRawFrame, VADUserStoppedSpeakingFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 
@@ -14,7 +17,7 @@ class ToneTTSService(TTSService):
     Audio arrives faster than real time, as from a real TTS server; the output transport paces it.
     """
 
-    def __init__(self, *, ms_per_char: float = 60.0, **kwargs):
+    def __init__(self, *, ms_per_char: float = 60.0, first_audio_delay_s: float = 0.0, **kwargs):
         super().__init__(
             push_start_frame=True,
             push_stop_frames=True,
@@ -23,7 +26,9 @@ class ToneTTSService(TTSService):
             **kwargs,
         )
         self._ms_per_char = ms_per_char
+        self._first_audio_delay_s = first_audio_delay_s
         self.requests: list[str] = []
+        self.voiced: list[str] = []  # texts whose first audio was handed on
         self.produced = bytearray()  # every sample synthesised, in order
 
     def can_generate_metrics(self) -> bool:
@@ -37,6 +42,41 @@ class ToneTTSService(TTSService):
         pcm = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).tobytes()
         self.produced += pcm
         step = int(rate * 0.04) * 2
+        if self._first_audio_delay_s:
+            await asyncio.sleep(self._first_audio_delay_s)
         await self.stop_ttfb_metrics()
+        self.voiced.append(text)
         for i in range(0, len(pcm), step):
             yield TTSAudioRawFrame(audio=pcm[i : i + step], sample_rate=rate, num_channels=1, context_id=context_id)
+
+
+class SlowFinalSTT(FrameProcessor):
+    """A segmented STT slower than real time (Whisper on a busy CPU): each VAD stop hands it the
+    utterance, and its final transcript, the next of ``finals``, comes ``delay_s`` later. Like the
+    real services it says when it has audio in flight (``audio_in_flight``); with ``tells=False``
+    it is one that cannot tell."""
+
+    def __init__(self, finals: list[str], delay_s: float, *, tells: bool = True):
+        super().__init__()
+        self._finals = list(finals)
+        self._delay_s = delay_s
+        self._tells = tells
+        self._in_flight = 0
+
+    @property
+    def audio_in_flight(self) -> bool:
+        return self._tells and self._in_flight > 0
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._finals:
+            self._in_flight += 1
+            self.create_task(self._final_later(self._finals.pop(0)))
+
+    async def _final_later(self, text: str) -> None:
+        try:
+            await asyncio.sleep(self._delay_s)
+            await self.push_frame(TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True))
+        finally:
+            self._in_flight -= 1

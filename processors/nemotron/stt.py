@@ -100,9 +100,15 @@ class NemotronStreamingSTTService(STTService):
         self._last_lag_warning = 0.0
         self._drain_timeout_s = 5.0
         self._turn_lost = False  # a step failed: skip audio until the next turn starts
+        self._working = False  # the worker is running a job
 
     def can_generate_metrics(self) -> bool:
         return True
+
+    @property
+    def audio_in_flight(self) -> bool:
+        """Audio or a final is queued for the model or being stepped (see ``processors.stt_in_flight``)."""
+        return self._working or bool(self._jobs)
 
     # ----- lifecycle ------------------------------------------------------------------------
 
@@ -220,12 +226,15 @@ class NemotronStreamingSTTService(STTService):
                 if kind == "audio":
                     while self._jobs and self._jobs[0][0] == "audio":
                         payload += self._jobs.popleft()[1]
+                self._working = True
                 try:
                     await self._run_job(kind, payload)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # a failed step loses this turn, not the call
                     await self._lose_turn(e)
+                finally:
+                    self._working = False
 
     async def _run_job(self, kind: str, payload: Any) -> None:
         engine, stream = self._engine, self._stream
