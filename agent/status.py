@@ -18,11 +18,13 @@ Three pieces, from plain to I/O:
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
@@ -306,6 +308,34 @@ def _token_matches(given: str | None, expected: str) -> bool:
     )
 
 
+class _BadRequestsAsWarnings(logging.Filter):
+    """aiohttp logs a request it cannot parse (garbage, a line too long, a body too big) at ERROR
+    with a full traceback, so any local client could flood the log. Such a request becomes one
+    WARNING line instead, at most one every ``every_s`` (with how many were not shown)."""
+
+    def __init__(self, every_s: float = 10.0):
+        super().__init__()
+        self._every_s = every_s
+        self._last = -every_s
+        self._unshown = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < self._every_s:
+            self._unshown += 1
+            return False
+        more = f" ({self._unshown} more since the last one)" if self._unshown else ""
+        self._last, self._unshown = now, 0
+        logger.warning(f"status port: refused a malformed request ({type(error).__name__}, HTTP {error.code}){more}")
+        return False
+
+
+_BAD_REQUESTS = _BadRequestsAsWarnings()
+
+
 class StatusServer:
     """Serves a :class:`CallStatus` on ``host:port`` (127.0.0.1 by default; port 0 = ephemeral).
 
@@ -344,6 +374,9 @@ class StatusServer:
     async def start(self) -> None:
         if self._runner is not None:
             return
+        server_log = logging.getLogger("aiohttp.server")
+        if _BAD_REQUESTS not in server_log.filters:
+            server_log.addFilter(_BAD_REQUESTS)
         app = web.Application(client_max_size=1024)
         app.router.add_get(STATUS_PATH, self._handle_status)
         app.router.add_get(HEALTH_PATH, self._handle_health)

@@ -18,18 +18,21 @@ def audio_in_flight(stt: Any) -> bool:
 
 
 class SegmentInFlight:
-    """Mixin for a ``SegmentedSTTService``: a segment is in flight from the VAD stop that hands
-    it over until its transcription (or failure) is done."""
+    """Mixin for a pipecat ``SegmentedSTTService``: a segment is in flight from the VAD stop that
+    queues it until its transcription (or failure) is done. Pipecat 1.14 transcribes queued
+    segments one at a time in a background task (``_segment_queue``)."""
 
-    _segments_in_flight = 0
+    _transcribing = 0
 
     @property
     def audio_in_flight(self) -> bool:
-        return self._segments_in_flight > 0
+        queue = getattr(self, "_segment_queue", None)
+        return self._transcribing > 0 or (queue is not None and not queue.empty())
 
-    async def _handle_user_stopped_speaking(self, frame):
-        self._segments_in_flight += 1
+    async def run_stt(self, audio: bytes):
+        self._transcribing += 1
         try:
-            await super()._handle_user_stopped_speaking(frame)
+            async for frame in super().run_stt(audio):
+                yield frame
         finally:
-            self._segments_in_flight -= 1
+            self._transcribing -= 1

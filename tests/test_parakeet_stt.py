@@ -180,3 +180,24 @@ async def test_call_goes_on_after_a_failed_utterance(sidecar):
 def test_bad_url_is_a_setup_error():
     with pytest.raises(SetupError, match="PARAKEET_URL"):
         ParakeetHTTPSTTService(url="ftp://sidecar", token=None)
+
+
+async def test_the_service_says_while_an_utterance_is_in_flight(sidecar):
+    """The empty-turn watchdog asks this: from the VAD stop until the sidecar's answer is in."""
+    sidecar.delay_s = 0.8
+    service = _service(sidecar)
+    seen: list[bool] = []
+
+    async def watch():
+        while True:
+            seen.append(service.audio_in_flight)
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        transcripts, errors = await transcribe_utterance(service, _tone(0.5))
+    finally:
+        watcher.cancel()
+    assert errors == [] and len(transcripts) == 1
+    assert seen[0] is False and seen.count(True) >= 0.5 / 0.02, "in flight while the sidecar worked"
+    assert service.audio_in_flight is False

@@ -193,6 +193,31 @@ async def test_malformed_requests_get_4xx_and_server_survives(server, payload):
     assert code == 200
 
 
+async def test_a_flood_of_garbage_requests_logs_one_warning_and_no_traceback(server, capfd, monkeypatch):
+    """A local client sending garbage must not flood the log: aiohttp's ERROR with a traceback
+    becomes one WARNING line, at most one every 10 s (the rest counted in the next one)."""
+    from loguru import logger
+
+    from agent.status import _BAD_REQUESTS
+
+    monkeypatch.setattr(_BAD_REQUESTS, "_last", float("-inf"))  # earlier tests' warnings do not count
+    srv, _ = server
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        for _ in range(20):
+            await _raw_request(srv.port, b"\x16\x03\x01 not http\r\n\r\n")
+            await _raw_request(srv.port, b"GET /health HTTP/1.1\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n")
+    finally:
+        logger.remove(sink)
+    printed = capfd.readouterr().err
+    assert "Traceback" not in printed and "Error handling request" not in printed
+    refused = [w for w in warnings if "malformed request" in w]
+    assert len(refused) == 1, warnings
+    code, _ = await _get(srv.url + "/v1/phone/status", {"X-Internal-Token": TOKEN})
+    assert code == 200
+
+
 async def test_wrong_method_and_path_are_4xx(server):
     srv, _ = server
     async with aiohttp.ClientSession() as session:

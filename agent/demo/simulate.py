@@ -320,19 +320,30 @@ class CallScript:
         log = self.log
         interrupted = await _wait(lambda: any(t >= onset for t in log.barge_ins), 10)
         cut = next((t for t in log.barge_ins if t >= onset), time.monotonic())
-        # Annie's reply to the interruption: her next start of speech after the barge-in.
+        # Annie's next start of speech after the barge-in (an answer, or a request to repeat).
         started = await _wait(lambda: self._next_reply(cut) is not None, ANSWER_TIMEOUT_S)
         reply_at = self._next_reply(cut) or time.monotonic()
-        replied = started and await _wait(lambda: self._audible_after(reply_at), 10)
+        # The answer: the LLM's words after the caller's were heard, then audible at the ear. A
+        # request to repeat ("Sorry, I didn't catch that") is not an answer.
+        heard = await _wait(lambda: self._heard_at(KEYWORDS[2], onset) is not None, ANSWER_TIMEOUT_S)
+        heard_at = self._heard_at(KEYWORDS[2], onset) or time.monotonic()
+        answered = heard and await _wait(lambda: log.first("llm_text", heard_at) is not None, ANSWER_TIMEOUT_S)
+        answer_at = log.first("llm_text", heard_at) or time.monotonic()
+        replied = answered and await _wait(lambda: self._audible_after(answer_at), 10)
         await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
-        story_after_cut = self.line.sink_loud_seconds(cut + STOP_GRACE_S, reply_at - 0.05)
+        story_after_cut = self.line.sink_loud_seconds(cut + STOP_GRACE_S, reply_at - 0.05) if started else 1.0
         self._report_stop(onset, cut, self.line.sink_last_loud(before=reply_at - 0.05))
         return {
-            "the caller's interruption was heard": any(w in log.heard_text(onset) for w in KEYWORDS[2]),
+            "the caller's interruption was heard": heard,
             "the interruption stopped Annie (barge-in)": interrupted,
             "her story stopped at the caller's ear": interrupted and story_after_cut < 0.1,
-            "Annie answered the interruption": replied,
+            "Annie answered the interruption (the LLM's answer, not a request to repeat)": replied,
         }
+
+    def _heard_at(self, keywords: tuple[str, ...], after: float) -> float | None:
+        """When a final transcript after ``after`` held one of ``keywords``."""
+        return next((t for t, kind, text in self.log.transcripts
+                     if kind == "final" and t >= after and any(w in text.lower() for w in keywords)), None)
 
     @staticmethod
     def _report_stop(onset: float, cut: float, quiet_at: float | None) -> None:
