@@ -33,6 +33,8 @@ Usage: bash start.sh <command> [args]
                    Chatterbox, GPU memory, the speech model, echo cancellation.
   test [args]      the test suite (python -m pytest -q [args]).
   status           the agent's status (GET /v1/phone/status with INTERNAL_TOKEN from the env).
+  report [args]    is barge-in ready on this line? the verdict from the shadow records of the last
+                   calls (BARGE_IN_SHADOW=1; python -m agent.bargein.shadow_report, --png PATH).
   logs [args]      the agent's log: journalctl for the systemd unit, else $LOG_FILE
                    (extra args go to journalctl or tail, e.g. -f).
   stop             stop the running agent (the systemd unit, or the process holding the lock).
@@ -200,6 +202,12 @@ cmd_preflight() {
     exec "$PY" -m agent.preflight "$@"
 }
 
+cmd_report() {
+    need_venv
+    cd "$ROOT"
+    exec "$PY" -m agent.bargein.shadow_report "$@"
+}
+
 cmd_test() {
     need_venv
     cd "$ROOT"
@@ -278,6 +286,7 @@ main() {
         phone) cmd_phone "$@" ;;
         demo) cmd_demo "$@" ;;
         preflight) cmd_preflight "$@" ;;
+        report) cmd_report "$@" ;;
         test) cmd_test "$@" ;;
         status) cmd_status "$@" ;;
         logs) cmd_logs "$@" ;;

@@ -24,6 +24,7 @@ from agent.bargein.core import DEFAULT_BACKCHANNELS
 from processors.errors import SetupError
 
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "agent.toml"
+DEFAULT_SHADOW_DIR = Path(__file__).resolve().parent.parent / "out" / "shadow"
 
 SttBackend = Literal["nemotron", "whisper", "parakeet-http"]
 ChunkMs = Literal[80, 160, 560, 1120]
@@ -82,6 +83,11 @@ class AgentSettings(BaseSettings):
     # Annie resumes only after this much quiet following the caller's VAD stop: a caller who
     # pauses at a comma ("Wait, ... stop please") must not be talked over between the two parts.
     barge_in_resume_quiet_ms: int = Field(300, ge=0, le=2000)
+    # Shadow mode (with ENABLE_BARGE_IN=0): the call stays half-duplex, and what barge-in would have
+    # done is recorded, one file a call under SHADOW_DIR (no words), the last SHADOW_KEEP_CALLS kept.
+    barge_in_shadow: bool = False
+    shadow_dir: Path = DEFAULT_SHADOW_DIR
+    shadow_keep_calls: int = Field(50, ge=1, le=10000)
     # Spoken when a caller turn ends with no words although the caller spoke at least
     # REPEAT_MIN_SPEECH_MS (a cough is shorter) or cut Annie off (pause first committed).
     repeat_request_text: str = Field(DEFAULT_REPEAT_REQUEST, min_length=1)
@@ -146,6 +152,8 @@ class AgentSettings(BaseSettings):
         if self.stt_backend == "nemotron":
             if self.stt_model_path is None:
                 raise ValueError("STT_MODEL_PATH: required when STT_BACKEND=nemotron (a local .nemo file)")
+        if self.barge_in_shadow and self.enable_barge_in:
+            raise ValueError("BARGE_IN_SHADOW: only with ENABLE_BARGE_IN=0 (with barge-in on, its decisions are real)")
         if self.stt_backend == "parakeet-http" and not self.parakeet_url:
             raise ValueError("PARAKEET_URL: required when STT_BACKEND=parakeet-http")
         return self

@@ -99,7 +99,9 @@ async def run_phone(settings: AgentSettings, stop: asyncio.Event) -> None:
             tts=services.tts,
             vad_analyzer=services.vad_analyzer,
             observers=[StatusObserver(status)],
+            shadow_vad=services.shadow_vad,
         )
+        status.shadow = call.shadow
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(call.worker)
         run_task = asyncio.create_task(runner.run())

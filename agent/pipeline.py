@@ -36,6 +36,7 @@ from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
 from agent.bargein.core import BargeInParams
 from agent.bargein.recording import EventLog
+from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, ShadowTap
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
 from agent.turns import (
@@ -64,6 +65,7 @@ class CallPipeline:
     user_aggregator: LLMUserAggregator
     assistant_aggregator: LLMAssistantAggregator
     pause_first: PauseThenDecideStartStrategy | None = None
+    shadow: ShadowLog | None = None
 
 
 def pause_first_strategy(
@@ -83,6 +85,24 @@ def pause_first_strategy(
         return None
     logger.info(f"barge-in: pause first, decide within {settings.barge_in_decide_ms} ms from partial transcripts")
     return PauseThenDecideStartStrategy(playback=output, params=BargeInParams.from_settings(settings), log=decision_log)
+
+
+def shadow_taps(
+    settings: AgentSettings, vad: VADAnalyzer | None, output: FrameProcessor, *, keep_events: bool = False
+) -> tuple[ShadowLog | None, list[FrameProcessor], list[FrameProcessor]]:
+    """Barge-in shadow mode's log and its two taps (before the user aggregator, after the TTS)."""
+    if not settings.barge_in_shadow or settings.enable_barge_in:
+        return None, [], []
+    if vad is None:
+        logger.warning("BARGE_IN_SHADOW is on but no VAD was given for it: no shadow records this call")
+        return None, [], []
+    tune_vad_for_pause_first(vad, start_ms=settings.barge_in_vad_start_ms, min_volume=settings.barge_in_vad_min_volume,
+                             sample_rate=settings.audio_in_sample_rate, confidence=settings.barge_in_vad_confidence)
+    log = ShadowLog(BargeInParams.from_settings(settings), keep_events=keep_events)
+    echo = output.recent_bot_words if isinstance(output, PausablePlayback) else set
+    tap = ShadowTap(log, vad, files=ShadowFiles(settings.shadow_dir, settings.shadow_keep_calls), echo_words=echo)
+    logger.info(f"barge-in shadow: half-duplex call; would-be decisions recorded under {settings.shadow_dir}")
+    return log, [tap], [ShadowReference(log)]
 
 
 def user_aggregator_params(
@@ -164,13 +184,16 @@ def build_call_pipeline(
     observers: list[BaseObserver] | None = None,
     stt_streams_partials: bool | None = None,
     decision_log: EventLog | None = None,
+    shadow_vad: VADAnalyzer | None = None,
+    shadow_events: bool = False,
 ) -> CallPipeline:
     """Wire the services into one pipeline and a worker that runs until told to stop.
 
     ``stt_streams_partials`` defaults to what the STT service says (its ``streams_partials``;
     none that lacks it does); pause-then-decide barge-in needs partials. Tests that inject
     transcription frames in place of an STT set it. ``decision_log`` records what the barge-in
-    decision saw and did (benchmarks; it holds the caller's words).
+    decision saw and did (benchmarks; it holds the caller's words). ``shadow_vad``: with
+    ``BARGE_IN_SHADOW``, the shadow's own VAD (``shadow_events`` keeps its events for a replay).
     """
     if stt_streams_partials is None:
         stt_streams_partials = bool(getattr(stt, "streams_partials", False))
@@ -197,8 +220,10 @@ def build_call_pipeline(
 
     # Half-duplex: a late transcript waits for the mute to end (barge-in decides on it itself).
     hold = [LateTranscriptHold(late, mute)] if mute is not None else []
+    shadow, tap, reference = shadow_taps(settings, shadow_vad, transport.output(), keep_events=shadow_events)
     pipeline = Pipeline(
-        [transport.input(), InputAudioGuard(), stt, *hold, user_agg, llm, tts, transport.output(), assistant_agg]
+        [transport.input(), InputAudioGuard(), stt, *tap, *hold, user_agg, llm, tts, *reference, transport.output(),
+         assistant_agg]
     )
     worker = PipelineWorker(
         pipeline,
@@ -213,4 +238,4 @@ def build_call_pipeline(
         observers=observers or [],
     )
     logger.debug(f"call pipeline assembled (barge-in {'on' if settings.enable_barge_in else 'off'})")
-    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg, start)
+    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg, start, shadow)

@@ -30,6 +30,7 @@ class CallServices:
     llm: FrameProcessor
     tts: FrameProcessor
     vad_analyzer: VADAnalyzer
+    shadow_vad: VADAnalyzer | None = None  # barge-in shadow mode's own VAD
 
 
 def build_vad(settings: AgentSettings) -> VADAnalyzer:
@@ -128,6 +129,7 @@ def build_services(settings: AgentSettings) -> CallServices:
         llm=build_llm(settings),
         tts=build_tts(settings),
         vad_analyzer=build_vad(settings),
+        shadow_vad=build_vad(settings) if settings.barge_in_shadow else None,
     )
 
 

@@ -133,6 +133,7 @@ class CallStatus:
         self.last_turn: TurnLatency | None = None
         self._moments = _TurnMoments()
         self._clock = clock
+        self.shadow: Any = None  # barge-in shadow mode's log (agent.bargein.shadow.ShadowLog), if on
         self._started_at = clock()
 
     @classmethod
@@ -244,6 +245,7 @@ class CallStatus:
                 "errors_by_category": dict(self.errors_by_category),
             },
             "uptime_s": round(self._clock() - self._started_at, 1),
+            "barge_in_shadow": self.shadow.summary(time.monotonic()) if self.shadow is not None else None,
         }
 
 

@@ -1,0 +1,302 @@
+"""Shadow mode: a half-duplex call that also records what barge-in would have done.
+
+The household keeps barge-in off until it is validated on its own line. With ``BARGE_IN_SHADOW=1``
+(and ``ENABLE_BARGE_IN=0``) the call behaves exactly as half-duplex, and beside it, while Annie
+speaks, a second VAD (with the pause-first parameters) and the decision core
+(:mod:`agent.bargein.core`) run as if barge-in were on: every would-be pause, resume and commit
+is recorded with its time, the caller's line level and Annie's level at that moment. Words reach
+the core where the STT transcribes while the caller is muted; otherwise it decides by the voice
+alone (its window, blip and long-sound rules). Nothing here touches the audio path: the taps push
+every frame on before they look at it.
+
+A call's records (JSON lines, no words of the conversation) go to ``SHADOW_DIR``, one file per
+call, the oldest removed beyond ``SHADOW_KEEP_CALLS``; the summary is logged at the call's end
+and shown on the status endpoint. ``python -m agent.bargein.shadow_report`` (``bash start.sh
+report``) reads them and gives the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADState
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from agent.bargein.core import BargeInCore, BargeInParams, Commit, Outcome, Pause, Resume, StartTurn
+from agent.bargein.recording import ACTION_NAMES, EventLog
+
+RECORD_VERSION = 1
+MAX_RECORDS = 20000  # a call's records are bounded (a day-long call keeps its first 20,000)
+_SILENCE_DB = -100.0
+
+
+def level_db(pcm: bytes) -> float:
+    """RMS level of int16 PCM in dBFS (-100 for silence)."""
+    samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype=np.int16).astype(np.float32)
+    if samples.size == 0:
+        return _SILENCE_DB
+    rms = float(np.sqrt(np.mean(samples**2)))
+    return round(20 * math.log10(rms / 32768), 1) if rms > 0 else _SILENCE_DB
+
+
+class ShadowLog:
+    """One call's would-be decisions and figures. Pure: the caller passes the times."""
+
+    def __init__(self, params: BargeInParams, *, keep_events: bool = False):
+        self.core = BargeInCore(params)
+        self.params = params
+        # Every event the core was given (with words): only for tests that replay it.
+        self.events = EventLog() if keep_events else None
+        self.actions: list[dict[str, Any]] = []  # what it would have done, and the speech spans
+        self.counts = {"pause": 0, "resume": 0, "commit": 0}
+        self.started_at: float | None = None
+        self.annie_s = 0.0  # how long Annie spoke
+        self.caller_over_annie_s = 0.0  # the caller's voice while Annie spoke
+        self._annie_since: float | None = None
+        self._voice_since: float | None = None
+        self._paused_at: float | None = None
+        self.mic_db = _SILENCE_DB
+        self.ref_db = _SILENCE_DB
+
+    # --- events ----------------------------------------------------------------------------
+
+    def bot_started(self, now: float) -> None:
+        self._start(now)
+        if self._annie_since is None:
+            self._annie_since = now
+            self._span("annie", now)
+        self._note("bot_started", now)
+        self._apply(now, self.core.bot_started(now))
+
+    def bot_stopped(self, now: float) -> None:
+        self._start(now)
+        if self._annie_since is not None:
+            self.annie_s += now - self._annie_since
+            self._annie_since = None
+            self._span("annie_end", now)
+        self._close_voice(now)
+        self._note("bot_stopped", now)
+        self._apply(now, self.core.bot_stopped(now))
+
+    def voice(self, now: float, started: bool) -> None:
+        self._start(now)
+        if started:
+            self._voice_since = now
+            self._span("voice", now)
+            self._note("voice_started", now)
+            self._apply(now, self.core.voice_started(now))
+        else:
+            self._close_voice(now)
+            self._voice_since = None
+            self._span("voice_end", now)
+            self._note("voice_stopped", now)
+            self._apply(now, self.core.voice_stopped(now))
+
+    def words(self, now: float, text: str, *, final: bool, echo: set[str]) -> None:
+        self._note("words", now, text=text, final=final, echo=sorted(echo))
+        self._apply(now, self.core.words(now, text, final=final, annies_words=echo))
+
+    def tick(self, now: float) -> None:
+        if self.core.wake_at is not None and now >= self.core.wake_at:
+            self._note("tick", now)
+            self._apply(now, self.core.tick(now))
+
+    # --- what the decision would have done -------------------------------------------------------
+
+    def _apply(self, now: float, out: Outcome) -> None:
+        for action in out.actions:
+            if isinstance(action, Pause):
+                self._paused_at = now
+                self._record("pause", now)
+                self._note("paused", now)
+                self._apply(now, self.core.playback_paused(now))  # a pause would be at once
+            elif isinstance(action, Resume):
+                self._record("resume", now)
+                self._paused_at = None
+            elif isinstance(action, Commit):
+                self._record("commit", now, why=action.why)
+                self._paused_at = None
+                # Barge-in would start the caller's turn here (and Annie would stop).
+                self._note("turn_started", now)
+                self.core.turn_started(now)
+            elif isinstance(action, StartTurn):
+                self._note("turn_started", now)
+                self.core.turn_started(now)
+            if self.events is not None and type(action) in ACTION_NAMES:
+                self.events.action(action, now)
+
+    def _span(self, what: str, now: float) -> None:
+        if len(self.actions) < MAX_RECORDS:
+            self.actions.append({"t": round(now - (now if self.started_at is None else self.started_at), 3), "span": what})
+
+    def _record(self, action: str, now: float, **extra: Any) -> None:
+        rec = {"t": round(now - (now if self.started_at is None else self.started_at), 3), "a": action, "mic_db": self.mic_db, "ref_db": self.ref_db}
+        if action != "pause" and self._paused_at is not None:
+            rec["after_s"] = round(now - self._paused_at, 3)
+        if len(self.actions) < MAX_RECORDS:
+            self.actions.append({**rec, **extra})
+        self.counts[action] += 1
+
+    def _note(self, name: str, now: float, **data: Any) -> None:
+        if self.events is not None:
+            self.events.event(name, now, **data)
+
+    def _start(self, now: float) -> None:
+        if self.started_at is None:
+            self.started_at = now
+
+    def _close_voice(self, now: float) -> None:
+        if self._voice_since is not None and self._annie_since is not None:
+            self.caller_over_annie_s += now - max(self._voice_since, self._annie_since)
+            self._voice_since = now
+
+    # --- the call's figures ------------------------------------------------------------------
+
+    def summary(self, now: float) -> dict[str, Any]:
+        annie_s = self.annie_s + (now - self._annie_since if self._annie_since is not None else 0.0)
+        count = self.counts
+        minutes = annie_s / 60
+        return {
+            "annie_speech_min": round(minutes, 2),
+            "would_pause": count["pause"],
+            "would_resume": count["resume"],
+            "would_commit": count["commit"],
+            "resumed_pauses_per_min": round(count["resume"] / minutes, 2) if minutes > 0 else None,
+            "caller_over_annie_s": round(self.caller_over_annie_s, 1),
+        }
+
+    def records(self, now: float) -> list[dict[str, Any]]:
+        header = {"version": RECORD_VERSION, "kind": "shadow-call", "window_s": self.params.window_s,
+                  "resume_quiet_s": self.params.resume_quiet_s}
+        return [header, *self.actions, {"summary": self.summary(now)}]
+
+
+class ShadowFiles:
+    """Where the records of the calls go: one JSON-lines file a call, the last ``keep`` kept."""
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def write(self, records: list[dict[str, Any]]) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"shadow-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6:06d}.jsonl"
+        with open(path, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        for old in sorted(self.directory.glob("shadow-*.jsonl"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+class ShadowReference(FrameProcessor):
+    """After the TTS: notes Annie's level (what the line's echo would carry)."""
+
+    def __init__(self, log: ShadowLog):
+        super().__init__()
+        self._log = log
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            self._log.ref_db = level_db(frame.audio)
+
+
+class ShadowTap(FrameProcessor):
+    """Between the STT and the user aggregator: the VAD and the decision as if barge-in were on.
+
+    Every frame goes on first, unchanged; then the tap looks at it. ``echo_words`` gives the
+    words Annie is saying (the playback's echo guard). At the end of the call the records are
+    written and the summary logged; ``on_summary`` gets it too (the status endpoint).
+    """
+
+    def __init__(
+        self,
+        log: ShadowLog,
+        vad: VADAnalyzer,
+        *,
+        files: ShadowFiles | None = None,
+        echo_words: Callable[[], set[str]] = set,
+        on_summary: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__()
+        self._log = log
+        self._vad = vad
+        self._files = files
+        self._echo_words = echo_words
+        self._on_summary = on_summary
+        self._clock = clock
+        self._vad_state = VADState.QUIET
+        self._closed = False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        now = self._clock()
+        log = self._log
+        if isinstance(frame, InputAudioRawFrame):
+            log.mic_db = level_db(frame.audio)
+            await self._hear(frame.audio, now)
+            log.tick(now)
+        elif isinstance(frame, BotStartedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
+            log.bot_started(now)
+        elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
+            log.bot_stopped(now)
+        elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and direction == FrameDirection.DOWNSTREAM:
+            final = not isinstance(frame, InterimTranscriptionFrame)
+            log.words(now, frame.text, final=final, echo=self._echo_words())
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            self.close()
+
+    async def _hear(self, audio: bytes, now: float) -> None:
+        try:
+            state = await self._vad.analyze_audio(audio)
+        except Exception as e:  # noqa: BLE001 - the shadow must never hurt the call
+            logger.warning(f"{self}: shadow VAD failed on a frame: {type(e).__name__}: {e}")
+            return
+        if state == self._vad_state or state in (VADState.STARTING, VADState.STOPPING):
+            return
+        self._vad_state = state
+        if state in (VADState.SPEAKING, VADState.QUIET):
+            self._log.voice(now, started=state == VADState.SPEAKING)
+
+    def close(self) -> None:
+        """Write the call's records and log its summary (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        now = self._clock()
+        summary = self._log.summary(now)
+        logger.info("barge-in shadow, this call: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        if self._on_summary is not None:
+            self._on_summary(summary)
+        if self._files is not None:
+            try:
+                path = self._files.write(self._log.records(now))
+                logger.debug(f"{self}: records written to {path}")
+            except OSError as e:
+                logger.warning(f"{self}: could not write the shadow records to {self._files.directory}: {e}")
+
+    async def cleanup(self):
+        self.close()
+        await super().cleanup()

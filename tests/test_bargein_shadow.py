@@ -1,0 +1,168 @@
+"""Barge-in shadow mode: a half-duplex call that records what barge-in would have done.
+
+The log's rules are checked on an injected clock; the report on record files written here; the
+call on the simulated line with real caller speech (espeak-ng) talking over Annie, the agent's
+pipeline, Silero VAD, the LLM stand-in server and a tone TTS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipecat.frames.frames import TranscriptionFrame
+from pipecat.processors.filters.identity_filter import IdentityFilter
+from pipecat.workers.runner import WorkerRunner
+
+from agent.bargein.core import BargeInParams
+from agent.bargein.recording import compare, recorded_actions, replay
+from agent.bargein.shadow import ShadowFiles, ShadowLog, level_db
+from agent.bargein.shadow_report import RecordError, main as report_main, read_call, verdict
+from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
+from agent.pipeline import build_call_pipeline
+from agent.services import build_llm, build_vad
+from tests.doubles import ToneTTSService
+from transports.rig.line import SimLine
+
+STORY = "Once upon a time there was a little village by the sea. The fishermen sang. The end."
+
+
+def test_the_log_records_what_barge_in_would_do_and_the_call_figures():
+    log = ShadowLog(BargeInParams(window_s=1.0))
+    log.bot_started(0.0)
+    log.voice(2.0, started=True)  # the caller speaks over Annie and keeps talking
+    log.tick(3.0)
+    log.voice(3.5, started=False)
+    log.voice(5.0, started=True)  # a blip: over with the pause
+    log.voice(5.1, started=False)
+    log.tick(5.4)
+    log.bot_stopped(60.0)
+    assert [(r["a"], r["t"]) for r in log.actions if "a" in r] == [
+        ("pause", 2.0), ("commit", 3.0), ("pause", 5.0), ("resume", 5.4)]
+    summary = log.summary(61.0)
+    assert summary == {"annie_speech_min": 1.0, "would_pause": 2, "would_resume": 1, "would_commit": 1,
+                       "resumed_pauses_per_min": 1.0, "caller_over_annie_s": 1.6}
+    assert not any("text" in r for r in log.records(61.0)), "no words in the records"
+
+
+def test_the_records_rotate(tmp_path):
+    files = ShadowFiles(tmp_path, keep=3)
+    for _ in range(5):
+        files.write([{"summary": {}}])
+    assert len(list(tmp_path.glob("shadow-*.jsonl"))) == 3
+
+
+def test_level_db():
+    assert level_db(b"") == -100.0 and level_db(bytes(640)) == -100.0
+    full = (np.ones(320) * 32767).astype(np.int16).tobytes()
+    assert level_db(full) == pytest.approx(0.0, abs=0.01)
+
+
+def write_call(directory: Path, name: str, minutes: float, resumes: int, commits: int = 0) -> Path:
+    path = directory / f"shadow-{name}.jsonl"
+    lines = [{"version": 1, "kind": "shadow-call"}, {"t": 0.0, "span": "annie"}, {"t": 1.0, "a": "pause"},
+             {"t": 1.5, "a": "resume"}, {"t": 60 * minutes, "span": "annie_end"},
+             {"summary": {"annie_speech_min": minutes, "would_pause": resumes + commits, "would_resume": resumes,
+                          "would_commit": commits, "caller_over_annie_s": 2.0}}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "minutes, resumes, ready",
+    [
+        (12.0, 1, True),  # 0.8 per 10 min over enough exposure
+        (12.0, 3, False),  # 2.5 per 10 min: too many
+        (4.0, 0, False),  # not enough exposure yet
+    ],
+)
+def test_the_verdict_follows_from_the_records(tmp_path, minutes, resumes, ready):
+    write_call(tmp_path, "a", minutes / 2, 0)
+    write_call(tmp_path, "b", minutes / 2, resumes, commits=2)
+    calls = [read_call(p) for p in sorted(tmp_path.glob("shadow-*.jsonl"))]
+    result = verdict(calls)
+    assert result.ready is ready
+    assert f"Annie's speech: {minutes:.1f} min" in result.lines[0]
+    assert report_main([str(tmp_path)]) == (0 if ready else 1)
+
+
+def test_the_report_draws_the_latest_call(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the timeline needs matplotlib (the bench extra)")
+    write_call(tmp_path, "a", 12.0, 1)
+    png = tmp_path / "timeline.png"
+    report_main([str(tmp_path), "--png", str(png)])
+    assert png.stat().st_size > 1000
+
+
+def test_a_corrupt_or_missing_record_is_a_clear_message(tmp_path, capsys):
+    assert report_main([str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert report_main([str(tmp_path)]) == 2
+    assert "no shadow records" in capsys.readouterr().err
+    (tmp_path / "shadow-bad.jsonl").write_text('{"t": 1.0, "a": "pause"}\nnot json at all\n')
+    with pytest.raises(RecordError, match="line 2: not a shadow record"):
+        read_call(tmp_path / "shadow-bad.jsonl")
+    write_call(tmp_path, "good", 12.0, 0)
+    assert report_main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "shadow-bad.jsonl, line 2" in err and "Traceback" not in err
+
+
+def caller_speech(text: str) -> np.ndarray:
+    from transports.rig.audio import synth_speech
+
+    return (synth_speech(text, 16000) * 0.25).astype(np.int16)
+
+
+async def run_story_call(make_settings, tmp_path: Path, shadow: bool):
+    """Half-duplex: the caller asks for a story, then talks over Annie twice. Returns the
+    sink's played samples and the shadow log."""
+    settings = make_settings(enable_barge_in=False, barge_in_shadow=shadow, shadow_dir=tmp_path / "shadow")
+    line = SimLine(24000)
+    tts = ToneTTSService(ms_per_char=40)
+    async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.05, token_delay_s=0.01)) as llm:
+        llm.queue_reply(STORY)
+        call = build_call_pipeline(settings, transport=line.transport, stt=IdentityFilter(),
+                                   llm=build_llm(settings, base_url=llm.base_url), tts=tts,
+                                   vad_analyzer=build_vad(settings), shadow_vad=build_vad(settings) if shadow else None,
+                                   shadow_events=True)
+        runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
+        await runner.add_workers(call.worker)
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.sleep(0.5)
+            await asyncio.sleep(line.say(caller_speech("Tell me a story.")) + 0.4)
+            await call.worker.queue_frames([TranscriptionFrame("Tell me a story.", "caller", "", finalized=True)])
+            await llm.wait_for(lambda: len(llm.requests) == 1, timeout=10)
+            while not line.sink_last_loud():
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            await asyncio.sleep(line.say(caller_speech("Wait, wait, stop please, I have a question.")) + 0.5)
+            await asyncio.sleep(line.say(caller_speech("Mm-hm.")) + 1.5)
+            while time.monotonic() - (line.sink_last_loud() or 0.0) < 1.0:  # until the story is over
+                await asyncio.sleep(0.1)
+        finally:
+            await call.worker.cancel(reason="test over")
+            await asyncio.wait_for(task, 15)
+    played = np.frombuffer(b"".join(pcm for _, pcm in line.played_chunks()), dtype=np.int16)
+    return played[played != 0], call.shadow, list((tmp_path / "shadow").glob("shadow-*.jsonl")) if shadow else []
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (the caller's voice)")
+async def test_a_shadow_call_sounds_the_same_and_its_records_replay(make_settings, tmp_path):
+    plain, _, _ = await run_story_call(make_settings, tmp_path / "off", shadow=False)
+    shadowed, log, files = await run_story_call(make_settings, tmp_path / "on", shadow=True)
+    assert plain.size > 24000 and np.array_equal(plain, shadowed), "shadow mode changed what reached the caller"
+    actions = recorded_actions(log.events.records)
+    kinds = [a.action for a in actions]
+    assert "pause" in kinds and ("commit" in kinds or "resume" in kinds), kinds
+    assert compare(actions, replay(log.events.records, log.params).actions, 0.0) == []
+    (path,) = files
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records[-1]["summary"]["would_pause"] == kinds.count("pause")
+    assert not any("text" in r or "echo" in r for r in records), "no words on disk"
