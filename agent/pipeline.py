@@ -36,7 +36,7 @@ from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
 from agent.bargein.core import BargeInParams
 from agent.bargein.recording import EventLog
-from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, ShadowTap
+from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, ShadowTap, ShadowWords
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
 from agent.turns import (
@@ -88,9 +88,10 @@ def pause_first_strategy(
 
 
 def shadow_taps(
-    settings: AgentSettings, vad: VADAnalyzer | None, output: FrameProcessor, *, keep_events: bool = False
+    settings: AgentSettings, vad: VADAnalyzer | None, output: FrameProcessor, stt: object, *, keep_events: bool = False
 ) -> tuple[ShadowLog | None, list[FrameProcessor], list[FrameProcessor]]:
-    """Barge-in shadow mode's log and its two taps (before the user aggregator, after the TTS)."""
+    """Barge-in shadow mode's log and its two taps (before the user aggregator, after the TTS).
+    With a streaming engine behind the STT (``stt.engine``) the shadow has words of its own."""
     if not settings.barge_in_shadow or settings.enable_barge_in:
         return None, [], []
     if vad is None:
@@ -100,8 +101,12 @@ def shadow_taps(
                              sample_rate=settings.audio_in_sample_rate, confidence=settings.barge_in_vad_confidence)
     log = ShadowLog(BargeInParams.from_settings(settings), keep_events=keep_events)
     echo = output.recent_bot_words if isinstance(output, PausablePlayback) else set
-    tap = ShadowTap(log, vad, files=ShadowFiles(settings.shadow_dir, settings.shadow_keep_calls), echo_words=echo)
-    logger.info(f"barge-in shadow: half-duplex call; would-be decisions recorded under {settings.shadow_dir}")
+    engine = getattr(stt, "engine", None)
+    words = ShadowWords(engine, settings.audio_in_sample_rate) if engine is not None else None
+    tap = ShadowTap(log, vad, files=ShadowFiles(settings.shadow_dir, settings.shadow_keep_calls), words=words,
+                    echo_words=echo)
+    logger.info(f"barge-in shadow: half-duplex call; would-be decisions recorded under {settings.shadow_dir} "
+                f"({'with' if words else 'without'} words: {'its own stream on the engine' if words else 'the STT gives no partials'})")
     return log, [tap], [ShadowReference(log)]
 
 
@@ -220,7 +225,7 @@ def build_call_pipeline(
 
     # Half-duplex: a late transcript waits for the mute to end (barge-in decides on it itself).
     hold = [LateTranscriptHold(late, mute)] if mute is not None else []
-    shadow, tap, reference = shadow_taps(settings, shadow_vad, transport.output(), keep_events=shadow_events)
+    shadow, tap, reference = shadow_taps(settings, shadow_vad, transport.output(), stt, keep_events=shadow_events)
     pipeline = Pipeline(
         [transport.input(), InputAudioGuard(), stt, *tap, *hold, user_agg, llm, tts, *reference, transport.output(),
          assistant_agg]

@@ -166,3 +166,44 @@ async def test_a_shadow_call_sounds_the_same_and_its_records_replay(make_setting
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[-1]["summary"]["would_pause"] == kinds.count("pause")
     assert not any("text" in r or "echo" in r for r in records), "no words on disk"
+
+
+async def test_the_shadow_has_words_of_its_own_on_the_streaming_engine(tmp_path):
+    """A half-duplex call mutes the STT while Annie speaks; with the streaming engine the shadow
+    transcribes the caller on a stream of its own (the tiny model, real NeMo code, on the CPU),
+    and its partials and final reach the decision."""
+    pytest.importorskip("nemo", reason="NeMo (the asr extra) is not installed")
+    from pipecat.audio.vad.vad_analyzer import VADState
+
+    from agent.bargein.shadow import ShadowTap, ShadowWords
+    from processors.nemotron import NemotronStreamingEngine
+    from processors.nemotron.tiny import speechlike, tiny_nemo_once
+
+    engine = NemotronStreamingEngine.load(tiny_nemo_once(tmp_path), 160, "cpu")
+    log = ShadowLog(BargeInParams(), keep_events=True)
+    words = ShadowWords(engine, 16000)
+    tap = ShadowTap(log, vad=None, words=words)
+    pcm = np.round(speechlike(16000 * 2, seed=3) * 32767).astype(np.int16).tobytes()
+    frames = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+    log.bot_started(0.0)
+    for frame in frames[:10]:  # before the VAD hears the caller: the preroll
+        await tap._transcribe(frame)
+    tap._vad_state = VADState.QUIET
+
+    class Vad:
+        def __init__(self, state):
+            self.state = state
+
+        async def analyze_audio(self, _):
+            return self.state
+
+    tap._vad = Vad(VADState.SPEAKING)
+    await tap._hear(frames[10], 1.0)
+    for frame in frames[11:]:
+        await tap._transcribe(frame)
+    tap._vad = Vad(VADState.QUIET)
+    await tap._hear(bytes(640), 3.0)
+    heard = [r for r in log.events.records if r.get("e") == "words"]
+    assert heard and heard[-1]["final"] is True, "the shadow's final reached the decision"
+    assert not words.active
+    tap.close()

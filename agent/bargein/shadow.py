@@ -17,10 +17,13 @@ report``) reads them and gives the verdict.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +210,45 @@ class ShadowFiles:
         return path
 
 
+class ShadowWords:
+    """The shadow's own transcription on the streaming engine, while Annie speaks.
+
+    In a half-duplex call the STT hears nothing while Annie speaks (the caller is muted), so the
+    shadow runs a stream of its own on the same engine (one more stream on a GPU built for a
+    thousand): from the shadow VAD's start, with ``preroll_s`` of audio from before it, to its
+    stop, which finalizes. The engine is synchronous; its calls run on one worker thread.
+    """
+
+    def __init__(self, engine: Any, sample_rate: int, preroll_s: float = 0.5, frame_s: float = 0.02):
+        self._engine = engine
+        self._stream = engine.new_stream(sample_rate=sample_rate)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-asr")
+        self._preroll: deque[bytes] = deque(maxlen=max(1, round(preroll_s / frame_s)))
+        self.active = False
+
+    async def _run(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self) -> str | None:
+        self.active = True
+        await self._run(self._stream.reset)
+        preroll, self._preroll = b"".join(self._preroll), deque(maxlen=self._preroll.maxlen)
+        return await self._run(self._engine.accept, self._stream, preroll) if preroll else None
+
+    async def audio(self, pcm: bytes) -> str | None:
+        if not self.active:
+            self._preroll.append(pcm)
+            return None
+        return await self._run(self._engine.accept, self._stream, pcm)
+
+    async def stop(self) -> str:
+        self.active = False
+        return await self._run(self._engine.finalize, self._stream)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class ShadowReference(FrameProcessor):
     """After the TTS: notes Annie's level (what the line's echo would carry)."""
 
@@ -235,6 +277,7 @@ class ShadowTap(FrameProcessor):
         vad: VADAnalyzer,
         *,
         files: ShadowFiles | None = None,
+        words: ShadowWords | None = None,
         echo_words: Callable[[], set[str]] = set,
         on_summary: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -243,6 +286,7 @@ class ShadowTap(FrameProcessor):
         self._log = log
         self._vad = vad
         self._files = files
+        self._words = words
         self._echo_words = echo_words
         self._on_summary = on_summary
         self._clock = clock
@@ -257,7 +301,8 @@ class ShadowTap(FrameProcessor):
         if isinstance(frame, InputAudioRawFrame):
             log.mic_db = level_db(frame.audio)
             await self._hear(frame.audio, now)
-            log.tick(now)
+            await self._transcribe(frame.audio)
+            log.tick(self._clock())
         elif isinstance(frame, BotStartedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
             log.bot_started(now)
         elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
@@ -278,13 +323,38 @@ class ShadowTap(FrameProcessor):
             return
         self._vad_state = state
         if state in (VADState.SPEAKING, VADState.QUIET):
-            self._log.voice(now, started=state == VADState.SPEAKING)
+            started = state == VADState.SPEAKING
+            self._log.voice(now, started=started)
+            if self._words is not None:
+                if started and self._log.core.bot_speaking:
+                    self._heard(await self._asr(self._words.start()), final=False)
+                elif not started and self._words.active:
+                    self._heard(await self._asr(self._words.stop()), final=True)
+
+    async def _transcribe(self, audio: bytes) -> None:
+        if self._words is not None:
+            self._heard(await self._asr(self._words.audio(audio)), final=False)
+
+    async def _asr(self, step) -> str | None:
+        try:
+            return await step
+        except Exception as e:  # noqa: BLE001 - the shadow must never hurt the call
+            logger.warning(f"{self}: shadow transcription failed: {type(e).__name__}: {e}")
+            self._words = None
+            return None
+
+    def _heard(self, text: str | None, *, final: bool) -> None:
+        if text and text.strip():
+            logger.trace(f"{self}: shadow {'final' if final else 'partial'}: {text!r}")
+            self._log.words(self._clock(), text, final=final, echo=self._echo_words())
 
     def close(self) -> None:
         """Write the call's records and log its summary (once)."""
         if self._closed:
             return
         self._closed = True
+        if self._words is not None:
+            self._words.close()
         now = self._clock()
         summary = self._log.summary(now)
         logger.info("barge-in shadow, this call: " + ", ".join(f"{k} {v}" for k, v in summary.items()))

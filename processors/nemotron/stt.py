@@ -106,6 +106,11 @@ class NemotronStreamingSTTService(STTService):
         return True
 
     @property
+    def engine(self) -> NemotronStreamingEngine:
+        """The engine behind the service (shared: another stream may run on it, e.g. the shadow's)."""
+        return self._engine
+
+    @property
     def audio_in_flight(self) -> bool:
         """Audio or a final is queued for the model or being stepped (see ``processors.stt_in_flight``)."""
         return self._working or bool(self._jobs)
