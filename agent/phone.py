@@ -100,6 +100,7 @@ async def run_phone(settings: AgentSettings, stop: asyncio.Event) -> None:
             vad_analyzer=services.vad_analyzer,
             observers=[StatusObserver(status)],
             shadow_vad=services.shadow_vad,
+            speaker_encoder=services.speaker_encoder,
         )
         status.shadow = call.shadow
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)

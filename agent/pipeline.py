@@ -35,6 +35,8 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
 from agent.bargein.core import BargeInParams
+from agent.bargein.gate import CallerGate, GateParams
+from agent.bargein.gate_taps import AnnieVoiceTap, CallerVoiceTap, GateWorker
 from agent.bargein.recording import EventLog
 from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, ShadowTap, ShadowWords
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
@@ -69,15 +71,20 @@ class CallPipeline:
 
 
 def pause_first_strategy(
-    settings: AgentSettings, output: FrameProcessor, stt_streams_partials: bool, decision_log: EventLog | None = None
+    settings: AgentSettings, output: FrameProcessor, stt_streams_partials: bool, decision_log: EventLog | None = None,
+    *, gate: bool = False,
 ) -> PauseThenDecideStartStrategy | None:
-    """The pause-then-decide start strategy, when barge-in is on and everything it needs is there."""
+    """The pause-then-decide start strategy, when barge-in is on and everything it needs is there:
+    partial transcripts, or the caller-voice gate (``gate``), which decides by whose voice it is."""
     if not (settings.enable_barge_in and settings.barge_in_pause_first):
         return None
     if not isinstance(output, PausablePlayback):
         logger.info("barge-in: this output cannot pause playback; Annie stops at the caller's first sound")
         return None
-    if not stt_streams_partials:
+    if not stt_streams_partials and gate:
+        logger.info(f"barge-in: the STT (STT_BACKEND={settings.stt_backend}) gives no partial transcripts; pause "
+                    "first, then the caller-voice gate, the window and the final transcript decide")
+    elif not stt_streams_partials:
         logger.info(
             f"barge-in: the STT (STT_BACKEND={settings.stt_backend}) gives no partial transcripts; "
             "Annie stops at the caller's first sound (no pause-then-decide)"
@@ -85,6 +92,17 @@ def pause_first_strategy(
         return None
     logger.info(f"barge-in: pause first, decide within {settings.barge_in_decide_ms} ms from partial transcripts")
     return PauseThenDecideStartStrategy(playback=output, params=BargeInParams.from_settings(settings), log=decision_log)
+
+
+def gate_taps(
+    settings: AgentSettings, encoder: object | None, start: PauseThenDecideStartStrategy | None
+) -> tuple[list[FrameProcessor], list[FrameProcessor]]:
+    """The caller-voice gate's taps (before the user aggregator, after the TTS), with pause first."""
+    if encoder is None or start is None:
+        return [], []
+    worker = GateWorker(encoder, CallerGate(GateParams.from_settings(settings)))
+    logger.info("barge-in: the caller-voice gate is on (enrols the caller while Annie is silent)")
+    return [CallerVoiceTap(worker, start)], [AnnieVoiceTap(worker)]
 
 
 def shadow_taps(
@@ -191,6 +209,7 @@ def build_call_pipeline(
     decision_log: EventLog | None = None,
     shadow_vad: VADAnalyzer | None = None,
     shadow_events: bool = False,
+    speaker_encoder: object | None = None,
 ) -> CallPipeline:
     """Wire the services into one pipeline and a worker that runs until told to stop.
 
@@ -199,10 +218,12 @@ def build_call_pipeline(
     transcription frames in place of an STT set it. ``decision_log`` records what the barge-in
     decision saw and did (benchmarks; it holds the caller's words). ``shadow_vad``: with
     ``BARGE_IN_SHADOW``, the shadow's own VAD (``shadow_events`` keeps its events for a replay).
+    ``speaker_encoder``: the caller-voice gate's (barge-in with pause first).
     """
     if stt_streams_partials is None:
         stt_streams_partials = bool(getattr(stt, "streams_partials", False))
-    start = pause_first_strategy(settings, transport.output(), stt_streams_partials, decision_log)
+    start = pause_first_strategy(settings, transport.output(), stt_streams_partials, decision_log,
+                                 gate=speaker_encoder is not None)
     if start is not None and vad_analyzer is not None:
         tune_vad_for_pause_first(vad_analyzer, start_ms=settings.barge_in_vad_start_ms,
                                  min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate,
@@ -226,9 +247,10 @@ def build_call_pipeline(
     # Half-duplex: a late transcript waits for the mute to end (barge-in decides on it itself).
     hold = [LateTranscriptHold(late, mute)] if mute is not None else []
     shadow, tap, reference = shadow_taps(settings, shadow_vad, transport.output(), stt, keep_events=shadow_events)
+    caller_tap, annie_tap = gate_taps(settings, speaker_encoder, start)
     pipeline = Pipeline(
-        [transport.input(), InputAudioGuard(), stt, *tap, *hold, user_agg, llm, tts, *reference, transport.output(),
-         assistant_agg]
+        [transport.input(), InputAudioGuard(), stt, *tap, *caller_tap, *hold, user_agg, llm, tts, *reference,
+         *annie_tap, transport.output(), assistant_agg]
     )
     worker = PipelineWorker(
         pipeline,

@@ -31,6 +31,7 @@ class CallServices:
     tts: FrameProcessor
     vad_analyzer: VADAnalyzer
     shadow_vad: VADAnalyzer | None = None  # barge-in shadow mode's own VAD
+    speaker_encoder: object | None = None  # the caller-voice gate's (processors.speaker.SpeakerEncoder)
 
 
 def build_vad(settings: AgentSettings) -> VADAnalyzer:
@@ -130,7 +131,18 @@ def build_services(settings: AgentSettings) -> CallServices:
         tts=build_tts(settings),
         vad_analyzer=build_vad(settings),
         shadow_vad=build_vad(settings) if settings.barge_in_shadow else None,
+        speaker_encoder=build_speaker_encoder(settings),
     )
+
+
+def build_speaker_encoder(settings: AgentSettings) -> object | None:
+    """The caller-voice gate's encoder, when barge-in and the gate are on (a SetupError if it cannot load)."""
+    if not (settings.enable_barge_in and settings.caller_gate):
+        return None
+    from processors.speaker import SpeakerEncoder
+
+    logger.info("caller-voice gate: loading the speaker encoder")
+    return SpeakerEncoder(settings.caller_gate_model)
 
 
 def freeze_loaded_objects() -> int:

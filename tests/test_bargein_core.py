@@ -225,3 +225,23 @@ def test_a_pause_that_completes_after_the_decision_changes_nothing():
     core.voice_started(1.0)
     assert [type(a) for a in core.words(1.01, "stop", final=False).actions] == [Commit]
     assert core.playback_paused(1.02).actions == [] and core.wake_at is None
+
+
+def test_the_caller_voice_gate_resumes_on_another_voice_and_never_later():
+    core = BargeInCore()
+    core.bot_started(0.0)
+    core.voice_started(1.0)
+    core.playback_paused(1.0)
+    assert core.voice_verdict(1.6, not_caller=False).actions == []  # the caller, or unsure: the rules decide
+    assert core.phase is Phase.PAUSED and core.wake_at == pytest.approx(2.3)
+    out = core.voice_verdict(1.7, not_caller=True)  # the TV: resume now, while it still plays
+    assert [ACTION_NAMES[type(a)] for a in out.actions] == ["reset", "resume"] and core.wake_at is None
+    assert [ACTION_NAMES[type(a)] for a in core.words(1.9, "breaking news tonight", final=False).actions] == ["reset"]
+    assert core.voice_verdict(2.0, not_caller=True).actions == [], "a verdict after the decision changes nothing"
+    core.voice_started(3.0)  # the caller's own next utterance pauses as usual
+    assert core.phase is Phase.PAUSED
+
+
+def test_a_gate_verdict_after_a_commit_changes_nothing():
+    core, taken, _ = run([(1.0, "voice"), (1.2, "partial", "stop please")])
+    assert core.voice_verdict(1.5, not_caller=True).actions == []

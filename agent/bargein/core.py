@@ -25,7 +25,9 @@ While Annie speaks, the rules are:
      ``final_wait_s`` after the VAD stop), even past the window; a shorter one waits at most
      ``final_grace_s``. A final without real words decides at once;
 3. words that come after a resume (a busy machine, a slow final) still commit within
-   ``late_words_s``, unless the sound was a blip (echo) or the words are backchannels or echo.
+   ``late_words_s``, unless the sound was a blip (echo) or the words are backchannels or echo;
+4. with the caller-voice gate, a sound that is clearly not the caller's voice (the TV, another
+   person, Annie's echo) resumes her at once, and its words never commit.
 
 When Annie is not speaking, a turn starts on the caller's voice or on a transcript, as usual.
 """
@@ -104,6 +106,7 @@ class Resumed(Enum):
 
     BLIP = "blip"  # over with the pause and no words: Annie's echo, or a click
     WAITED = "waited"  # it lasted, but no real words came in time
+    NOT_CALLER = "not caller"  # the caller-voice gate said it was another voice (TV, echo)
 
 
 class Flow(Enum):
@@ -264,6 +267,19 @@ class BargeInCore:
         if final and paused and self._stopped_since_start:
             return self._wake(now)  # the final is in, and no real words: decide now
         return Outcome()
+
+    def voice_verdict(self, now: float, not_caller: bool) -> Outcome:
+        """The caller-voice gate's verdict on the sound that paused Annie (see
+        :mod:`agent.bargein.gate`). Clearly not the caller: resume now, by the backchannel's path,
+        and its words will not commit later. Anything else leaves the rules as they are, so the
+        gate never decides later than they would."""
+        if self.phase is not Phase.PAUSED or not not_caller:
+            return Outcome()
+        self.wake_at = None
+        self._blip = False
+        out = self._resume(now)
+        self._resumed_how = Resumed.NOT_CALLER
+        return out
 
     def tick(self, now: float) -> Outcome:
         """The time asked for by :class:`WakeAt` has come (an early or stray tick does nothing)."""

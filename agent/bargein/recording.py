@@ -1,8 +1,9 @@
 """What the barge-in decision saw and did, as JSON lines, and a replay of it through the core.
 
 A recording is one JSON object per line: events ``{"t", "e": "bot_started" | "bot_stopped" |
-"voice_started" | "voice_stopped" | "paused" | "words" | "turn_started" | "tick", ...}``
-(``paused``: the playback is silent after a pause) (words carry
+"voice_started" | "voice_stopped" | "paused" | "verdict" | "words" | "turn_started" | "tick", ...}``
+(``paused``: the playback is silent after a pause; ``verdict``: the caller-voice gate's, with
+``not_caller``) (words carry
 ``text``, ``final`` and ``echo``, the words Annie was saying), and actions ``{"t", "a": "pause" |
 "resume" | "commit" | "start_turn" | "reset"}``. ``t`` is seconds from the first line. Replaying
 the events through :class:`~agent.bargein.core.BargeInCore`, with a tick wherever the recorded
@@ -104,6 +105,8 @@ def replay(records: list[dict[str, Any]], params: BargeInParams) -> Replayed:
             out = core.words(t, r["text"], final=r["final"], annies_words=r.get("echo", ()))
         elif name == "paused":
             out = core.playback_paused(t)
+        elif name == "verdict":
+            out = core.voice_verdict(t, r["not_caller"])
         elif name in ("bot_started", "bot_stopped", "voice_started", "voice_stopped", "turn_started", "tick"):
             out: Outcome = getattr(core, name)(t)
         else:

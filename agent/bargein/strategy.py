@@ -130,6 +130,12 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         await self._carry_out(out)
         return ProcessFrameResult.STOP if out.flow is Flow.STOP else ProcessFrameResult.CONTINUE
 
+    async def gate_verdict(self, not_caller: bool) -> None:
+        """The caller-voice gate's verdict on the sound that paused Annie (``agent.bargein.gate_taps``)."""
+        now = self._clock()
+        self._event("verdict", now, not_caller=not_caller)
+        await self._carry_out(self.core.voice_verdict(now, not_caller))
+
     async def _carry_out(self, out: Outcome) -> None:
         for action in out.actions:
             if self._log is not None and not isinstance(action, WakeAt):

@@ -1,0 +1,236 @@
+"""The caller-voice gate: only the caller interrupts Annie.
+
+The rules are tables on unit vectors; the encoder runs on real speech (espeak-ng voices, and
+Annie's Piper voice where installed) with resemblyzer's shipped weights; the tap is fed frames as
+the pipeline would.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from agent.bargein.gate import CallerGate, GateParams, Verdict
+from agent.bargein.gate_taps import CallerVoiceTap, GateWorker
+
+DIM = 256
+
+
+def unit(seed: int, near: np.ndarray | None = None, cos: float | None = None) -> np.ndarray:
+    """A random unit vector; with ``near`` and ``cos``, one at that cosine from ``near``."""
+    v = np.random.default_rng(seed).standard_normal(DIM)
+    if near is None:
+        return v / np.linalg.norm(v)
+    v -= (v @ near) * near
+    v /= np.linalg.norm(v)
+    return cos * near + np.sqrt(1 - cos**2) * v
+
+
+CALLER = unit(1)
+ANNIE = unit(2, near=CALLER, cos=0.45)
+
+
+def enrolled_gate() -> CallerGate:
+    gate = CallerGate(GateParams(min_enroll_s=3.0))
+    gate.enroll_caller(CALLER, 3.5)
+    gate.enroll_annie(ANNIE, 4.0)
+    return gate
+
+
+@pytest.mark.parametrize(
+    "sound, verdict",
+    [
+        (unit(3, near=CALLER, cos=0.9), Verdict.CALLER),  # her voice
+        (unit(4, near=CALLER, cos=0.65), Verdict.UNSURE),  # a short stretch of it: the rules decide
+        (unit(5, near=CALLER, cos=0.5), Verdict.NOT_CALLER),  # the TV, another person
+        (unit(6, near=ANNIE, cos=0.95), Verdict.NOT_CALLER),  # Annie's echo
+        (None, Verdict.UNSURE),  # silence, or too short to embed
+        (np.full(DIM, np.nan), Verdict.UNSURE),
+        (np.zeros(DIM), Verdict.UNSURE),
+    ],
+    ids=["caller", "unsure", "other-voice", "annie-echo", "no-embedding", "nan", "zero"],
+)
+def test_the_verdict_table(sound, verdict):
+    assert enrolled_gate().verdict(sound).verdict is verdict
+
+
+def test_no_verdict_before_enough_of_the_callers_voice():
+    gate = CallerGate(GateParams(min_enroll_s=3.0))
+    gate.enroll_caller(CALLER, 2.0)
+    assert not gate.enrolled and gate.verdict(unit(5, near=CALLER, cos=0.1)).verdict is Verdict.UNSURE
+    gate.enroll_caller(unit(7, near=CALLER, cos=0.95), 1.5)
+    assert gate.enrolled
+
+
+def test_a_caller_who_changes_her_sound_is_followed_not_locked_out():
+    """She moves to the speakerphone: her voice now scores 0.6 against the enrolment (unsure, so
+    the usual rules still decide: never locked out). Each turn she takes while Annie is silent
+    refines the enrolment, and a few turns later her new sound is recognised as hers."""
+    gate = enrolled_gate()
+    speakerphone = unit(8, near=CALLER, cos=0.6)
+    assert gate.verdict(speakerphone).verdict is Verdict.UNSURE
+    for turn in range(8):
+        gate.enroll_caller(unit(100 + turn, near=speakerphone, cos=0.97), 2.0)
+    assert gate.verdict(speakerphone).verdict is Verdict.CALLER
+
+
+def test_the_thresholds_come_from_the_settings(make_settings):
+    params = GateParams.from_settings(make_settings(caller_gate_min_enroll_ms=5000, caller_gate_caller_min=0.8,
+                                                    caller_gate_not_caller_max=0.5))
+    assert (params.min_enroll_s, params.caller_min, params.not_caller_max) == (5.0, 0.8, 0.5)
+
+
+def test_overlapping_thresholds_stop_start_up():
+    from agent.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="^Setting CALLER_GATE_NOT_CALLER_MAX is invalid: must be below"):
+        load_settings(stt_backend="whisper", caller_gate_caller_min=0.5, caller_gate_not_caller_max=0.6)
+
+
+# --- the encoder on real voices -------------------------------------------------------------
+
+SENTENCES = [
+    "Hello, is that you? I wanted to ask about dinner tonight.",
+    "Could you tell me what time the doctor comes tomorrow?",
+    "I think I left my glasses in the kitchen again.",
+    "Wait, stop please, I have a question for you.",
+    "No, that is not what I asked you at all.",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    pytest.importorskip("resemblyzer", reason="the speaker encoder (the gate extra: resemblyzer) is not installed")
+    from processors.speaker import SpeakerEncoder
+
+    return SpeakerEncoder()
+
+
+def speech(text: str, voice: str) -> np.ndarray:
+    from transports.rig.audio import synth_speech
+
+    return synth_speech(text, 16000, voice=voice)
+
+
+needs_espeak = pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (the voices)")
+
+
+@needs_espeak
+def test_on_real_voices_the_caller_passes_and_others_do_not(encoder):
+    """Enrolled from three sentences, the caller's other sentences are hers; a clearly different
+    voice is not; and voices of the same synthesizer close to hers (espeak-ng's male variants,
+    0.5-0.7 against her here) are never taken for hers: unsure at worst, so the usual rules decide."""
+    gate = CallerGate(GateParams(min_enroll_s=3.0))
+    for text in SENTENCES[:3]:
+        pcm = speech(text, "en-us+f3")
+        gate.enroll_caller(encoder.embed(pcm), len(pcm) / 16000)
+    assert gate.enrolled
+    for text in SENTENCES[3:]:
+        assert gate.verdict(encoder.embed(speech(text, "en-us+f3"))).verdict is Verdict.CALLER
+        assert gate.verdict(encoder.embed(speech(text, "en-us+whisper"))).verdict is Verdict.NOT_CALLER
+        for other in ("en-us+m1", "en-gb+m1", "de+m2"):
+            assert gate.verdict(encoder.embed(speech(text, other))).verdict is not Verdict.CALLER, other
+
+
+@needs_espeak
+def test_annies_own_voice_is_not_the_caller(encoder):
+    from agent.demo.standins.piper_server import PiperSynthesizer, joe_voice_path, piper_available
+
+    if not piper_available():
+        pytest.skip("Piper (the demo extra) is not installed: no voice of Annie's to test with")
+    import soxr
+
+    piper = PiperSynthesizer(joe_voice_path())
+
+    def annie(text: str) -> np.ndarray:
+        return soxr.resample(np.frombuffer(piper.speak(text), dtype=np.int16), 24000, 16000).astype(np.int16)
+
+    gate = CallerGate(GateParams(min_enroll_s=3.0))
+    for text in SENTENCES[:3]:
+        pcm = speech(text, "en-us+f3")
+        gate.enroll_caller(encoder.embed(pcm), len(pcm) / 16000)
+    gate.enroll_annie(encoder.embed(annie(SENTENCES[0] + " " + SENTENCES[1])), 6.0)
+    assert gate.verdict(encoder.embed(annie(SENTENCES[4]))).verdict is Verdict.NOT_CALLER
+
+
+def test_bad_audio_is_no_embedding_never_an_exception(encoder):
+    rng = np.random.default_rng(0)
+    assert encoder.embed(np.zeros(16000, dtype=np.int16)) is None  # silence
+    assert encoder.embed(rng.integers(-3000, 3000, 320).astype(np.int16)) is None  # 20 ms
+    assert encoder.embed(np.full(16000, np.nan, dtype=np.float32)) is None
+    clipped = np.clip(rng.standard_normal(16000) * 40000, -32768, 32767).astype(np.int16)
+    embedding = encoder.embed(clipped)  # clipping: distorted, still a sound
+    assert embedding is None or abs(np.linalg.norm(embedding) - 1) < 1e-3
+    assert CallerGate().verdict(embedding).verdict is Verdict.UNSURE  # nobody enrolled yet
+
+
+# --- the tap -------------------------------------------------------------------------------------
+
+
+class Strategy:
+    def __init__(self):
+        self.verdicts: list[bool] = []
+
+    async def gate_verdict(self, not_caller: bool) -> None:
+        self.verdicts.append(not_caller)
+
+
+class Encoder:
+    """Stands in for the encoder where only the tap's timing is under test: the caller's audio is
+    a 200 Hz tone, anything else another voice."""
+
+    def embed(self, pcm: np.ndarray):
+        if len(pcm) < 0.3 * 16000:
+            return None
+        spectrum = np.abs(np.fft.rfft(pcm.astype(np.float32)))
+        return CALLER if abs(int(np.argmax(spectrum)) * 16000 / len(pcm) - 200) < 20 else unit(5, near=CALLER, cos=0.3)
+
+
+def frames_of(tone_hz: float, seconds: float) -> list[bytes]:
+    t = np.arange(int(seconds * 16000)) / 16000
+    pcm = (8000 * np.sin(2 * np.pi * tone_hz * t)).astype(np.int16).tobytes()
+    return [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+
+
+async def test_the_tap_enrols_while_annie_is_silent_and_scores_while_she_speaks():
+    gate = CallerGate(GateParams(min_enroll_s=1.0))
+    strategy = Strategy()
+    tap = CallerVoiceTap(GateWorker(Encoder(), gate), strategy, score_s=0.6)
+    # The caller speaks while Annie is silent: enrolment.
+    tap._utterance = bytearray()
+    for frame in frames_of(200, 1.5):
+        await tap._audio(frame)
+    await tap._utterance_over()
+    assert gate.enrolled
+    # Annie speaks; the TV starts: scored after 0.6 s, not the caller -> the strategy is told.
+    tap._bot_speaking = True
+    tap._utterance, tap._deciding, tap._scored = bytearray(), True, False
+    for frame in frames_of(900, 1.0):
+        await tap._audio(frame)
+    assert strategy.verdicts == [True] and tap.verdicts[-1].verdict is Verdict.NOT_CALLER
+    await tap._utterance_over()
+    assert strategy.verdicts == [True], "scored once per utterance"
+    # The caller herself while Annie speaks: scored, and the rules go on deciding.
+    tap._utterance, tap._deciding, tap._scored = bytearray(), True, False
+    for frame in frames_of(200, 1.0):
+        await tap._audio(frame)
+    assert strategy.verdicts == [True] and tap.verdicts[-1].verdict is Verdict.CALLER
+
+
+def test_an_encoder_that_cannot_load_stops_start_up_with_one_sentence(tmp_path, monkeypatch, make_settings):
+    from agent.services import build_speaker_encoder
+    from processors.errors import SetupError
+
+    with pytest.raises(SetupError, match="^CALLER_GATE_MODEL points to .*, which is not a file"):
+        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate_model=tmp_path / "missing.pt"))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not torch weights")
+    with pytest.raises(SetupError, match="could not be loaded"):
+        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate_model=broken))
+    monkeypatch.setitem(__import__("sys").modules, "resemblyzer", None)  # as if the gate extra were missing
+    with pytest.raises(SetupError, match="^CALLER_GATE is on but the speaker encoder is not installed"):
+        build_speaker_encoder(make_settings(enable_barge_in=True))
+    assert build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate=False)) is None
+    assert build_speaker_encoder(make_settings(enable_barge_in=False)) is None
