@@ -6,10 +6,12 @@ weights (a 3-layer LSTM over 40 mel bands, 256 dimensions; ~0.1 s of CPU per sec
 ``CALLER_GATE_MODEL`` names other weights of the same architecture in a local file. Nothing is
 downloaded. The model is warmed up at load (its mel code compiles on first use).
 
-Measured here on synthesized voices (espeak-ng, Piper; whole sentences): the same voice scores
-0.90-0.93 against its enrolment, other voices 0.56-0.64, Annie's (Piper) 0.42-0.48. On the short
-stretches a barge-in decision has (0.4-1.0 s) the same voice falls to 0.60-0.70 and another to
-~0.49, so the gate's thresholds leave a wide "unsure" band between them.
+Measured here on synthesized voices (espeak-ng variants, Piper): on whole sentences the same
+voice scores 0.90-0.93 against its enrolment, other voices 0.54-0.69, Annie's (Piper) 0.42-0.48.
+On the stretches a barge-in decision has it does not separate them: median 0.55 (caller) against
+0.52-0.54 (others) at 0.6 s, equal error rate 0.44; 0.34 at 1.0 s; 0.25 at 1.5 s
+(``python -m bench.caller_gate_bench``, 4 callers, 16 stretches each kind). Hence the gate is off
+by default, and ``CALLER_GATE_MODEL`` is the way to a stronger encoder.
 """
 
 from __future__ import annotations

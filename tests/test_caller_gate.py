@@ -224,13 +224,13 @@ def test_an_encoder_that_cannot_load_stops_start_up_with_one_sentence(tmp_path, 
     from processors.errors import SetupError
 
     with pytest.raises(SetupError, match="^CALLER_GATE_MODEL points to .*, which is not a file"):
-        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate_model=tmp_path / "missing.pt"))
+        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate=True, caller_gate_model=tmp_path / "missing.pt"))
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not torch weights")
     with pytest.raises(SetupError, match="could not be loaded"):
-        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate_model=broken))
+        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate=True, caller_gate_model=broken))
     monkeypatch.setitem(__import__("sys").modules, "resemblyzer", None)  # as if the gate extra were missing
     with pytest.raises(SetupError, match="^CALLER_GATE is on but the speaker encoder is not installed"):
-        build_speaker_encoder(make_settings(enable_barge_in=True))
-    assert build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate=False)) is None
-    assert build_speaker_encoder(make_settings(enable_barge_in=False)) is None
+        build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate=True))
+    assert build_speaker_encoder(make_settings(enable_barge_in=True)) is None  # off by default
+    assert build_speaker_encoder(make_settings(enable_barge_in=False, caller_gate=True)) is None
