@@ -54,6 +54,11 @@ class AgentSettings(BaseSettings):
     enable_barge_in: bool = False
     half_duplex_holdoff_ms: int = Field(300, ge=0, le=3000)
     user_speech_timeout_ms: int = Field(400, ge=100, le=3000)
+    # How a caller turn ends: "timeout" (USER_SPEECH_TIMEOUT_MS of quiet after the VAD stop) or
+    # "smart" (pipecat's smart-turn v3 model, shipped in its wheel: ends at the VAD stop when the
+    # utterance sounds complete, holds up to SMART_TURN_MAX_HOLD_MS when it does not).
+    turn_end: Literal["timeout", "smart"] = "timeout"
+    smart_turn_max_hold_ms: int = Field(3000, ge=300, le=10000)
     # A turn that no transcript ends (the STT heard nothing, or failed) closes after this much
     # quiet (pipecat's watchdog); the request to repeat follows. Keep it above the STT's slowest final.
     user_turn_stop_timeout_ms: int = Field(5000, ge=500, le=30000)

@@ -101,6 +101,7 @@ async def run_phone(settings: AgentSettings, stop: asyncio.Event) -> None:
             observers=[StatusObserver(status)],
             shadow_vad=services.shadow_vad,
             speaker_encoder=services.speaker_encoder,
+            turn_analyzer=services.turn_analyzer,
         )
         status.shadow = call.shadow
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from loguru import logger
+from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer
 from pipecat.frames.frames import TTSSpeakFrame
 from pipecat.observers.base_observer import BaseObserver
@@ -135,6 +136,7 @@ def user_aggregator_params(
     meter: TurnSpeechMeter | None = None,
     stt: object | None = None,
     mute: HalfDuplexMuteStrategy | None = None,
+    turn_analyzer: BaseTurnAnalyzer | None = None,
 ) -> LLMUserAggregatorParams:
     """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute.
 
@@ -149,7 +151,7 @@ def user_aggregator_params(
         vad_analyzer=vad_analyzer,
         user_turn_strategies=user_turn_strategies(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
-            watchdog=watchdog,
+            watchdog=watchdog, turn_analyzer=turn_analyzer,
         ),
         user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],
         user_turn_stop_timeout=rule.quiet_s + rule.stt_wait_s + 2.0,
@@ -210,6 +212,7 @@ def build_call_pipeline(
     shadow_vad: VADAnalyzer | None = None,
     shadow_events: bool = False,
     speaker_encoder: object | None = None,
+    turn_analyzer: BaseTurnAnalyzer | None = None,
 ) -> CallPipeline:
     """Wire the services into one pipeline and a worker that runs until told to stop.
 
@@ -218,7 +221,8 @@ def build_call_pipeline(
     transcription frames in place of an STT set it. ``decision_log`` records what the barge-in
     decision saw and did (benchmarks; it holds the caller's words). ``shadow_vad``: with
     ``BARGE_IN_SHADOW``, the shadow's own VAD (``shadow_events`` keeps its events for a replay).
-    ``speaker_encoder``: the caller-voice gate's (barge-in with pause first).
+    ``speaker_encoder``: the caller-voice gate's (barge-in with pause first). ``turn_analyzer``:
+    smart-turn, with ``TURN_END=smart`` (``agent.services.build_turn_analyzer``).
     """
     if stt_streams_partials is None:
         stt_streams_partials = bool(getattr(stt, "streams_partials", False))
@@ -233,7 +237,7 @@ def build_call_pipeline(
     late = LateTranscripts(settings.late_transcript_ms / 1000)
     mute = None if settings.enable_barge_in else HalfDuplexMuteStrategy(settings.half_duplex_holdoff_ms / 1000, late)
     user_agg, assistant_agg = LLMContextAggregatorPair(
-        context, user_params=user_aggregator_params(settings, vad_analyzer, start, meter, stt, mute)
+        context, user_params=user_aggregator_params(settings, vad_analyzer, start, meter, stt, mute, turn_analyzer)
     )
     ask_to_repeat_unheard_turns(user_agg, settings.repeat_request_text, meter=meter,
                                 min_speech_s=settings.repeat_min_speech_ms / 1000, pause_first=start, late=late)

@@ -32,6 +32,7 @@ class CallServices:
     vad_analyzer: VADAnalyzer
     shadow_vad: VADAnalyzer | None = None  # barge-in shadow mode's own VAD
     speaker_encoder: object | None = None  # the caller-voice gate's (processors.speaker.SpeakerEncoder)
+    turn_analyzer: object | None = None  # smart-turn, with TURN_END=smart
 
 
 def build_vad(settings: AgentSettings) -> VADAnalyzer:
@@ -132,7 +133,21 @@ def build_services(settings: AgentSettings) -> CallServices:
         vad_analyzer=build_vad(settings),
         shadow_vad=build_vad(settings) if settings.barge_in_shadow else None,
         speaker_encoder=build_speaker_encoder(settings),
+        turn_analyzer=build_turn_analyzer(settings),
     )
+
+
+def build_turn_analyzer(settings: AgentSettings) -> object | None:
+    """Smart-turn v3 (its ONNX model ships in the pipecat wheel) when ``TURN_END=smart``."""
+    if settings.turn_end != "smart":
+        return None
+    from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams
+    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+
+    try:
+        return LocalSmartTurnAnalyzerV3(params=SmartTurnParams(stop_secs=settings.smart_turn_max_hold_ms / 1000))
+    except Exception as e:  # noqa: BLE001 - a model that will not load is the setting's fault
+        raise SetupError(f"TURN_END=smart: the smart-turn model could not be loaded ({e}); use TURN_END=timeout.") from e
 
 
 def build_speaker_encoder(settings: AgentSettings) -> object | None:

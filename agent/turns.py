@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loguru import logger
+from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -39,7 +40,11 @@ from pipecat.turns.user_start import (
     TranscriptionUserTurnStartStrategy,
     VADUserTurnStartStrategy,
 )
-from pipecat.turns.user_stop import BaseUserTurnStopStrategy, SpeechTimeoutUserTurnStopStrategy
+from pipecat.turns.user_stop import (
+    BaseUserTurnStopStrategy,
+    SpeechTimeoutUserTurnStopStrategy,
+    TurnAnalyzerUserTurnStopStrategy,
+)
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 INTERRUPTED_MARK = " [cut off here: the caller interrupted, so they did not hear the rest]"
@@ -253,6 +258,7 @@ def user_turn_strategies(
     start: list[BaseUserTurnStartStrategy] | None = None,
     meter: TurnSpeechMeter | None = None,
     watchdog: EmptyTurnWatchdog | None = None,
+    turn_analyzer: BaseTurnAnalyzer | None = None,
 ) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
@@ -263,7 +269,8 @@ def user_turn_strategies(
     first audio) supersedes the pending answer, as today. Emulating half-duplex with
     ``enable_interruptions=False`` instead would queue answers behind ignored speech.
     ``meter``, if given, goes first, so it sees every frame; ``watchdog`` closes turns that no
-    transcript ends.
+    transcript ends. With ``turn_analyzer`` (smart-turn, ``TURN_END=smart``) the turn ends when
+    the model hears a complete utterance, or after its longest hold, instead of the timeout.
     """
     start = start or [
         VADUserTurnStartStrategy(enable_interruptions=True),
@@ -271,7 +278,11 @@ def user_turn_strategies(
     ]
     return UserTurnStrategies(
         start=[meter, *start] if meter else start,
-        stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s), *([watchdog] if watchdog else [])],
+        stop=[
+            TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer) if turn_analyzer is not None
+            else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s),
+            *([watchdog] if watchdog else []),
+        ],
     )
 
 

@@ -318,3 +318,20 @@ def test_the_context_is_trimmed_to_whole_recent_turns():
     kept = context.get_messages()
     assert kept[0] == {"role": "user", "content": "q27"} and kept[-1] == {"role": "assistant", "content": "a29"}
     assert trim_context(context, 7) == 0
+
+
+def test_turn_end_smart_uses_the_smart_turn_model(make_settings):
+    """TURN_END=smart: the turn's end is smart-turn v3's (shipped in pipecat's wheel), not the timeout."""
+    from pipecat.processors.filters.identity_filter import IdentityFilter
+    from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy, TurnAnalyzerUserTurnStopStrategy
+
+    from agent.pipeline import build_call_pipeline
+    from agent.services import build_turn_analyzer
+    from transports.rig.simulated import SimulatedPhoneTransport
+
+    for turn_end, kind in (("timeout", SpeechTimeoutUserTurnStopStrategy), ("smart", TurnAnalyzerUserTurnStopStrategy)):
+        settings = make_settings(turn_end=turn_end)
+        call = build_call_pipeline(settings, transport=SimulatedPhoneTransport(), stt=IdentityFilter(), llm=IdentityFilter(),
+                                   tts=IdentityFilter(), vad_analyzer=None, turn_analyzer=build_turn_analyzer(settings))
+        stops = call.user_aggregator._params.user_turn_strategies.stop
+        assert isinstance(stops[0], kind), stops
