@@ -86,8 +86,7 @@ class StreamingNemotron:
         t0 = time.perf_counter()
         final = engine.finalize(stream)
         final_s = time.perf_counter() - t0
-        target = self.norm(final)
-        right = next((at for at, text in changes if target and self.norm(text) == target), None)
+        right = first_right(changes, final, self.norm)
         return Heard(
             text=final,
             final_ms=1e3 * final_s,
@@ -98,6 +97,12 @@ class StreamingNemotron:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def first_right(changes: list[tuple[float, str]], final: str, norm: Callable[[str], str]) -> float | None:
+    """When the partial first had the final's (normalised) words: the time of that change, or None."""
+    target = norm(final)
+    return next((at for at, text in changes if target and norm(text) == target), None)
 
 
 class Segmented:
