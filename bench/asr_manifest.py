@@ -8,11 +8,16 @@ rate; stereo is mixed down; everything is resampled to 16 kHz mono float32. A li
 used (bad JSON, no path or text, a missing, unreadable or empty file) is skipped and reported as
 :class:`Skipped` with its line number, file name and reason; nothing here raises for bad input
 except a missing or unreadable manifest itself.
+
+A LibriSpeech split (e.g. test-clean, unpacked from openslr.org/12) becomes a manifest with
+
+    python -m bench.asr_manifest librispeech LibriSpeech/test-clean test_clean.jsonl
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +117,22 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
         lines.append(json.dumps({**row, "audio_filepath": str(audio)}))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def librispeech_manifest(split: Path, out: Path) -> Path:
+    """A manifest of a LibriSpeech split (``SPEAKER/CHAPTER/*.trans.txt`` beside the FLAC files)."""
+    rows = []
+    for transcript in sorted(Path(split).glob("*/*/*.trans.txt")):
+        for line in transcript.read_text(encoding="utf-8").splitlines():
+            key, _, text = line.strip().partition(" ")
+            if key and text:
+                rows.append({"audio_filepath": str((transcript.parent / f"{key}.flac").resolve()), "text": text.lower()})
+    if not rows:
+        raise SystemExit(f"No LibriSpeech transcripts (SPEAKER/CHAPTER/*.trans.txt) under {split}.")
+    return write_manifest(out, rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "librispeech":
+        raise SystemExit("usage: python -m bench.asr_manifest librispeech SPLIT_DIR OUT.jsonl")
+    print(f"wrote {librispeech_manifest(Path(sys.argv[2]), Path(sys.argv[3]))}")

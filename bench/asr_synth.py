@@ -76,7 +76,7 @@ def _voices() -> list[tuple[str, object]]:
         voices.append(("piper-joe", speak_piper))
     if shutil.which("espeak-ng"):
         for voice, speed in ESPEAK_VOICES:
-            voices.append((f"espeak-{voice}", lambda text, tmp, v=voice, s=speed: _espeak(text, v, s, tmp)))
+            voices.append((f"espeak-{voice.replace('+', '-')}", lambda text, tmp, v=voice, s=speed: _espeak(text, v, s, tmp)))
     if not voices:
         raise SynthUnavailable("no speech synthesizer here: install espeak-ng (apt-get install espeak-ng) or the demo extra (Piper)")
     return voices

@@ -124,6 +124,22 @@ def test_bad_manifest_lines_are_skipped_with_their_reasons(tmp_path):
     assert reasons[2] == "no reference text" and reasons[3].startswith("not JSON")
 
 
+def test_a_librispeech_split_becomes_a_manifest(tmp_path):
+    import soundfile
+
+    from bench.asr_manifest import librispeech_manifest
+
+    chapter = tmp_path / "test-clean" / "1089" / "134686"
+    chapter.mkdir(parents=True)
+    for key in ("1089-134686-0000", "1089-134686-0001"):
+        soundfile.write(str(chapter / f"{key}.flac"), np.zeros(16000, dtype=np.int16), 16000)
+    (chapter / "1089-134686.trans.txt").write_text("1089-134686-0000 HE HOPED THERE WOULD BE STEW\n1089-134686-0001 STUFF IT INTO YOU\n")
+    utterances, skipped = load_manifest(librispeech_manifest(tmp_path / "test-clean", tmp_path / "ls.jsonl"))
+    assert [(u.key, u.text, u.seconds) for u in utterances] == [
+        ("1089-134686-0000.flac", "he hoped there would be stew", 1.0), ("1089-134686-0001.flac", "stuff it into you", 1.0)]
+    assert skipped == []
+
+
 @pytest.mark.parametrize("content", ["", "\n\n", json.dumps({"audio_filepath": "nowhere.wav", "text": "x"}) + "\n"])
 def test_a_manifest_with_nothing_usable_is_one_sentence(tmp_path, content, capsys):
     from bench.asr_wer_bench import main
