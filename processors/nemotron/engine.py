@@ -31,7 +31,7 @@ from loguru import logger
 from processors.errors import SetupError
 from processors.nemotron.audio import MODEL_SAMPLE_RATE, pcm_to_float
 from processors.nemotron.mel import MelBatcher
-from processors.nemotron.model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
+from processors.nemotron.model import LoadedModel, cast_matmul_weights, load_streaming_model, prepare_streaming_model, resolve_device
 from processors.nemotron.stream import StepJob, StreamState, eager_stream_step
 from processors.nemotron.text import TextDecoder
 
@@ -102,6 +102,7 @@ class NemotronStreamingEngine:
                 # cache_enabled=False: cached weight casts must not outlive a graph capture
                 autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
                 cache_dtype = torch.bfloat16  # exact: the caches are only read through bf16 matmuls
+                cast_matmul_weights(self._model, torch.bfloat16)  # no weight casts in every step
             else:
                 autocast = contextlib.nullcontext
             self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2

@@ -304,7 +304,8 @@ class FastStepper:
 
         Same calls as ``GreedyBatchedRNNTLabelLoopingComputer.torch_impl``: the joint after
         projection, ``max(-1)``, the prediction network on the found label, and the old state
-        kept for rows that emitted nothing. Rows past their length emit nothing.
+        kept for rows that emitted nothing (``batch_replace_states_mask``'s ``torch.where``, LSTM
+        state). Rows past their length emit nothing.
         """
         model, blank = self.model, self.blank
         bucket, frames = projected.shape[0], projected.shape[1]
@@ -316,13 +317,13 @@ class FastStepper:
                 logits = model.joint.joint_after_projection(enc_t, dec_out).squeeze(1).squeeze(1)
                 labels = logits.max(-1)[1]
                 active = torch.logical_and(active, labels != blank)
-                labels = torch.where(active, labels, torch.full_like(labels, blank))
+                labels = torch.where(active, labels, blank)
                 out.append(labels)
                 new_out, new_state, *_ = model.decoder.predict(labels.unsqueeze(1), state, add_sos=False, batch_size=bucket)
                 new_out = model.joint.project_prednet(new_out)
-                model.decoder.batch_replace_states_mask(src_states=state, dst_states=new_state, mask=~active)
+                keep = active.unsqueeze(-1)
+                state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
                 dec_out = torch.where(active[:, None, None], new_out, dec_out)
-                state = new_state
         return torch.stack(out, dim=1), dec_out, state
 
     def _state_like(self) -> dict[str, torch.Tensor]:
