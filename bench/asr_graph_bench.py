@@ -207,6 +207,22 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def ablations(model, args, device, batch: int) -> list[dict]:
+    """The largest batch alone on variants of the fast engine: what each part of the design gives."""
+    out = []
+    for name, options in (("attention core in PyTorch products", {"ring_kernel": False}),
+                          (f"parts of {args.max_batch // 2}", {"max_batch": args.max_batch // 2})):
+        engine = NemotronStreamingEngine.from_model(model, args.chunk, device, precision="auto", fast=True,
+                                                    **{"max_batch": args.max_batch, **options})
+        row = {"variant": name, "batch": batch, **time_steps({"v": engine}, batch, args.steps, args.warmup)["v"]}
+        row["gpu_ms"] = graph_gpu_ms(engine, batch)
+        out.append({k: v for k, v in row.items() if not isinstance(v, list)})
+        print(f"ablation, {name}, {batch} streams alone: step p50 {row['p50_ms']} / p95 {row['p95_ms']} ms, graph GPU {row['gpu_ms']} ms,"
+              f" host p50 {row.get('host_p50_ms')} ms", flush=True)
+        engine.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true")
@@ -223,6 +239,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=1024, help="the fast engine steps larger batches in parts of this many streams")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 mismatch check")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the PNG of a results JSON")
+    parser.add_argument("--ablations", action="store_true",
+                        help="then the largest batch alone with the attention core in PyTorch products, and in parts of half the size")
     parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
                         help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
@@ -329,6 +347,10 @@ def main() -> None:
             print(f"arithmetic floor at {largest} streams: {results['floor']}", flush=True)
         except Exception as e:
             print(f"floor failed: {type(e).__name__}: {e}", flush=True)
+        save()
+    if args.ablations and fast.device.type == "cuda":
+        fast.close()  # one engine at a time may hold graphs on the shared model
+        results["ablations"] = ablations(model, args, device, largest)
         save()
     results["fast_slot_bytes_per_stream"] = fast.bytes_per_stream
     results["memory_MiB_per_stream"] = {"eager": memory_per_stream(eager, 64), "fast": memory_per_stream(fast, 64)}

@@ -93,17 +93,17 @@ def _phases(stepper, runner) -> dict:
             lambda: encoder_step(stepper.model.encoder, runner.mel, runner.mel_len, caches, kind.drop, kind.keep_all)
         )
         projected = stepper.model.joint.project_encoder(encoded.transpose(1, 2))
-        state = (rows.read(pools["h"], 1), rows.read(pools["c"], 1))
+        state = (rows.read(pools["h"], 1).contiguous(), rows.read(pools["c"], 1).contiguous())
         decoder_ms, _ = _timed(lambda: stepper._greedy(projected, encoded_len, rows.read(pools["dec_out"]), state))
     return {"encoder": encoder_ms, "decoder": decoder_ms}
 
 
-def profile_fast_step(engine, batch: int, top: int = 15) -> dict | None:
+def profile_fast_step(engine, batch: int, top: int = 25) -> dict | None:
     """Where one steady ``batch``-stream step goes: host vs GPU, GPU time per phase, top ops.
 
     The phases run eagerly with CUDA events around them, so they include launch gaps the graph
     does not have; the ops table comes from torch.profiler on the first part's step, run eagerly
-    (CUDA time per aten op and input shapes), with its count of kernels.
+    (GPU time of each op's own kernels, by input shapes), with its count of kernels.
     """
     stepper = getattr(engine, "_stepper", None)
     if engine.device.type != "cuda" or stepper is None:
@@ -130,10 +130,10 @@ def profile_fast_step(engine, batch: int, top: int = 15) -> dict | None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             runner.body(runner.start)
             torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
-    rows.sort(key=lambda e: e.device_time_total, reverse=True)
-    out["top_ops_first_part"] = [
-        {"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count, "cuda_ms": round(e.device_time_total / 1e3, 2)}
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    out["top_ops_first_part"] = [  # by the GPU time of the op's own kernels (children not counted)
+        {"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count, "cuda_ms": round(e.self_device_time_total / 1e3, 2)}
         for e in rows[:top]
     ]
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]

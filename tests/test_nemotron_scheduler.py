@@ -17,6 +17,7 @@ import pytest
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
 from processors.nemotron.scheduler import StreamScheduler, UnknownStreamError
 from processors.nemotron.tiny import speechlike, tiny_nemo_once
+from tests.ring_case import ring_case
 
 CHUNKS = sorted(CHUNK_MS_TO_RIGHT_CONTEXT)
 
@@ -218,27 +219,6 @@ def test_full_house_steps_in_place_and_equals_eager_alone(eager, model_path, mon
     assert {1, 5} <= starts and None in starts  # two aligned parts in place, the ninth stream gathered
 
 
-def _ring_case(encoder, counts, frames, generator):
-    """Random layer inputs and caches in time order, the same caches stored as rings, and the step's index."""
-    import torch
-
-    from processors.nemotron.encoder_step import StepCaches, ring_index
-    from processors.nemotron.slots import Rows
-
-    width, d_model, batch = encoder.streaming_cfg.last_channel_cache_size, encoder.d_model, len(counts)
-    x = torch.randn(batch, frames, d_model, generator=generator)
-    cache = torch.randn(batch, width, d_model, generator=generator)  # time order, oldest first
-    count = torch.tensor(counts)
-    ring = torch.empty_like(cache)
-    for b, n in enumerate(counts):  # time position j lives in ring slot (j + count) mod W
-        ring[b, (torch.arange(width) + n) % width] = cache[b]
-    slots = torch.arange(1, batch + 1)
-    caches = StepCaches(torch.empty(0), torch.empty(0), Rows(slots, None), count, False)
-    index = ring_index(encoder, caches, torch.full((batch,), frames), frames, frames)
-    _, pos_emb = encoder.pos_enc(x=torch.zeros(1, frames, d_model), cache_len=width)
-    return x, cache, ring, pos_emb, index
-
-
 @pytest.mark.parametrize("frames", [2, 6])
 def test_ring_attention_equals_nemo_attention(fast, frames):
     """The folded attention over a ring in storage order equals NeMo's layer over the same cache
@@ -250,10 +230,10 @@ def test_ring_attention_equals_nemo_attention(fast, frames):
 
     encoder = fast[160].model.encoder
     attention = encoder.layers[1].self_attn
-    x, cache, ring, pos_emb, index = _ring_case(encoder, [0, 3, 69, 70, 71, 500], frames, torch.Generator().manual_seed(5))
+    x, cache, ring, pos_emb, index = ring_case(encoder, [0, 3, 69, 70, 71, 500], frames, torch.Generator().manual_seed(5))
     with torch.inference_mode():
         want, _ = attention(query=x, key=x, value=x, mask=index.logical_mask, pos_emb=pos_emb, cache=cache)
-        got = ring_attention(attention, x, ring, pos_emb, index)
+        got = ring_attention(attention, x, *ring, pos_emb, index)
     assert index.logical_mask[0, :, :70].all() and not index.logical_mask[-1, 0, :70].any()  # empty and full caches
     assert index.logical_mask[-1, -1, :4].all() == (frames == 6)  # a later chunk's query no longer sees the oldest
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -270,11 +250,11 @@ def test_one_stream_attention_is_nemo_op_for_op_under_bf16_autocast(fast):
 
     encoder = fast[160].model.encoder
     attention = encoder.layers[0].self_attn
-    x, cache, ring, pos_emb, index = _ring_case(encoder, [37, 90], 2, torch.Generator().manual_seed(3))
+    x, cache, ring, pos_emb, index = ring_case(encoder, [37, 90], 2, torch.Generator().manual_seed(3))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = attention(query=x[:1], key=x[:1], value=x[:1], mask=index.logical_mask[:1], pos_emb=pos_emb, cache=cache[:1])
         got = logical_attention(attention, x[:1], cache[:1].to(torch.bfloat16), index.logical_mask[:1], pos_emb)
         assert torch.equal(got, want)
         batch, _ = attention(query=x, key=x, value=x, mask=index.logical_mask, pos_emb=pos_emb, cache=cache)
-        folded = ring_attention(attention, x, ring.to(torch.bfloat16), pos_emb, index)
+        folded = ring_attention(attention, x, ring[0].to(torch.bfloat16), ring[1], pos_emb, index)
     assert torch.allclose(folded.float(), batch.float(), rtol=5e-2, atol=5e-2)

@@ -13,7 +13,8 @@ read it:
   scores are one product of the folded queries with the ring, the mix one product of the weights
   with the ring. The ring is read in storage order; the position scores and the mask are gathered
   into that order (``RingIndex``). Equal to NeMo's layer up to float rounding, as NeMo's own
-  batched kernels are.
+  batched kernels are. On a GPU the scores, softmax and mix are one Triton kernel that reads
+  each stream's ring by slot index (``processors.nemotron.ring_kernel``).
 * :func:`logical_attention` (one stream): the ring rotated into time order and joined with the
   new frames, then NeMo's own arithmetic op for op, so a single stream gets NeMo's bits.
 
@@ -31,19 +32,24 @@ from __future__ import annotations
 import torch
 from nemo.utils import avoid_float16_autocast_context
 
+from processors.nemotron import ring_kernel
+
 _MASKED = -10000.0  # NeMo's -INF_VAL for masked scores
 
 
-def ring_attention(module, x: torch.Tensor, ring: torch.Tensor, pos_emb: torch.Tensor, index) -> torch.Tensor:
+def ring_attention(module, x: torch.Tensor, ring_pool: torch.Tensor, rows, pos_emb: torch.Tensor, index,
+                   kernel: bool = True) -> torch.Tensor:
     """NeMo's rel-pos attention of ``x`` [B, T, D] (queries, and keys/values of the new frames)
-    over ``ring`` [B, W, D] (the cached inputs, storage order) and itself; returns [B, T, D].
+    over the rings of ``ring_pool`` [C, W, D] at ``rows`` (cached inputs, storage order) and
+    itself; returns [B, T, D].
 
     ``index`` (a ``RingIndex``) maps ring slots and new frames to position scores and holds the
-    mask [B, T, W + T] in the same order (True: masked).
+    mask [B, T, W + T] in the same order (True: masked). ``kernel``: the scores, softmax and mix
+    in one Triton kernel where it can run (``processors.nemotron.ring_kernel``).
     """
     batch, frames, width = x.shape
     heads, d_k = module.h, module.d_k
-    keys = x.to(ring.dtype)  # what NeMo's linear_k / linear_v read (bf16 under bf16 autocast)
+    keys = x.to(ring_pool.dtype)  # what NeMo's linear_k / linear_v read (bf16 under bf16 autocast)
     query = x.to(torch.float32) if torch.is_autocast_enabled() else x
     with avoid_float16_autocast_context():
         q = module.linear_q(query).view(batch, frames, heads, d_k)
@@ -52,27 +58,41 @@ def ring_attention(module, x: torch.Tensor, ring: torch.Tensor, pos_emb: torch.T
         # Folded queries W_k,h^T q_h: [H, B*T, D] -> [B, H*T, D]
         folded = torch.matmul(q_u, module.linear_k.weight.view(heads, d_k, width))
         folded = folded.view(heads, batch, frames, width).transpose(0, 1).reshape(batch, heads * frames, width)
-        scores = torch.cat(
-            [torch.matmul(folded, ring.transpose(1, 2)), torch.matmul(folded, keys.transpose(1, 2).to(folded.dtype))], dim=-1
-        ).view(batch, heads, frames, -1)
         p = module.linear_pos(pos_emb).view(pos_emb.size(0), -1, heads, d_k).transpose(1, 2)
         positions = _position_scores(q_v, p)  # [B, H, T, 2L-1], L = W + T
-        bd = positions.gather(-1, index.positions.unsqueeze(1).expand(-1, heads, -1, -1))
-        scores = (scores + bd) / module.s_d_k
-        mask = index.mask.unsqueeze(1)
-        weights = torch.softmax(scores.masked_fill(mask, _MASKED), dim=-1).masked_fill(mask, 0.0)
-        cached = ring.shape[1]
-        mixed = weights.view(batch, heads * frames, -1)
-        mix = torch.matmul(mixed[..., :cached].to(ring.dtype), ring)
-        mix = mix + torch.matmul(mixed[..., cached:].to(keys.dtype), keys).to(mix.dtype)  # [B, H*T, D]
+        bd = positions.gather(-1, index.positions.unsqueeze(1).expand(-1, heads, -1, -1))  # [B, H, T, W + T]
+        mask = index.mask.unsqueeze(1).expand(-1, heads, -1, -1)
+        mix = None
+        if kernel and ring_kernel.usable(x, ring_pool, heads * frames):
+            mix = ring_kernel.ring_mix(
+                folded, ring_pool, keys, rows.slots, (bd / module.s_d_k).reshape(batch, heads * frames, -1),
+                mask.reshape(batch, heads * frames, -1), 1.0 / module.s_d_k,
+            )
+            weights = None if mix is None or module.linear_v.bias is None else (~mask).to(mix.dtype)
+        if mix is None:
+            mix, weights = _ring_mix(folded, rows.read(ring_pool), keys, bd, mask, module.s_d_k)
         # Unfolded values W_v,h mix_h: [H, B*T, D] @ [H, D, d_k] -> [B, T, H*d_k]
         mix = mix.view(batch, heads, frames, width).transpose(0, 1).reshape(heads, batch * frames, width)
         out = torch.matmul(mix, module.linear_v.weight.view(heads, d_k, width).transpose(1, 2))
         out = out.view(heads, batch, frames, d_k).permute(1, 2, 0, 3).reshape(batch, frames, heads * d_k)
         if module.linear_v.bias is not None:  # sum_j a_j (W x_j + b) = W (sum_j a_j x_j) + b sum_j a_j
-            total = weights.sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]: 1, or 0 where all is masked
+            total = (weights.sum(-1) > 0).to(out.dtype).transpose(1, 2).unsqueeze(-1)  # [B, T, H, 1]: 1, or 0 where all is masked
             out = (out.view(batch, frames, heads, d_k) + total * module.linear_v.bias.view(heads, d_k)).view(batch, frames, -1)
         return module.linear_out(out)
+
+
+def _ring_mix(folded, ring, keys, bd, mask, s_d_k):
+    """The folded attention's core in PyTorch products: (mix [B, H*T, D], weights [B, H, T, W + T])."""
+    batch, heads, frames, _ = bd.shape
+    scores = torch.cat(
+        [torch.matmul(folded, ring.transpose(1, 2)), torch.matmul(folded, keys.transpose(1, 2).to(folded.dtype))], dim=-1
+    ).view(batch, heads, frames, -1)
+    scores = (scores + bd) / s_d_k
+    weights = torch.softmax(scores.masked_fill(mask, _MASKED), dim=-1).masked_fill(mask, 0.0)
+    cached = ring.shape[1]
+    mixed = weights.view(batch, heads * frames, -1)
+    mix = torch.matmul(mixed[..., :cached].to(ring.dtype), ring)
+    return mix + torch.matmul(mixed[..., cached:].to(keys.dtype), keys).to(mix.dtype), weights
 
 
 def logical_attention(module, x: torch.Tensor, cache: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ class StepCaches:
     rows: Rows
     count: torch.Tensor  # [B] int64
     first: bool
+    kernel: bool = True  # the attention core as one Triton kernel where it runs (CUDA, bf16)
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _attention(module, x, pos_emb, index: RingIndex, caches: StepCaches, ring_po
             cache = flat.index_select(0, index.rotation).view(x.shape[0], cached, width)
         out = logical_attention(module, x, cache, index.logical_mask, pos_emb)
     else:
-        out = ring_attention(module, x, caches.rows.read(ring_pool), pos_emb, index)
+        out = ring_attention(module, x, ring_pool, caches.rows, pos_emb, index, caches.kernel)
     flat.index_copy_(0, index.write, x[:, : index.keep].reshape(-1, width).to(flat.dtype))
     return out
 

@@ -57,6 +57,7 @@ class NemotronStreamingEngine:
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
+        ring_kernel: bool = True,
     ):
         self._model = loaded.model
         self.device = loaded.device
@@ -108,7 +109,7 @@ class NemotronStreamingEngine:
             self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
             self._stepper = FastStepper(
                 self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
-                cache_dtype=cache_dtype,
+                cache_dtype=cache_dtype, ring_kernel=ring_kernel,
             )
             self._text = TextDecoder(self._model.decoding)
             if self.device.type == "cuda":  # page-lock the largest batch's staging buffer now, not mid-call
@@ -167,8 +168,10 @@ class NemotronStreamingEngine:
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
+        ring_kernel: bool = True,
     ) -> NemotronStreamingEngine:
-        """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed."""
+        """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed.
+        ``ring_kernel=False``: batches take the attention core in PyTorch products (comparisons)."""
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
             raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}).")
         loaded = prepare_streaming_model(
@@ -178,7 +181,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch)
+        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, ring_kernel=ring_kernel)
         engine.warm_up()
         return engine
 
@@ -316,10 +319,12 @@ class NemotronStreamingEngine:
         return text
 
     def warm_up(self) -> None:
-        """Run a first, a steady and a final step on silence so the first call is not slow."""
+        """Run a first, a steady and the final steps on silence so the first call is not slow."""
         state = self.new_stream()
         samples = MODEL_SAMPLE_RATE * 3 * self.chunk_ms // 1000
         self.accept(state, np.zeros(samples, dtype=np.int16))
+        self.finalize(state)
+        self.accept(state, np.zeros(samples // 6, dtype=np.int16))  # a turn shorter than a chunk: a first step's final
         self.finalize(state)
 
     # ----- internals ------------------------------------------------------------------------

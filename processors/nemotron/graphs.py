@@ -116,7 +116,8 @@ class FastStepper:
 
     ``autocast`` is a zero-argument callable returning the autocast context the eager path uses
     (bf16 on CUDA), so both paths run the same arithmetic. ``graphs`` captures CUDA graphs.
-    ``cache_dtype``: the encoder caches' dtype in the pools (None: the encoder's).
+    ``cache_dtype``: the encoder caches' dtype in the pools (None: the encoder's). ``ring_kernel``:
+    batches take the attention core as one Triton kernel where it runs (CUDA, bf16 caches).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class FastStepper:
         max_batch: int = 1024,
         initial_slots: int = 8,
         cache_dtype: torch.dtype | None = None,
+        ring_kernel: bool = True,
     ):
         self.model = model
         self.device = device
@@ -138,6 +140,7 @@ class FastStepper:
         self.final_frames = final_frames
         self.max_batch = max_batch
         self.cache_dtype = cache_dtype
+        self.ring_kernel = ring_kernel
         self.features = int(model.preprocessor.featurizer.nfilt)
         decoding = model.decoding.decoding
         self.max_symbols = int(getattr(decoding, "max_symbols", None) or 10)
@@ -275,7 +278,7 @@ class FastStepper:
         pools = self._pools.tensors
         rows = Rows(slots, start)
         count = torch.zeros(batch, dtype=torch.long, device=self.device) if kind.first else rows.read(pools["count"])
-        caches = StepCaches(pools["channel"], pools["time"], rows, count, kind.first)
+        caches = StepCaches(pools["channel"], pools["time"], rows, count, kind.first, self.ring_kernel)
         with self.autocast():
             encoded, encoded_len, count = encoder_step(self.model.encoder, mel, mel_len, caches, kind.drop, kind.keep_all)
             # Decoder frames: exactly the encoder's static output width (rows past their length emit nothing).
@@ -283,7 +286,7 @@ class FastStepper:
             if kind.first:
                 dec_out, state = self._start_decoder(batch, projected)
             else:
-                state = (rows.read(pools["h"], 1), rows.read(pools["c"], 1))
+                state = (rows.read(pools["h"], 1).contiguous(), rows.read(pools["c"], 1).contiguous())  # cuDNN wants them whole
                 dec_out = rows.read(pools["dec_out"])
             labels, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
         rows.write(pools["count"], count)
