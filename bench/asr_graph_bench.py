@@ -23,7 +23,7 @@ Printed as ratios (eager / fast):
 * a profile of one steady step at ``--profile-batch`` streams and at one (GPU): host vs GPU,
   GPU time per phase, the top aten ops by CUDA time and the kernel count, the top host functions
   (cProfile), garbage collector pauses;
-* the arithmetic floor of a step at the largest batch (``bench/asr_profile.py``): FLOPs and
+* the arithmetic floor of a step at the profiled and the largest batch (``bench/asr_profile.py``): FLOPs and
   minimum bytes against the H100's bf16 rate and bandwidth, and the measured GPU time's distance.
 
 Writes JSON (and a PNG) to bench/results/asr_graph_<device>.json.
@@ -342,9 +342,10 @@ def main() -> None:
                 print(f"profile failed: {type(e).__name__}: {e}", flush=True)
             save()
         try:
-            gpu = next((r["fast_gpu_ms"] for r in results["steps"] if r["batch"] == largest), None)
-            results["floor"] = floor(fast, largest, gpu)
-            print(f"arithmetic floor at {largest} streams: {results['floor']}", flush=True)
+            for batch in sorted({args.profile_batch, largest}):
+                gpu = next((r["fast_gpu_ms"] for r in results["steps"] if r["batch"] == batch), None)
+                results.setdefault("floor", {})[str(batch)] = row = floor(fast, batch, results["profile"]["gflop_per_stream_step"], gpu)
+                print(f"arithmetic floor at {batch} streams: {row}", flush=True)
         except Exception as e:
             print(f"floor failed: {type(e).__name__}: {e}", flush=True)
         save()

@@ -127,9 +127,11 @@ def profile_fast_step(engine, batch: int, top: int = 25) -> dict | None:
         out["phases_gpu_ms_eager_first_part"] = _phases(stepper, runner)
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_flops=True) as prof:
             runner.body(runner.start)
             torch.cuda.synchronize()
+    # FLOPs of the matrix products and convolutions (the profiler's count), per stream of the part
+    out["gflop_per_stream_step"] = round(sum(e.flops for e in prof.key_averages() if e.flops) / runner.bucket / 1e9, 3)
     rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
     out["top_ops_first_part"] = [  # by the GPU time of the op's own kernels (children not counted)
@@ -152,7 +154,7 @@ def profile_fast_step(engine, batch: int, top: int = 25) -> dict | None:
 def print_profile(p: dict) -> None:
     print(
         f"profile, batch {p['batch']} (parts {p['parts']}): step p50 {p['step_p50_ms']} ms = graph GPU {p['graph_gpu_ms']} ms"
-        f" + host {p['host_ms']} ms; first part eagerly: phases (GPU ms) {p['phases_gpu_ms_eager_first_part']},"
+        f" + host {p['host_ms']} ms; {p.get('gflop_per_stream_step')} GFLOP per stream; first part eagerly: phases (GPU ms) {p['phases_gpu_ms_eager_first_part']},"
         f" {p['kernels_first_part']} kernels, {p['kernel_gpu_ms_first_part']} ms; garbage collector {p['gc']}",
         flush=True,
     )
@@ -163,40 +165,26 @@ def print_profile(p: dict) -> None:
         print(f"  {row['ms']:>8.2f} ms {row['calls']:>6}x {row['function']}")
 
 
-def floor(engine, batch: int, measured_gpu_ms: float | None) -> dict | None:
-    """A steady step's arithmetic floor at ``batch`` streams: FLOPs (counted on one eager step of
-    the fast path at 8 streams) and the bytes it must move at least (weights once per part, each
-    stream's caches read once and its new frames written), against the H100's bf16 rate and
-    bandwidth; and the measured GPU time's distance from it."""
+def floor(engine, batch: int, gflop_per_stream: float, measured_gpu_ms: float | None) -> dict | None:
+    """A steady step's arithmetic floor at ``batch`` streams: its FLOPs (``gflop_per_stream``, the
+    profiler's count of one part) and the bytes it must move at least (weights once per part,
+    each stream's caches and decoder state read once, its new frames written), against the
+    H100's bf16 rate and bandwidth; and the measured GPU time's distance from it."""
     stepper = getattr(engine, "_stepper", None)
     if stepper is None or engine.device.type != "cuda":
         return None
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from processors.nemotron.graphs import _Runner
-
-    steady = next((k for k, *_ in stepper._runners if not k.first and not k.keep_all), None)
-    if steady is None:
-        return None
-    probe = _Runner(stepper, steady, 8)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        probe.body()
-    flops_per_stream = counter.get_total_flops() / 8
     model = stepper.model
-    weight_bytes = sum(p.numel() for p in model.encoder.parameters()) * 2 + sum(
-        p.numel() for m in (model.decoder, model.joint) for p in m.parameters()
-    ) * 2
+    weight_bytes = sum(p.numel() * p.element_size() for m in (model.encoder, model.decoder, model.joint) for p in m.parameters())
     ring = stepper._pools.tensors["channel"][:, 0]  # [L, W, D] of one slot
     frames = int(model.encoder.streaming_cfg.valid_out_len)
-    state_bytes = stepper.bytes_per_stream
     new_bytes = ring.shape[0] * frames * ring.shape[-1] * ring.element_size()
     parts = -(-batch // stepper.max_batch)
-    flops = flops_per_stream * batch
-    bytes_min = weight_bytes * parts + (state_bytes + new_bytes) * batch
+    flops = gflop_per_stream * 1e9 * batch
+    bytes_min = weight_bytes * parts + (stepper.bytes_per_stream + new_bytes) * batch
     compute_ms, memory_ms = 1e3 * flops / H100_BF16_FLOPS, 1e3 * bytes_min / H100_BYTES_PER_S
     out = {
         "batch": batch,
-        "gflop_per_stream_step": round(flops_per_stream / 1e9, 3),
+        "gflop_per_stream_step": gflop_per_stream,
         "tflop_per_step": round(flops / 1e12, 3),
         "min_gb_per_step": round(bytes_min / 1e9, 3),
         "compute_floor_ms": round(compute_ms, 2),

@@ -55,24 +55,26 @@ def ring_attention(module, x: torch.Tensor, ring_pool: torch.Tensor, rows, pos_e
         q = module.linear_q(query).view(batch, frames, heads, d_k)
         q_u = (q + module.pos_bias_u).permute(2, 0, 1, 3).reshape(heads, batch * frames, d_k)
         q_v = (q + module.pos_bias_v).transpose(1, 2)
-        # Folded queries W_k,h^T q_h: [H, B*T, D] -> [B, H*T, D]
+        # Folded queries W_k,h^T q_h: [H, B*T, D]
         folded = torch.matmul(q_u, module.linear_k.weight.view(heads, d_k, width))
-        folded = folded.view(heads, batch, frames, width).transpose(0, 1).reshape(batch, heads * frames, width)
         p = module.linear_pos(pos_emb).view(pos_emb.size(0), -1, heads, d_k).transpose(1, 2)
         positions = _position_scores(q_v, p)  # [B, H, T, 2L-1], L = W + T
         bd = positions.gather(-1, index.positions.unsqueeze(1).expand(-1, heads, -1, -1))  # [B, H, T, W + T]
         mask = index.mask.unsqueeze(1).expand(-1, heads, -1, -1)
         mix = None
         if kernel and ring_kernel.usable(x, ring_pool, heads * frames):
-            mix = ring_kernel.ring_mix(
-                folded, ring_pool, keys, rows.slots, (bd / module.s_d_k).reshape(batch, heads * frames, -1),
-                mask.reshape(batch, heads * frames, -1), 1.0 / module.s_d_k,
+            mix = ring_kernel.ring_mix(  # [H, B, T, D], as the per-head products give and take it
+                folded.view(heads, batch, frames, width), ring_pool, keys, rows.slots,
+                (bd / module.s_d_k).reshape(batch, heads * frames, -1), mask.reshape(batch, heads * frames, -1),
+                1.0 / module.s_d_k,
             )
             weights = None if mix is None or module.linear_v.bias is None else (~mask).to(mix.dtype)
         if mix is None:
+            folded = folded.view(heads, batch, frames, width).transpose(0, 1).reshape(batch, heads * frames, width)
             mix, weights = _ring_mix(folded, rows.read(ring_pool), keys, bd, mask, module.s_d_k)
+            mix = mix.view(batch, heads, frames, width).transpose(0, 1)
         # Unfolded values W_v,h mix_h: [H, B*T, D] @ [H, D, d_k] -> [B, T, H*d_k]
-        mix = mix.view(batch, heads, frames, width).transpose(0, 1).reshape(heads, batch * frames, width)
+        mix = mix.reshape(heads, batch * frames, width)
         out = torch.matmul(mix, module.linear_v.weight.view(heads, d_k, width).transpose(1, 2))
         out = out.view(heads, batch, frames, d_k).permute(1, 2, 0, 3).reshape(batch, frames, heads * d_k)
         if module.linear_v.bias is not None:  # sum_j a_j (W x_j + b) = W (sum_j a_j x_j) + b sum_j a_j

@@ -99,7 +99,10 @@ def encoder_step(encoder, mel, mel_len, caches: StepCaches, drop: int, keep_all:
     if isinstance(encoder.pre_encode, torch.nn.Linear):
         x, length = encoder.pre_encode(x), mel_len
     else:
-        x, length = encoder.pre_encode(x=x, lengths=mel_len)
+        if keep_all or not _unmasked_subsampling(encoder.pre_encode, x):
+            x, length = encoder.pre_encode(x=x, lengths=mel_len)
+        else:
+            x, length = _subsample_whole_rows(encoder.pre_encode, x, mel_len)
         length = length.to(torch.int64)
         if drop > 0:
             x = x[:, drop:, :]
@@ -117,6 +120,34 @@ def encoder_step(encoder, mel, mel_len, caches: StepCaches, drop: int, keep_all:
         encoded = encoded[:, :, : cfg.valid_out_len]
         length = torch.clamp(length, max=cfg.valid_out_len)
     return encoded, length, caches.count + index.keep
+
+
+def _unmasked_subsampling(pre_encode, x) -> bool:
+    """Whether ``pre_encode`` is the masked dw-striding subsampling that :func:`_subsample_whole_rows`
+    replays (and would not split this batch)."""
+    conv = getattr(pre_encode, "conv", None)
+    if type(conv).__name__ != "MaskedConvSequential" or not getattr(pre_encode, "conv2d_subsampling", False):
+        return False
+    factor = pre_encode.subsampling_conv_chunking_factor
+    limit = 2**31 / pre_encode._conv_channels * pre_encode._stride * pre_encode._stride
+    return factor == -1 or (factor == 1 and x.numel() <= limit)
+
+
+def _subsample_whole_rows(pre_encode, x, lengths):
+    """``ConvSubsampling.forward`` for a batch whose rows all fill the input (every step but a
+    final one): NeMo masks the time steps past each row's length before every layer, which here
+    multiplies by ones; the same layers without the masks give the same values."""
+    from nemo.collections.asr.parts.submodules.subsampling import calculate_conv_output_size
+
+    x = x.unsqueeze(1)  # (batch, 1, time, features)
+    lengths = lengths.clone().float()
+    for layer in pre_encode.conv:
+        x = layer(x)
+        if hasattr(layer, "stride") and layer.stride != (1, 1):
+            padding = (layer._left_padding, layer._right_padding) if hasattr(layer, "_left_padding") else layer.padding
+            lengths = calculate_conv_output_size(lengths, layer.kernel_size[0], layer.stride[0], padding)
+    batch, _, frames, _ = x.size()
+    return pre_encode.out(x.transpose(1, 2).reshape(batch, frames, -1)), lengths.long()
 
 
 def _layer(layer, x, pos_emb, index: RingIndex, caches: StepCaches, channel, time_cache, logical: bool):

@@ -30,6 +30,9 @@ class MelBatcher:
         self.device = device
         self._staging: list[torch.Tensor | None] = [None] * self.BUFFERS  # host buffers of the samples
         self._staged: list[torch.cuda.Event | None] = [None] * self.BUFFERS  # the last copy out of each
+        self._device: list[torch.Tensor | None] = [None] * self.BUFFERS  # their device copies (CUDA)
+        self._consumed: list[torch.cuda.Event | None] = [None] * self.BUFFERS  # the last read of each device copy
+        self._copies = None  # CUDA stream of the copies: a part's samples go up while the GPU steps the last part
         self._turn = 0
 
     def __call__(self, jobs: Sequence[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,21 +56,41 @@ class MelBatcher:
                 row[job.samples.size :] = 0.0
         counts = [job.count for job in jobs]
         host.numpy()[n * width :] = [job.samples.size for job in jobs] + counts  # exact in float32 (< 2**24)
-        staged = host.to(self.device, non_blocking=True)  # pinned on CUDA: one asynchronous copy
-        if self.device.type == "cuda":
-            self._staged[turn] = torch.cuda.Event()
-            self._staged[turn].record()
+        staged = self._upload(turn, host)
         signal = staged[: n * width].view(n, width)
         sizes = staged[n * width : n * width + n].long()
         lengths = staged[n * width + n :].long()
         with torch.inference_mode():
             mel, _ = self._preprocessor(input_signal=signal, length=sizes)
+        if self.device.type == "cuda":  # the device copy may be refilled once the preprocessor has read it
+            self._consumed[turn] = torch.cuda.Event()
+            self._consumed[turn].record()
         if all(job.skip == jobs[0].skip and job.count == counts[0] for job in jobs):
             return mel[:, :, jobs[0].skip : jobs[0].skip + counts[0]], lengths  # steady state
         frames = torch.zeros(len(jobs), mel.shape[1], max(counts), dtype=mel.dtype, device=mel.device)
         for i, job in enumerate(jobs):
             frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
         return frames, lengths
+
+    def _upload(self, turn: int, host: torch.Tensor) -> torch.Tensor:
+        """``host`` on the device: one asynchronous copy from page-locked memory, on a stream of
+        its own (the compute stream waits for it, not the other way round)."""
+        if self.device.type != "cuda":
+            return host
+        if self._copies is None:
+            self._copies = torch.cuda.Stream()
+        device = self._device[turn]
+        if device is None or device.numel() < host.numel():
+            device = self._device[turn] = torch.empty(self._staging[turn].numel(), device=self.device)
+            self._consumed[turn] = None
+        if self._consumed[turn] is not None:
+            self._copies.wait_event(self._consumed[turn])
+        with torch.cuda.stream(self._copies):
+            device[: host.numel()].copy_(host, non_blocking=True)
+            self._staged[turn] = torch.cuda.Event()
+            self._staged[turn].record()
+        torch.cuda.current_stream().wait_event(self._staged[turn])
+        return device[: host.numel()]
 
     def reserve(self, streams: int, samples: int) -> None:
         """Allocate the host buffers for ``streams`` jobs of ``samples`` each now (page-locking

@@ -62,6 +62,8 @@ def cast_matmul_weights(model, dtype: torch.dtype) -> None:
         for module in part.modules():
             if isinstance(module, kinds):
                 module.to(dtype)
+            if isinstance(module, torch.nn.LSTM) and module.weight_ih_l0.is_cuda:
+                module.flatten_parameters()  # one buffer, or cuDNN copies the weights into one at every call
 
 
 def resolve_device(device: str) -> torch.device:

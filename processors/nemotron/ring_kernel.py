@@ -33,23 +33,25 @@ def usable(x: torch.Tensor, ring_pool: torch.Tensor, rows: int) -> bool:
 
 def ring_mix(folded: torch.Tensor, ring_pool: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor,
              bias: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """softmax(folded . [ring; keys]^T * scale + bias, masked) . [ring; keys] for every stream.
+    """softmax(folded . [ring; keys]^T * scale + bias, masked) . [ring; keys] for every stream and head.
 
-    folded [B, R, D] bf16 (R = heads x frames); ring_pool [C, W, D] bf16 (this layer's rings, read
-    at ``slots`` [B]); keys [B, T, D] bf16 (the new frames); bias, mask [B, R, W + T] (fp32 scores
-    to add, True where masked). Returns [B, R, D] bf16; rows whose keys are all masked are zero.
-    None if the kernel cannot be built or run here (the caller computes the same in PyTorch).
+    folded [H, B, T, D] bf16 (the layout the per-head products give and take: no transposes);
+    ring_pool [C, W, D] bf16 (this layer's rings, read at ``slots`` [B]); keys [B, T, D] bf16 (the
+    new frames); bias, mask [B, H * T, W + T] (fp32 scores to add, True where masked). Returns
+    [H, B, T, D] bf16; rows whose keys are all masked are zero. None if the kernel cannot be
+    built or run here (the caller computes the same in PyTorch).
     """
-    batch, rows, width = folded.shape
-    cached, frames = ring_pool.shape[1], keys.shape[1]
+    heads, batch, frames, width = folded.shape
+    cached = ring_pool.shape[1]
     bias = bias.float().masked_fill(mask, _MASKED).contiguous()
+    folded = folded.contiguous()
     out = torch.empty_like(folded)
     try:
         _ring_mix_kernel[(batch,)](
-            folded.contiguous(), ring_pool, keys.contiguous(), slots, bias, out, scale,
-            W=cached, T=frames, D=width, R=rows,
-            ROWS=max(16, triton.next_power_of_2(rows)), KEYS=triton.next_power_of_2(cached + frames), BLOCK_D=64,
-            num_warps=4,
+            folded, ring_pool, keys.contiguous(), slots, bias, out, scale, batch * frames * width,
+            W=cached, T=frames, D=width, R=heads * frames,
+            ROWS=max(16, triton.next_power_of_2(heads * frames)), KEYS=triton.next_power_of_2(cached + frames),
+            BLOCK_D=64, num_warps=4,
         )
     except Exception as e:  # a Triton or driver mismatch: serve with the PyTorch products
         if torch.cuda.is_current_stream_capturing():
@@ -63,7 +65,7 @@ def ring_mix(folded: torch.Tensor, ring_pool: torch.Tensor, keys: torch.Tensor, 
 if triton is not None:
 
     @triton.jit
-    def _ring_mix_kernel(Q, RING, NEW, SLOTS, BIAS, OUT, scale,
+    def _ring_mix_kernel(Q, RING, NEW, SLOTS, BIAS, OUT, scale, head_stride,
                          W: tl.constexpr, T: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
                          ROWS: tl.constexpr, KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
@@ -77,11 +79,13 @@ if triton is not None:
         ring_row = tl.where(in_ring, keys, 0)
         ring_base = RING + slot * (W * D)
         new_base = NEW + b * (T * D)
-        q_base = Q + b * (R * D)
+        # Row r of a stream is head r // T, frame r % T of the [H, B, T, D] queries and output.
+        row_off = (rows // T).to(tl.int64) * head_stride + (rows % T) * D
+        q_base = Q + b * (T * D)
         scores = tl.zeros((ROWS, KEYS), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
-            q = tl.load(q_base + rows[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0)
+            q = tl.load(q_base + row_off[:, None] + dd[None, :], mask=row_ok[:, None], other=0.0)
             k = tl.load(ring_base + ring_row[None, :] * D + dd[:, None], mask=in_ring[None, :], other=0.0)
             k += tl.load(new_base + new_row[None, :] * D + dd[:, None], mask=in_new[None, :], other=0.0)
             scores += tl.dot(q, k)
@@ -93,10 +97,10 @@ if triton is not None:
         weights = tl.where(valid, tl.exp(scores - top[:, None]), 0.0)
         total = tl.sum(weights, axis=1)
         weights = (weights / tl.where(total > 0, total, 1.0)[:, None]).to(tl.bfloat16)
-        o_base = OUT + b * (R * D)
+        o_base = OUT + b * (T * D)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             v = tl.load(ring_base + ring_row[:, None] * D + dd[None, :], mask=in_ring[:, None], other=0.0)
             v += tl.load(new_base + new_row[:, None] * D + dd[None, :], mask=in_new[:, None], other=0.0)
             mixed = tl.dot(weights, v)
-            tl.store(o_base + rows[:, None] * D + dd[None, :], mixed.to(tl.bfloat16), mask=row_ok[:, None])
+            tl.store(o_base + row_off[:, None] + dd[None, :], mixed.to(tl.bfloat16), mask=row_ok[:, None])
