@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from nemo.utils import avoid_float16_autocast_context
 
-from processors.nemotron import ring_kernel
+from processors.nemotron.ring_kernel import ring_mix, usable as kernel_usable
 
 _MASKED = -10000.0  # NeMo's -INF_VAL for masked scores
 
@@ -62,8 +62,8 @@ def ring_attention(module, x: torch.Tensor, ring_pool: torch.Tensor, rows, pos_e
         bd = positions.gather(-1, index.positions.unsqueeze(1).expand(-1, heads, -1, -1))  # [B, H, T, W + T]
         mask = index.mask.unsqueeze(1).expand(-1, heads, -1, -1)
         mix = None
-        if kernel and ring_kernel.usable(x, ring_pool, heads * frames):
-            mix = ring_kernel.ring_mix(  # [H, B, T, D], as the per-head products give and take it
+        if kernel and kernel_usable(x, ring_pool, heads * frames):
+            mix = ring_mix(  # [H, B, T, D], as the per-head products give and take it
                 folded.view(heads, batch, frames, width), ring_pool, keys, rows.slots,
                 (bd / module.s_d_k).reshape(batch, heads * frames, -1), mask.reshape(batch, heads * frames, -1),
                 1.0 / module.s_d_k,
