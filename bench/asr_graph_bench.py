@@ -13,14 +13,18 @@ Printed as ratios (eager / fast):
   RANDOM weights, its joint calibrated on audio so tokens depend on the input and a moderate
   blank bias, so tokens are actually emitted (the output says how many);
 * time to final (``finalize`` of one stream, the turn's tail plus one chunk of silence) p50/p95;
-* step latency p50/p95 for B streams in lockstep (one chunk each per step), B = 1 .. 1024;
+* step latency p50/p95 for B streams in lockstep (one chunk each per step), B = 1 .. 2500 (the
+  eager engine up to ``--eager-max-batch``; the fast one steps batches over ``--max-batch`` in
+  pipelined parts);
 * memory per stream (the fast path's slot; CUDA memory growth per stream) and the GPU time of
   one graph replay (so host time = step time - GPU time);
 * the largest batch once more with the fast engine alone (no eager blocks in between), and
   again after ``gc.freeze()`` (garbage collector pauses are counted per step);
-* a profile of one steady step at ``--profile-batch`` streams (GPU): host vs GPU, GPU time per
-  phase, the top aten ops by CUDA time, the top host functions (cProfile), garbage collector
-  pauses.
+* a profile of one steady step at ``--profile-batch`` streams and at one (GPU): host vs GPU,
+  GPU time per phase, the top aten ops by CUDA time and the kernel count, the top host functions
+  (cProfile), garbage collector pauses;
+* the arithmetic floor of a step at the profiled and the largest batch (``bench/asr_profile.py``): FLOPs and
+  minimum bytes against the H100's bf16 rate and bandwidth, and the measured GPU time's distance.
 
 Writes JSON (and a PNG) to bench/results/asr_graph_<device>.json.
 """
@@ -30,10 +34,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import cProfile
 import json
 import platform
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.asr_bench import EngineLoad, gc_pauses, percentile, sync  # noqa: E402
+from bench.asr_bench import EngineLoad, percentile, sync  # noqa: E402
+from bench.asr_profile import floor, graph_gpu_ms, print_profile, profile_fast_step  # noqa: E402
 from processors.nemotron.engine import NemotronStreamingEngine  # noqa: E402
 from processors.nemotron.tiny import build_model, speechlike  # noqa: E402
 
@@ -159,122 +162,6 @@ def host_split(load) -> dict:
             "host_p95_ms": round(percentile(host, 95), 2)}
 
 
-def graph_gpu_ms(engine, batch: int, repeats: int = 20) -> float | None:
-    """GPU time of one replay of the steady-step graph for ``batch`` streams (CUDA events)."""
-    stepper = engine._stepper
-    if stepper is None or not stepper.graphs:
-        return None
-    runners = [r for (kind, bucket, *_), r in stepper._runners.items() if bucket == batch and not kind.first and not kind.keep_all and r.graph is not None]
-    if not runners:
-        return None
-    runner = runners[0]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.inference_mode():
-        runner.slots.zero_()  # the scratch slot (an in-place graph still rewrites slots 1..batch: call between loads)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        runner.graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / repeats, 3)
-
-
-def profile_fast_step(engine, batch: int, top: int = 15) -> dict | None:
-    """Where one steady ``batch``-stream step goes: host vs GPU, GPU time per phase, top ops.
-
-    The phases (gather caches, encoder, decoder, scatter) run eagerly with CUDA events around
-    them, so their sum includes launch gaps the graph does not have; the ops table comes from
-    torch.profiler on the eager step (CUDA time per aten op and input shapes).
-    """
-    stepper = getattr(engine, "_stepper", None)
-    if engine.device.type != "cuda" or stepper is None:
-        return None
-    load = EngineLoad(engine, batch)
-    with gc_pauses() as pauses:
-        load.run(10)
-    step_p50 = percentile(load.step_ms[2:], 50)
-    out_gc = {"gc_pauses": len(pauses), "gc_ms_total": round(sum(pauses), 2), "gc_max_ms": round(max(pauses, default=0.0), 2),
-              "steps": len(load.step_ms), "step_p95_ms": round(percentile(load.step_ms[2:], 95), 2)}
-    host = cProfile.Profile()
-    host.enable()
-    load.run(3, record=False)
-    host.disable()
-    gpu = graph_gpu_ms(engine, batch)
-    runner = next(r for (k, b, *_), r in stepper._runners.items() if b == batch and not k.first and not k.keep_all)
-    kind, out = runner.kind, {"batch": batch, "step_p50_ms": round(step_p50, 2), "graph_gpu_ms": gpu}
-    out["host_ms"] = round(step_p50 - gpu, 2) if gpu else None
-    out["gc"] = out_gc
-    out["in_place"] = runner.in_place
-
-    def timed(fn, repeats=3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        fn()
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            result = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return round(start.elapsed_time(end) / repeats, 2), result
-
-    with torch.inference_mode():
-        runner.slots.copy_(torch.arange(1, batch + 1))  # real slots: the phases read real caches
-        slots = runner.slots
-        phases = {}
-        rows = stepper_rows(runner, slots)
-        phases["gather_caches"], caches = timed(lambda: stepper._gather(rows, "channel", "time", "length"))
-        with stepper.autocast():
-            phases["encoder"], enc = timed(lambda: stepper._encode(kind, runner.mel, runner.mel_len, caches))
-            projected = stepper.model.joint.project_encoder(enc[0].transpose(1, 2))
-            dec = stepper._gather(slots, "dec_out", "h", "c")
-            phases["decoder"], (_, dec_out, state) = timed(lambda: stepper._greedy(projected, enc[1], dec[0], (dec[1], dec[2])))
-        phases["scatter"], _ = timed(lambda: (stepper._scatter(rows, channel=enc[2], time=enc[3], length=enc[4]), stepper._scatter(slots, h=state[0], c=state[1], dec_out=dec_out)))
-        out["phases_gpu_ms_eager"] = phases
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-            runner.body()
-            torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
-    rows.sort(key=lambda e: e.device_time_total, reverse=True)
-    out["top_ops"] = [
-        {"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count, "cuda_ms": round(e.device_time_total / 1e3, 2)}
-        for e in rows[:top]
-    ]
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    out["kernel_gpu_ms_total"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 2)
-    stats = pstats.Stats(host).sort_stats("tottime")
-    out["host_top_per_step"] = [
-        {"function": f"{Path(file).name}:{line}({name})", "ms": round(1e3 * tt / 3, 2), "calls": nc // 3}
-        for (file, line, name), (_, nc, tt, _, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:12]
-    ]
-    for s in load.states:
-        s.reset()
-    return out
-
-
-def stepper_rows(runner, slots):
-    """What the runner's step reads its caches from: the pools' rows (in place) or gathered slots."""
-    from processors.nemotron.graphs import _Rows
-
-    return _Rows(runner.bucket) if runner.in_place else slots
-
-
-def print_profile(p: dict) -> None:
-    print(
-        f"profile, batch {p['batch']}: step p50 {p['step_p50_ms']} ms = graph GPU {p['graph_gpu_ms']} ms + host {p['host_ms']} ms;"
-        f" eager phases (GPU ms) {p['phases_gpu_ms_eager']}; kernels of one eager step {p['kernel_gpu_ms_total']} ms;"
-        f" in place {p['in_place']}; garbage collector {p['gc']}",
-        flush=True,
-    )
-    for row in p["top_ops"]:
-        print(f"  {row['cuda_ms']:>8.2f} ms {row['calls']:>4}x {row['op']:<32} {row['shapes']}")
-    print("host (cProfile, per step incl. feeding, by own time):")
-    for row in p["host_top_per_step"]:
-        print(f"  {row['ms']:>8.2f} ms {row['calls']:>6}x {row['function']}")
-
-
 def memory_per_stream(engine, batch: int) -> float | None:
     """CUDA memory growth per stream when ``batch`` new streams take their first two steps."""
     if engine.device.type != "cuda":
@@ -291,7 +178,7 @@ def memory_per_stream(engine, batch: int) -> float | None:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Step latency against streams per step: eager, fast (and projected kv), p95 solid, p50 dashed."""
+    """Step latency against streams per step: eager and fast, p95 solid, p50 dashed."""
     try:
         import matplotlib
     except ImportError:
@@ -301,7 +188,6 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series = {name: [(r["batch"], r[name]) for r in results["steps"] if name in r] for name in ("eager", "fast")}
-    series["fast, projected kv"] = [(r["batch"], r) for r in results.get("project_kv", {}).get("steps", [])]
     for name, rows in series.items():
         if not rows:
             continue
@@ -321,22 +207,19 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def compare_kv(model, args, device, eager, pcms) -> dict:
-    """The fast path again, its attention caches holding projected keys and values: against
-    the eager reference (mismatches), time to final, and steps (alone, after the fast engine's)."""
-    kv = NemotronStreamingEngine.from_model(model, args.chunk, device, precision="auto", fast=True, project_kv=True)
-    out = {"mode": repr(kv), "slot_bytes_per_stream": kv.bytes_per_stream}
-    out["mismatch"] = mismatches(eager, kv, pcms)
-    out["time_to_final_b1"] = time_finals({"kv": kv}, args.turns)["kv"]
-    print(f"projected kv ({kv!r}): mismatches {out['mismatch']}; time to final p50 {out['time_to_final_b1']['p50_ms']} /"
-          f" p95 {out['time_to_final_b1']['p95_ms']} ms; slot {kv.bytes_per_stream / 2**20:.2f} MiB", flush=True)
-    out["steps"] = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        row = {"batch": batch, **time_steps({"kv": kv}, batch, args.steps, args.warmup)["kv"], "gpu_ms": graph_gpu_ms(kv, batch)}
-        out["steps"].append(row)
-        print(f"projected kv, {batch:>5} streams alone: step p50 {row['p50_ms']} / p95 {row['p95_ms']} ms, graph GPU {row['gpu_ms']} ms,"
+def ablations(model, args, device, batch: int) -> list[dict]:
+    """The largest batch alone on variants of the fast engine: what each part of the design gives."""
+    out = []
+    for name, options in (("attention core in PyTorch products", {"ring_kernel": False}),
+                          (f"parts of {args.max_batch // 2}", {"max_batch": args.max_batch // 2})):
+        engine = NemotronStreamingEngine.from_model(model, args.chunk, device, precision="auto", fast=True,
+                                                    **{"max_batch": args.max_batch, **options})
+        row = {"variant": name, "batch": batch, **time_steps({"v": engine}, batch, args.steps, args.warmup)["v"]}
+        row["gpu_ms"] = graph_gpu_ms(engine, batch)
+        out.append({k: v for k, v in row.items() if not isinstance(v, list)})
+        print(f"ablation, {name}, {batch} streams alone: step p50 {row['p50_ms']} / p95 {row['p95_ms']} ms, graph GPU {row['gpu_ms']} ms,"
               f" host p50 {row.get('host_p50_ms')} ms", flush=True)
-    kv.close()
+        engine.close()
     return out
 
 
@@ -352,11 +235,12 @@ def main() -> None:
     parser.add_argument("--check-turns", type=int, default=12)
     parser.add_argument("--blank-bias", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--profile-batch", type=int, default=1024, help="profile one steady step at this batch (GPU; 0: skip)")
+    parser.add_argument("--profile-batch", type=int, default=1024, help="profile one steady step at this batch and at 1 (GPU; 0: skip)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="the fast engine steps larger batches in parts of this many streams")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32 mismatch check")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the PNG of a results JSON")
-    parser.add_argument("--compare-kv", action="store_true",
-                        help="then the fast path with caches of projected keys and values (project_kv): mismatches, time to final, steps")
+    parser.add_argument("--ablations", action="store_true",
+                        help="then the largest batch alone with the attention core in PyTorch products, and in parts of half the size")
     parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
                         help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
@@ -380,7 +264,7 @@ def main() -> None:
     }
 
     def make(precision, fast):
-        return NemotronStreamingEngine.from_model(model, args.chunk, device, precision=precision, fast=fast)
+        return NemotronStreamingEngine.from_model(model, args.chunk, device, precision=precision, fast=fast, max_batch=args.max_batch)
 
     eager, fast = make("auto", False), make("auto", True)
     results["device"] = torch.cuda.get_device_name() if eager.device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -431,7 +315,7 @@ def main() -> None:
     interleaved = results["steps"][-1]["fast"]
     print(
         f"{largest} streams, fast engine alone (no eager blocks in between): step p50 {alone['p50_ms']} / p95 {alone['p95_ms']} ms"
-        f" (interleaved with eager: p50 {interleaved['p50_ms']} / p95 {interleaved['p95_ms']} ms); target p95 <= 80 ms at >= 1,000 streams;"
+        f" (interleaved with eager: p50 {interleaved['p50_ms']} / p95 {interleaved['p95_ms']} ms); target p95 <= 80 ms at >= 2,500 streams;"
         f" garbage collector {alone['gc_ms_total']} ms in {len(alone['step_ms'])} steps (interleaved {interleaved['gc_ms_total']} ms);"
         f" host p50 {alone.get('host_p50_ms')} / p95 {alone.get('host_p95_ms')} ms, blocked on the GPU p50 {alone.get('gpu_wait_p50_ms')} ms",
         flush=True,
@@ -450,18 +334,24 @@ def main() -> None:
         )
         save()
     if args.profile_batch and fast.device.type == "cuda":
+        for key, batch in (("profile", args.profile_batch), ("profile_b1", 1)):
+            try:
+                results[key] = profile_fast_step(fast, batch)
+                print_profile(results[key])
+            except Exception as e:  # the profile is an extra: keep the rest of the run
+                print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+            save()
         try:
-            results["profile"] = profile_fast_step(fast, args.profile_batch)
-            print_profile(results["profile"])
-        except Exception as e:  # the profile is an extra: keep the rest of the run
-            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+            for batch in sorted({args.profile_batch, largest}):
+                gpu = next((r["fast_gpu_ms"] for r in results["steps"] if r["batch"] == batch), None)
+                results.setdefault("floor", {})[str(batch)] = row = floor(fast, batch, results["profile"]["gflop_per_stream_step"], gpu)
+                print(f"arithmetic floor at {batch} streams: {row}", flush=True)
+        except Exception as e:
+            print(f"floor failed: {type(e).__name__}: {e}", flush=True)
         save()
-    if args.compare_kv:
+    if args.ablations and fast.device.type == "cuda":
         fast.close()  # one engine at a time may hold graphs on the shared model
-        try:
-            results["project_kv"] = compare_kv(model, args, device, eager, pcms)
-        except Exception as e:  # an extra: keep the rest of the run
-            print(f"projected kv failed: {type(e).__name__}: {e}", flush=True)
+        results["ablations"] = ablations(model, args, device, largest)
         save()
     results["fast_slot_bytes_per_stream"] = fast.bytes_per_stream
     results["memory_MiB_per_stream"] = {"eager": memory_per_stream(eager, 64), "fast": memory_per_stream(fast, 64)}

@@ -99,3 +99,28 @@ def test_second_engine_on_a_captured_model_is_refused_until_close(engines):
     assert turn(graphed) == before  # still serves, without graphs
     again = NemotronStreamingEngine.from_model(model, 160, "cuda", precision="fp32", fast=True)
     assert "cuda graphs" in repr(again) and turn(again) == before
+
+
+@pytest.mark.parametrize("frames", [2, 6])
+def test_ring_kernel_equals_pytorch_ring_attention(tmp_path_factory, frames):
+    """The Triton kernel (scores, masked softmax and mix over rings read by slot) against the same
+    folded attention in PyTorch products, bf16 on the GPU: partly filled and rotated rings, and
+    the chunked-limited mask of a longer final step."""
+    from processors.nemotron import ring_kernel
+    from processors.nemotron.attention import ring_attention
+    from tests.ring_case import ring_case
+
+    if ring_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    path = tiny_nemo_once(tmp_path_factory.mktemp("nemo_kernel"))
+    engine = NemotronStreamingEngine.load(path, 160, "cuda", precision="bf16", fast=True)
+    encoder = engine.model.encoder
+    attention = encoder.layers[1].self_attn
+    x, _, (pool, rows), pos_emb, index = ring_case(encoder, [0, 3, 69, 70, 71, 500], frames, torch.Generator().manual_seed(5), "cuda")
+    pool = pool.to(torch.bfloat16)
+    assert ring_kernel.usable(x, pool, attention.h * frames)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = ring_attention(attention, x, pool, rows, pos_emb, index, kernel=True)
+        plain = ring_attention(attention, x, pool, rows, pos_emb, index, kernel=False)
+    assert torch.allclose(fused.float(), plain.float(), rtol=3e-2, atol=3e-2), (fused - plain).abs().max()
+    assert not torch.allclose(fused.float(), torch.zeros_like(fused.float()))

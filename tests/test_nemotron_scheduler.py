@@ -17,6 +17,7 @@ import pytest
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
 from processors.nemotron.scheduler import StreamScheduler, UnknownStreamError
 from processors.nemotron.tiny import speechlike, tiny_nemo_once
+from tests.ring_case import ring_case
 
 CHUNKS = sorted(CHUNK_MS_TO_RIGHT_CONTEXT)
 
@@ -36,15 +37,6 @@ def fast(model_path) -> dict[int, NemotronStreamingEngine]:
     return {ms: NemotronStreamingEngine.load(model_path, ms, "cpu", fast=True) for ms in CHUNKS}
 
 
-@pytest.fixture(scope="module")
-def fast_kv(model_path) -> dict[int, NemotronStreamingEngine]:
-    """The fast path with caches of projected attention keys and values."""
-    return {ms: NemotronStreamingEngine.load(model_path, ms, "cpu", fast=True, project_kv=True) for ms in CHUNKS}
-
-
-BOTH_FAST = pytest.mark.parametrize("fast_engines", ["fast", "fast_kv"])
-
-
 def int16(samples: np.ndarray) -> np.ndarray:
     return np.round(np.clip(samples, -1, 1) * 32767).astype(np.int16)
 
@@ -62,18 +54,14 @@ def eager_turn(engine, pcm, pad_ms=None) -> tuple[list[str], str]:
     return partials, engine.finalize(state, pad_ms=pad_ms)
 
 
-def test_engines_are_in_the_modes_asked_for(eager, fast, fast_kv):
+def test_engines_are_in_the_modes_asked_for(eager, fast):
     assert not eager[160].fast and fast[160].fast
     assert "static" in repr(fast[160]) and "eager" in repr(eager[160])
-    assert "projected kv" in repr(fast_kv[160]) and "projected" not in repr(fast[160])
     assert fast[160].bytes_per_stream > 0 and eager[160].bytes_per_stream is None
-    assert fast_kv[160].bytes_per_stream > fast[160].bytes_per_stream  # keys and values: twice the attention cache
 
 
-@BOTH_FAST
 @pytest.mark.parametrize("chunk_ms", CHUNKS)
-def test_fast_path_equals_eager_for_lengths_and_frame_sizes(eager, request, fast_engines, chunk_ms):
-    fast = request.getfixturevalue(fast_engines)
+def test_fast_path_equals_eager_for_lengths_and_frame_sizes(eager, fast, chunk_ms):
     rng = np.random.default_rng(chunk_ms + 1)
     sizes = [int(x) for x in rng.integers(1, 1500, size=40)]
     for seconds in (0.05, 0.43, 1.61, 3.3):
@@ -105,12 +93,10 @@ def test_final_after_feeding_without_steps_equals_eager(eager, fast):
     assert fast[160].finalize_many(states, pad_ms=0) == [reference] * 3
 
 
-@BOTH_FAST
 @pytest.mark.parametrize("chunk_ms", [80, 160, 1120])
-def test_scheduler_streams_join_leave_and_equal_eager_alone(eager, request, fast_engines, chunk_ms):
+def test_scheduler_streams_join_leave_and_equal_eager_alone(eager, fast, chunk_ms):
     """Calls join, speak several turns and leave at different times, with different frame
     sizes; every turn's partials and final equal the same audio run alone through eager NeMo."""
-    fast = request.getfixturevalue(fast_engines)
     rng = np.random.default_rng(chunk_ms)
     scheduler = StreamScheduler(fast[chunk_ms])
     # (join tick, [turn lengths in samples], frame size) per call
@@ -212,73 +198,63 @@ def test_unknown_stream_is_refused(fast):
         scheduler.leave(stream_id)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_lean_cache_attention_equals_nemo_attention_under_bf16_autocast(fast, batch):
-    """The fast path's cached attention (bf16 cache, no fp32 round trips) against NeMo's layer.
+def test_full_house_steps_in_place_and_equals_eager_alone(eager, model_path, monkeypatch):
+    """Streams holding slots 1..N in order read their caches as views of the pools (no gather);
+    in large parts when N exceeds the batch limit. Every turn still equals eager NeMo alone."""
+    from processors.nemotron import graphs
 
-    NeMo's layer gets an fp32 cache, ours the same cache rounded to bf16: under bf16 autocast
-    both reach the key/value projections as the same bf16 values. At batch 1 every op is
-    NeMo's, so the bits are equal; a batch computes the position scores as one product per
-    head, equal up to float rounding. Without autocast (fp32) the cache path is NeMo's.
-    """
-    import torch
-    from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
-
-    from processors.nemotron.attention import cached_attention
-
-    encoder = fast[160].model.encoder
-    attention = encoder.layers[0].self_attn
-    assert type(attention) is RelPositionMultiHeadAttention
-    gen = torch.Generator().manual_seed(3)
-    width, cached, new = encoder.d_model, encoder.streaming_cfg.last_channel_cache_size, 2
-    query = torch.randn(batch, new, width, generator=gen)
-    cache = torch.randn(batch, cached, width, generator=gen)
-    _, pos_emb = encoder.pos_enc(x=torch.zeros(1, new, width), cache_len=cached)
-    mask = torch.zeros(batch, new, cached + new, dtype=torch.bool)
-    mask[-1, :, :5] = True  # a stream with a shorter history
-
-    def same(a, b):
-        return torch.equal(a, b) if batch == 1 else torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out_nemo, cache_nemo = attention(query=query, key=query, value=query, mask=mask, pos_emb=pos_emb, cache=cache)
-        out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, cache.to(torch.bfloat16))
-    assert cache_ours.dtype == torch.bfloat16
-    assert torch.equal(cache_ours, cache_nemo.to(torch.bfloat16))
-    assert same(out_ours, out_nemo)
-    with torch.inference_mode():
-        out_nemo, cache_nemo = attention(query=query, key=query, value=query, mask=mask, pos_emb=pos_emb, cache=cache)
-        out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, cache)
-    assert torch.equal(cache_ours, cache_nemo)
-    assert torch.equal(out_ours, out_nemo) if batch == 1 else torch.allclose(out_ours, out_nemo, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(graphs, "IN_PLACE_MIN_BUCKET", 4)
+    engine = NemotronStreamingEngine.load(model_path, 160, "cpu", fast=True)
+    engine._stepper.max_batch = 4
+    pcms = [int16(speechlike(n, seed=30 + n % 7)) for n in (21000, 26000, 30000, 24000, 19000, 28000, 33000, 25000, 22000)]
+    references = [eager_turn(eager[160], pcm)[1] for pcm in pcms]
+    states = [engine.new_stream() for _ in pcms]
+    for offset in range(0, max(len(p) for p in pcms), 320):
+        for state, pcm in zip(states, pcms):
+            engine.feed(state, pcm[offset : offset + 320])
+        while any(engine.ready(s) for s in states):
+            engine.step(states)
+    assert engine.finalize_many(states) == references
+    starts = {key[3] for key in engine._stepper._runners}
+    assert {1, 5} <= starts and None in starts  # two aligned parts in place, the ninth stream gathered
 
 
-def test_projected_kv_attention_equals_nemo_attention(fast):
-    """A cache of projected keys and values gives NeMo's layer output (fp32, up to the rounding
-    of projecting rows in a smaller product) and the projection of NeMo's next cache."""
+@pytest.mark.parametrize("frames", [2, 6])
+def test_ring_attention_equals_nemo_attention(fast, frames):
+    """The folded attention over a ring in storage order equals NeMo's layer over the same cache
+    in time order (fp32, up to float rounding): partly filled caches, rings at every rotation,
+    and (6 frames) the chunked-limited mask cutting the oldest keys."""
     import torch
 
-    from processors.nemotron.attention import PROJECT_KV_ATTR, cached_attention
+    from processors.nemotron.attention import ring_attention
 
     encoder = fast[160].model.encoder
     attention = encoder.layers[1].self_attn
-    gen = torch.Generator().manual_seed(5)
-    width, cached, new, batch = encoder.d_model, encoder.streaming_cfg.last_channel_cache_size, 2, 3
-    query = torch.randn(batch, new, width, generator=gen)
-    cache = torch.randn(batch, cached, width, generator=gen)
-    _, pos_emb = encoder.pos_enc(x=torch.zeros(1, new, width), cache_len=cached)
-    mask = torch.zeros(batch, new, cached + new, dtype=torch.bool)
-    mask[-1, :, :5] = True
+    x, cache, ring, pos_emb, index = ring_case(encoder, [0, 3, 69, 70, 71, 500], frames, torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        out_nemo, cache_nemo = attention(query=query, key=query, value=query, mask=mask, pos_emb=pos_emb, cache=cache)
-        projected = torch.cat([attention.linear_k(cache), attention.linear_v(cache)], dim=-1)
-        setattr(attention, PROJECT_KV_ATTR, True)
-        try:
-            out_ours, cache_ours = cached_attention(attention, query, query, query, mask, pos_emb, projected)
-        finally:
-            delattr(attention, PROJECT_KV_ATTR)
-        want_cache = torch.cat([attention.linear_k(cache_nemo), attention.linear_v(cache_nemo)], dim=-1)
-    assert cache_ours.shape == (batch, cached, 2 * width)
-    assert torch.allclose(cache_ours, want_cache, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(out_ours, out_nemo, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(out_ours, torch.zeros_like(out_ours))
+        want, _ = attention(query=x, key=x, value=x, mask=index.logical_mask, pos_emb=pos_emb, cache=cache)
+        got = ring_attention(attention, x, *ring, pos_emb, index)
+    assert index.logical_mask[0, :, :70].all() and not index.logical_mask[-1, 0, :70].any()  # empty and full caches
+    assert index.logical_mask[-1, -1, :4].all() == (frames == 6)  # a later chunk's query no longer sees the oldest
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def test_one_stream_attention_is_nemo_op_for_op_under_bf16_autocast(fast):
+    """One stream reads its ring rotated into time order and takes NeMo's arithmetic: the same
+    bits as NeMo's layer given its fp32 cache, though the ring holds bf16 (NeMo's key and value
+    projections read the cache cast to bf16). A batch's folded attention is close."""
+    import torch
+
+    from processors.nemotron.attention import logical_attention, ring_attention
+
+    encoder = fast[160].model.encoder
+    attention = encoder.layers[0].self_attn
+    x, cache, ring, pos_emb, index = ring_case(encoder, [37, 90], 2, torch.Generator().manual_seed(3))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = attention(query=x[:1], key=x[:1], value=x[:1], mask=index.logical_mask[:1], pos_emb=pos_emb, cache=cache[:1])
+        got = logical_attention(attention, x[:1], cache[:1].to(torch.bfloat16), index.logical_mask[:1], pos_emb)
+        assert torch.equal(got, want)
+        batch, _ = attention(query=x, key=x, value=x, mask=index.logical_mask, pos_emb=pos_emb, cache=cache)
+        folded = ring_attention(attention, x, ring[0].to(torch.bfloat16), ring[1], pos_emb, index)
+    assert torch.allclose(folded.float(), batch.float(), rtol=5e-2, atol=5e-2)

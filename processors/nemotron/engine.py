@@ -31,7 +31,7 @@ from loguru import logger
 from processors.errors import SetupError
 from processors.nemotron.audio import MODEL_SAMPLE_RATE, pcm_to_float
 from processors.nemotron.mel import MelBatcher
-from processors.nemotron.model import LoadedModel, load_streaming_model, prepare_streaming_model, resolve_device
+from processors.nemotron.model import LoadedModel, cast_matmul_weights, load_streaming_model, prepare_streaming_model, resolve_device
 from processors.nemotron.stream import StepJob, StreamState, eager_stream_step
 from processors.nemotron.text import TextDecoder
 
@@ -57,7 +57,7 @@ class NemotronStreamingEngine:
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
-        project_kv: bool = False,
+        ring_kernel: bool = True,
     ):
         self._model = loaded.model
         self.device = loaded.device
@@ -89,6 +89,12 @@ class NemotronStreamingEngine:
         self.fast = self.device.type == "cuda" if fast is None else bool(fast)
         self._stepper = None
         if self.fast:
+            from processors.nemotron.encoder_step import supports_in_place_caches
+
+            if (reason := supports_in_place_caches(self._model.encoder)) is not None:
+                logger.warning(f"The fast ASR path cannot step this model ({reason}); its steps run eagerly")
+                self.fast = False
+        if self.fast:
             from processors.nemotron.graphs import FastStepper
 
             graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
@@ -97,12 +103,13 @@ class NemotronStreamingEngine:
                 # cache_enabled=False: cached weight casts must not outlive a graph capture
                 autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
                 cache_dtype = torch.bfloat16  # exact: the caches are only read through bf16 matmuls
+                cast_matmul_weights(self._model, torch.bfloat16)  # no weight casts in every step
             else:
                 autocast = contextlib.nullcontext
             self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
             self._stepper = FastStepper(
                 self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
-                cache_dtype=cache_dtype, project_kv=project_kv,
+                cache_dtype=cache_dtype, ring_kernel=ring_kernel,
             )
             self._text = TextDecoder(self._model.decoding)
             if self.device.type == "cuda":  # page-lock the largest batch's staging buffer now, not mid-call
@@ -122,7 +129,6 @@ class NemotronStreamingEngine:
         warm_up: bool = True,
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
-        project_kv: bool = False,
     ) -> NemotronStreamingEngine:
         """Load a local ``.nemo`` cache-aware RNN-T model for ``chunk_ms`` chunks.
 
@@ -130,8 +136,8 @@ class NemotronStreamingEngine:
         ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         ``final_pad_ms``: digital silence appended at :meth:`finalize` as right context for the
         last words (default: one chunk). ``fast``: slot-pooled static-shape steps (default on
-        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA); ``project_kv``: the
-        fast path caches projected attention keys and values instead of layer inputs. Raises :class:`SetupError` naming the setting at fault.
+        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA). Raises
+        :class:`SetupError` naming the setting at fault.
         """
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
             allowed = ", ".join(str(c) for c in CHUNK_MS_TO_RIGHT_CONTEXT)
@@ -143,7 +149,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs, project_kv=project_kv)
+        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs)
         if warm_up:
             started = time.perf_counter()
             engine.warm_up()
@@ -162,9 +168,10 @@ class NemotronStreamingEngine:
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
-        project_kv: bool = False,
+        ring_kernel: bool = True,
     ) -> NemotronStreamingEngine:
-        """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed."""
+        """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed.
+        ``ring_kernel=False``: batches take the attention core in PyTorch products (comparisons)."""
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
             raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}).")
         loaded = prepare_streaming_model(
@@ -174,7 +181,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, project_kv=project_kv)
+        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, ring_kernel=ring_kernel)
         engine.warm_up()
         return engine
 
@@ -190,7 +197,6 @@ class NemotronStreamingEngine:
 
     def __repr__(self) -> str:
         mode = "eager" if not self.fast else ("cuda graphs" if self._stepper.graphs else "static")
-        mode += ", projected kv" if self._stepper is not None and self._stepper.project_kv else ""
         return f"NemotronStreamingEngine({self.chunk_ms} ms, {self.device.type}, {self.precision}, {mode})"
 
     @property
@@ -242,14 +248,13 @@ class NemotronStreamingEngine:
         so they form separate batches (two at most, three for 80 ms chunks). Streams that are not ready are skipped (None).
         """
         before = [s.text for s in states]
-        groups: dict[tuple[bool, int], list[StepJob]] = {}
+        groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
         for s in states:
             if self.ready(s):
                 need = self._first_frames if s.steps == 0 else self._shift_frames
-                job = self._job(s, s.frames_done + need)
-                groups.setdefault((job.first, job.drop), []).append(job)
-        for jobs in groups.values():
-            self._run(jobs, keep_all=False)
+                groups.setdefault(self._start_of(s)[1:], []).append((s, s.frames_done + need))
+        for work in groups.values():
+            self._run(work, keep_all=False)
         return [s.text if s.text != text else None for s, text in zip(states, before)]
 
     def finalize(self, state: StreamState, pad_ms: int | None = None) -> str:
@@ -272,14 +277,13 @@ class NemotronStreamingEngine:
                 self.step(behind)
                 if done != [s.frames_done for s in behind]:
                     continue
-            groups: dict[tuple[bool, int], list[StepJob]] = {}
+            groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
             for s in pending:
                 end = self._final_end(s)
                 if end > s.frames_done:
-                    job = self._job(s, end)
-                    groups.setdefault((job.first, job.drop), []).append(job)
-            for jobs in groups.values():
-                self._run(jobs, keep_all=True)
+                    groups.setdefault(self._start_of(s)[1:], []).append((s, end))
+            for work in groups.values():
+                self._run(work, keep_all=True)
             pending = []
         texts = [s.text for s in states]
         for s in states:
@@ -309,16 +313,18 @@ class NemotronStreamingEngine:
             # the offline pass. keep_all_outputs keeps the short last chunk.
             need = self._first_frames if state.steps == 0 else self._shift_frames
             last = self._final_in_one_step or end - state.frames_done <= need
-            self._run([self._job(state, end if last else state.frames_done + need)], keep_all=last)
+            self._run([(state, end if last else state.frames_done + need)], keep_all=last)
         text = state.text
         state.reset()
         return text
 
     def warm_up(self) -> None:
-        """Run a first, a steady and a final step on silence so the first call is not slow."""
+        """Run a first, a steady and the final steps on silence so the first call is not slow."""
         state = self.new_stream()
         samples = MODEL_SAMPLE_RATE * 3 * self.chunk_ms // 1000
         self.accept(state, np.zeros(samples, dtype=np.int16))
+        self.finalize(state)
+        self.accept(state, np.zeros(samples // 6, dtype=np.int16))  # a turn shorter than a chunk: a first step's final
         self.finalize(state)
 
     # ----- internals ------------------------------------------------------------------------
@@ -336,54 +342,69 @@ class NemotronStreamingEngine:
         frame 0 and the encoder frames already emitted are dropped: zero-padding the history,
         as NeMo's own buffer does, would not match an offline pass.
         """
-        first = state.steps == 0
-        if first:
-            start, drop = 0, 0
-        elif state.frames_done < self._pre_cache:
-            start, drop = 0, state.steps * self._valid_out
-        else:
-            start, drop = state.frames_done - self._pre_cache, self._drop
+        start, first, drop = self._start_of(state)
         window_start = max(0, start - self._left_frames) * self._hop
         window_end = min(state.window.total, (end_frame - 1) * self._hop + self._half_fft)
         samples = state.window.slice(window_start, window_end)
         skip = start - window_start // self._hop
         return StepJob(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
 
-    def _run(self, jobs: list[StepJob], keep_all: bool) -> None:
-        """One ``conformer_stream_step`` over ``jobs`` (all with the same ``first`` and ``drop``)."""
-        with self._lock:  # the staging buffer, the model and the slot pools
-            if self.fast:  # slots first, and the batch in slot order (slots 1..N step in place)
-                for job in jobs:
-                    if job.state.lease is None:
-                        job.state.lease = self._stepper.lease()
-                jobs = sorted(jobs, key=lambda job: job.state.lease.slot)
-            inputs, lengths = self._mel(jobs)
+    def _start_of(self, state: StreamState) -> tuple[int, bool, int]:
+        """The next step's first input frame, whether it is the stream's first step, and the
+        subsampled history frames it drops (streams step together only when the last two agree)."""
+        if state.steps == 0:
+            return 0, True, 0
+        if state.frames_done < self._pre_cache:
+            return 0, False, state.steps * self._valid_out
+        return state.frames_done - self._pre_cache, False, self._drop
+
+    def _run(self, work: list[tuple[StreamState, int]], keep_all: bool) -> None:
+        """One ``conformer_stream_step`` for each (stream, end frame) of ``work`` (all with the
+        same first-step flag and drop)."""
+        with self._lock:  # the staging buffers, the model and the slot pools
             if self.fast:
-                self._run_fast(jobs, inputs, lengths, keep_all)
-            else:
-                self._run_eager(jobs, inputs, lengths, keep_all)
+                self._run_fast(work, keep_all)
+                return
+            jobs = [self._job(state, end) for state, end in work]
+            inputs, lengths = self._mel(jobs)
+            with torch.inference_mode(), self._autocast():
+                eager_stream_step(self._model, [job.state for job in jobs], inputs, lengths, keep_all, jobs[0].first, jobs[0].drop)
+            self._advance(jobs)
 
-    def _run_eager(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
-        with torch.inference_mode(), self._autocast():
-            eager_stream_step(self._model, [job.state for job in jobs], inputs, lengths, keep_all, jobs[0].first, jobs[0].drop)
-        self._advance(jobs)
+    def _run_fast(self, work: list[tuple[StreamState, int]], keep_all: bool) -> None:
+        """The same step on the fast path: slots, static-shape (graphed on CUDA) steps.
 
-    def _run_fast(self, jobs: list[StepJob], inputs: torch.Tensor, lengths: torch.Tensor, keep_all: bool) -> None:
-        """The same step on the fast path: slots, a static-shape (graphed on CUDA) step."""
+        The streams go in slot order (slots 1..N step in place) and in parts of at most
+        ``max_batch``, pipelined: the host stages the next part's audio while the GPU steps the
+        last one, and reads a part's tokens while the GPU steps the next.
+        """
+        for state, _ in work:
+            if state.lease is None:
+                state.lease = self._stepper.lease()
+        work = sorted(work, key=lambda item: item[0].lease.slot)
+        size = self._stepper.max_batch
+        launched = []
+        for lo in range(0, len(work), size):
+            jobs = [self._job(state, end) for state, end in work[lo : lo + size]]
+            launched.append((jobs, self._launch_fast(jobs, keep_all)))
+        text = self._text
+        for jobs, pending in launched:
+            self._advance(jobs)  # host work while the GPU steps
+            for job, tokens in zip(jobs, pending.tokens()):  # the part's one synchronisation
+                if tokens:
+                    s = job.state
+                    s.tokens.extend(tokens)
+                    s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
+
+    def _launch_fast(self, jobs: list[StepJob], keep_all: bool):
         from processors.nemotron.graphs import new_kind
 
-        first = jobs[0].first
+        inputs, lengths = self._mel(jobs)
         width = max(job.count for job in jobs)
         static = keep_all and width <= self._final_width
-        kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, first)
-        states = [job.state for job in jobs]
-        pending = self._stepper.launch(kind, inputs, lengths, [s.lease.slot for s in states], capture=not keep_all or static)
-        self._advance(jobs)  # host work while the GPU steps
-        text = self._text
-        for s, tokens in zip(states, pending.tokens()):  # the step's one synchronisation
-            if tokens:
-                s.tokens.extend(tokens)
-                s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
+        kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, jobs[0].first)
+        slots = [job.state.lease.slot for job in jobs]
+        return self._stepper.launch(kind, inputs, lengths, slots, capture=not keep_all or static)
 
     def _advance(self, jobs: list[StepJob]) -> None:
         """Count the step's frames and forget the samples no later frame needs."""

@@ -5,15 +5,18 @@ and synchronises with the GPU many times per chunk; on a GPU it is bound by the 
 arithmetic. :class:`FastStepper` does the same computation with the same NeMo modules, arranged
 so that one chunk of a batch of streams is a fixed sequence of kernels:
 
-* every stream owns a *slot* in preallocated pools (encoder caches, prediction-network state);
-  a step gathers the slots of its streams into a static batch, runs the encoder step and the
-  greedy RNN-T search, and scatters the new state back;
+* every stream owns a *slot* in preallocated pools: encoder caches kept in place (per layer a
+  ring of attention inputs and a convolution window, see ``processors.nemotron.encoder_step``),
+  prediction-network state; a step reads its rows, runs the encoder step and the greedy RNN-T
+  search, and writes only what changed;
+* a batch whose slots are one aligned run (a full house: slots 1..N in order) reads its rows as
+  views; any other batch gathers them by slot index;
 * the batch is padded to a power-of-two bucket; padding rows point at slot 0, a scratch slot
   no stream owns, so whatever they compute is never read;
 * the greedy search is NeMo's label-looping greedy search (same joint and prediction-network
   calls, same ``max_symbols`` rule) unrolled to ``frames x max_symbols`` masked iterations, so
   it needs no host synchronisation: the only one left is reading the new tokens back;
-* on CUDA each (input shape, bucket) is captured once in a ``torch.cuda.CUDAGraph`` and
+* on CUDA each (input shape, bucket, rows) is captured once in a ``torch.cuda.CUDAGraph`` and
   replayed; on the CPU the same function runs eagerly (that is what the CI tests compare
   against the eager NeMo path).
 
@@ -33,9 +36,13 @@ from typing import Any
 import torch
 from loguru import logger
 
-from processors.nemotron.attention import lean_streaming_step
+from processors.nemotron.encoder_step import StepCaches, encoder_step
 from processors.nemotron.model import GRAPH_OWNER_ATTR, check_no_graphs
-from processors.nemotron.slots import PendingTokens, SlotLease, SlotPools, batch_dim
+from processors.nemotron.slots import PendingTokens, Rows, SlotLease, SlotPools, batch_dim
+
+# Batches of at least this many streams whose slots are one aligned run read their rows in place
+# (one graph per run start); smaller ones gather, which costs little and needs one graph per bucket.
+IN_PLACE_MIN_BUCKET = 128
 
 
 @dataclass(frozen=True)
@@ -48,28 +55,27 @@ class _Kind:
     first: bool
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """Slots 1..count of the pools, in order (a batch stepped in place)."""
-
-    count: int
-
-
 class _Runner:
-    """Static buffers and (on CUDA) the captured graph for one kind and one bucket size."""
+    """Static buffers and (on CUDA) the captured graph for one kind, bucket size and row layout.
 
-    def __init__(self, stepper: FastStepper, kind: _Kind, bucket: int, in_place: bool = False):
-        self.kind, self.bucket, self.in_place = kind, bucket, in_place
+    ``start``: the rows are slots ``start .. start + bucket - 1``, read in place; None: gathered
+    through ``slots``.
+    """
+
+    def __init__(self, stepper: FastStepper, kind: _Kind, bucket: int, start: int | None = None):
+        self.kind, self.bucket, self.start = kind, bucket, start
         s = stepper
         self.mel = torch.zeros(bucket, s.features, kind.frames, device=s.device)
         self.mel_len = torch.full((bucket,), kind.frames, dtype=torch.long, device=s.device)
         self.slots = torch.zeros(bucket, dtype=torch.long, device=s.device)
+        if start is not None:
+            self.slots.copy_(torch.arange(start, start + bucket))
         self.tokens: torch.Tensor | None = None  # [bucket, decoder frames x max_symbols], made by the first run
         self.graph: torch.cuda.CUDAGraph | None = None
         self._stepper = s
 
-    def body(self) -> None:
-        out = self._stepper.compute(self.kind, self.mel, self.mel_len, self.slots, self.in_place)
+    def body(self, start: int | None = None) -> None:
+        out = self._stepper.compute(self.kind, self.mel, self.mel_len, self.slots, start)
         if self.tokens is None:
             self.tokens = torch.empty_like(out)
         self.tokens.copy_(out)
@@ -77,16 +83,23 @@ class _Runner:
     def capture(self, pool) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        real = self.slots.clone()
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: cuBLAS/cuDNN handles and workspaces before capture
+            # Warm-up (cuBLAS/cuDNN handles and workspaces) on the scratch slot: it runs for real,
+            # and must not step the streams whose rows the graph will read.
+            self.slots.zero_()
+            for _ in range(2):
                 self.body()
+            self.slots.copy_(real)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.body()
+            self.body(self.start)
 
     def set_slots(self, slots: Sequence[int]) -> None:
         """Point the batch's rows at ``slots`` (the rest at scratch slot 0); no host synchronisation."""
+        if self.start is not None:
+            return  # fixed rows, set at creation
         index = torch.zeros(self.bucket, dtype=torch.long, pin_memory=self.slots.is_cuda)
         index[: len(slots)] = torch.as_tensor(slots, dtype=torch.long)
         self.slots.copy_(index, non_blocking=True)  # pinned: the allocator keeps it until the copy is done
@@ -95,7 +108,7 @@ class _Runner:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.body()
+            self.body(self.start)
 
 
 class FastStepper:
@@ -103,6 +116,8 @@ class FastStepper:
 
     ``autocast`` is a zero-argument callable returning the autocast context the eager path uses
     (bf16 on CUDA), so both paths run the same arithmetic. ``graphs`` captures CUDA graphs.
+    ``cache_dtype``: the encoder caches' dtype in the pools (None: the encoder's). ``ring_kernel``:
+    batches take the attention core as one Triton kernel where it runs (CUDA, bf16 caches).
     """
 
     def __init__(
@@ -116,7 +131,7 @@ class FastStepper:
         max_batch: int = 1024,
         initial_slots: int = 8,
         cache_dtype: torch.dtype | None = None,
-        project_kv: bool = False,
+        ring_kernel: bool = True,
     ):
         self.model = model
         self.device = device
@@ -124,20 +139,18 @@ class FastStepper:
         self.graphs = bool(graphs and device.type == "cuda")
         self.final_frames = final_frames
         self.max_batch = max_batch
-        self.cache_dtype = cache_dtype  # encoder caches' dtype in the pools (None: as the encoder returns them)
-        # Attention caches hold projected keys and values, not layer inputs (see cached_attention).
-        self.project_kv = bool(project_kv)
+        self.cache_dtype = cache_dtype
+        self.ring_kernel = ring_kernel
         self.features = int(model.preprocessor.featurizer.nfilt)
         decoding = model.decoding.decoding
         self.max_symbols = int(getattr(decoding, "max_symbols", None) or 10)
         self.blank = int(model.decoding.blank_id)
-        self._valid_out = int(model.encoder.streaming_cfg.valid_out_len)
         self._free: list[int] = []
         self._used = 0
         self._lock = threading.Lock()
-        self._runners: dict[tuple[_Kind, int], _Runner] = {}
+        self._runners: dict[tuple, _Runner] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self._pools = SlotPools(initial_slots + 1, self._probe_state_shapes())
+        self._pools = SlotPools(initial_slots + 1, self._state_like())
         if self.graphs:
             check_no_graphs(model)
             setattr(model, GRAPH_OWNER_ATTR, weakref.ref(self))
@@ -222,84 +235,65 @@ class FastStepper:
     def _launch_bucket(self, kind, mel, lengths, slots, capture) -> torch.Tensor:
         n = len(slots)
         bucket = 1 << max(0, (n - 1).bit_length())
-        in_place = not kind.first and n == bucket and list(slots) == list(range(1, n + 1))
-        key = (kind, bucket, capture, in_place)
+        start = self._run_start(slots, bucket)
+        key = (kind, bucket, capture, start)
         runner = self._runners.get(key)
         with torch.inference_mode():
             if runner is None:
-                runner = _Runner(self, kind, bucket, in_place)
+                runner = _Runner(self, kind, bucket, start)
                 if self.graphs and capture:
                     try:
                         runner.capture(self._graph_pool)
-                        logger.debug(f"captured ASR step graph: {kind}, batch {bucket}")
+                        logger.debug(f"captured ASR step graph: {kind}, batch {bucket}, rows from {start or 'gathered'}")
                     except Exception as e:  # keep serving, eagerly, rather than lose the call
                         logger.warning(f"CUDA graph capture failed ({type(e).__name__}: {e}); ASR steps run without graphs")
                         self.graphs = False
                         runner.graph = None
                         torch.cuda.synchronize()
                 self._runners[key] = runner
-            runner.mel.zero_()
+            if n < bucket or mel.shape[-1] < kind.frames:
+                runner.mel.zero_()
             runner.mel[:n, :, : mel.shape[-1]].copy_(mel[:, :, : kind.frames])
-            runner.mel_len.fill_(kind.frames)
+            if n < bucket:
+                runner.mel_len.fill_(kind.frames)
             runner.mel_len[:n].copy_(lengths)
             runner.set_slots(slots)
             runner.run()
             return runner.tokens[:n].clone()  # a later part of the same step may replay this runner
 
-    def compute(self, kind: _Kind, mel, mel_len, slots, in_place: bool = False) -> torch.Tensor:
+    @staticmethod
+    def _run_start(slots: Sequence[int], bucket: int) -> int | None:
+        """The first slot if the batch is a whole aligned run (read in place), else None (gathered)."""
+        n, first = len(slots), slots[0]
+        if n != bucket or bucket < IN_PLACE_MIN_BUCKET or (first - 1) % bucket or slots[-1] != first + n - 1:
+            return None
+        return first if all(b == a + 1 for a, b in zip(slots, slots[1:])) else None
+
+    def compute(self, kind: _Kind, mel, mel_len, slots, start: int | None = None) -> torch.Tensor:
         """The step itself, static shapes, no host synchronisation: returns [B, frames x max_symbols] labels.
 
-        ``in_place``: the batch is slots 1..B in order, so the encoder reads its caches straight
-        from the pools' rows and the new ones are copied back there (no gather, no index).
+        ``start``: the batch is slots ``start .. start + B - 1``, read and written as views.
         """
-        rows = _Rows(mel.shape[0]) if in_place else slots
-        caches = self._initial_caches(mel.shape[0]) if kind.first else self._gather(rows, "channel", "time", "length")
+        batch = mel.shape[0]
+        pools = self._pools.tensors
+        rows = Rows(slots, start)
+        count = torch.zeros(batch, dtype=torch.long, device=self.device) if kind.first else rows.read(pools["count"])
+        caches = StepCaches(pools["channel"], pools["time"], rows, count, kind.first, self.ring_kernel)
         with self.autocast():
-            encoded, encoded_len, *caches = self._encode(kind, mel, mel_len, caches)
+            encoded, encoded_len, count = encoder_step(self.model.encoder, mel, mel_len, caches, kind.drop, kind.keep_all)
             # Decoder frames: exactly the encoder's static output width (rows past their length emit nothing).
             projected = self.model.joint.project_encoder(encoded.transpose(1, 2))
             if kind.first:
-                dec_out, state = self._start_decoder(mel.shape[0], projected)
+                dec_out, state = self._start_decoder(batch, projected)
             else:
-                dec_out, h, c = self._gather(slots, "dec_out", "h", "c")
-                state = (h, c)
+                state = (rows.read(pools["h"], 1).contiguous(), rows.read(pools["c"], 1).contiguous())  # cuDNN wants them whole
+                dec_out = rows.read(pools["dec_out"])
             labels, dec_out, state = self._greedy(projected, encoded_len, dec_out, state)
-        self._scatter(rows, channel=caches[0], time=caches[1], length=caches[2])
-        self._scatter(slots, h=state[0], c=state[1], dec_out=dec_out)
+        rows.write(pools["count"], count)
+        rows.write(pools["h"], state[0], 1)
+        rows.write(pools["c"], state[1], 1)
+        rows.write(pools["dec_out"], dec_out)
         return labels
-
-    def _gather(self, slots, *names: str) -> list[torch.Tensor]:
-        pools = self._pools.tensors
-        if isinstance(slots, _Rows):
-            return [pools[n].narrow(batch_dim(n), 1, slots.count) for n in names]
-        return [pools[n].index_select(batch_dim(n), slots) for n in names]
-
-    def _scatter(self, slots, **values: torch.Tensor) -> None:
-        pools = self._pools.tensors
-        for name, value in values.items():
-            if isinstance(slots, _Rows):
-                pools[name].narrow(batch_dim(name), 1, slots.count).copy_(value)
-            else:
-                pools[name].index_copy_(batch_dim(name), slots, value.to(pools[name].dtype))
-
-    def _initial_caches(self, bucket: int) -> list[torch.Tensor]:
-        """Fresh streams' caches (zeros, as ``get_initial_cache_state`` gives the eager path)."""
-        channel, time_cache, length = self.model.encoder.get_initial_cache_state(batch_size=bucket, device=self.device)
-        if self.project_kv:  # keys and values; zeros where the history is masked, as the layer inputs are
-            channel = torch.cat([channel, channel], dim=-1)
-        return [channel.to(self.cache_dtype or channel.dtype), time_cache.to(self.cache_dtype or time_cache.dtype), length]
-
-    def _encode(self, kind: _Kind, mel, mel_len, caches):
-        with lean_streaming_step(self.model.encoder, project_kv=self.project_kv):
-            return self.model.encoder.cache_aware_stream_step(
-                processed_signal=mel,
-                processed_signal_length=mel_len,
-                cache_last_channel=caches[0],
-                cache_last_time=caches[1],
-                cache_last_channel_len=caches[2],
-                keep_all_outputs=kind.keep_all,
-                drop_extra_pre_encoded=kind.drop,
-            )
 
     def _start_decoder(self, bucket: int, projected):
         model = self.model
@@ -313,7 +307,8 @@ class FastStepper:
 
         Same calls as ``GreedyBatchedRNNTLabelLoopingComputer.torch_impl``: the joint after
         projection, ``max(-1)``, the prediction network on the found label, and the old state
-        kept for rows that emitted nothing. Rows past their length emit nothing.
+        kept for rows that emitted nothing (``batch_replace_states_mask``'s ``torch.where``, LSTM
+        state). Rows past their length emit nothing.
         """
         model, blank = self.model, self.blank
         bucket, frames = projected.shape[0], projected.shape[1]
@@ -325,29 +320,33 @@ class FastStepper:
                 logits = model.joint.joint_after_projection(enc_t, dec_out).squeeze(1).squeeze(1)
                 labels = logits.max(-1)[1]
                 active = torch.logical_and(active, labels != blank)
-                labels = torch.where(active, labels, torch.full_like(labels, blank))
+                labels = torch.where(active, labels, blank)
                 out.append(labels)
                 new_out, new_state, *_ = model.decoder.predict(labels.unsqueeze(1), state, add_sos=False, batch_size=bucket)
                 new_out = model.joint.project_prednet(new_out)
-                model.decoder.batch_replace_states_mask(src_states=state, dst_states=new_state, mask=~active)
+                keep = active.unsqueeze(-1)
+                state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
                 dec_out = torch.where(active[:, None, None], new_out, dec_out)
-                state = new_state
         return torch.stack(out, dim=1), dec_out, state
 
-    def _probe_state_shapes(self) -> dict[str, torch.Tensor]:
-        """Run one first step eagerly at batch 1 to learn the state shapes and dtypes."""
-        cfg = self.model.encoder.streaming_cfg
-        frames = int(cfg.chunk_size[0]) if isinstance(cfg.chunk_size, (list, tuple)) else int(cfg.chunk_size)
-        mel = torch.zeros(1, self.features, frames, device=self.device)
-        length = torch.tensor([frames], device=self.device)
+    def _state_like(self) -> dict[str, torch.Tensor]:
+        """One slot's state, for the pools' shapes and dtypes: the encoder's empty caches, and the
+        prediction network's state after one eager greedy frame (as a step leaves it)."""
+        encoder = self.model.encoder
+        channel, time_cache, _ = encoder.get_initial_cache_state(batch_size=1, device=self.device)
+        dtype = self.cache_dtype or channel.dtype
         with torch.inference_mode(), self.autocast():
-            kind = _Kind(frames, 0, False, True)
-            encoded, encoded_len, channel, time_cache, cache_len = self._encode(kind, mel, length, self._initial_caches(1))
-            projected = self.model.joint.project_encoder(encoded.transpose(1, 2))
-            _, dec_out, state = self._greedy(projected, encoded_len, *self._start_decoder(1, projected))
-        if self.cache_dtype is not None:
-            channel, time_cache = channel.to(self.cache_dtype), time_cache.to(self.cache_dtype)
-        return {"channel": channel, "time": time_cache, "length": cache_len, "h": state[0], "c": state[1], "dec_out": dec_out}
+            projected = self.model.joint.project_encoder(torch.zeros(1, 1, encoder.d_model, device=self.device))
+            lengths = torch.ones(1, dtype=torch.long, device=self.device)
+            _, dec_out, state = self._greedy(projected, lengths, *self._start_decoder(1, projected))
+        return {
+            "channel": channel.to(dtype),
+            "time": time_cache.to(dtype),
+            "count": torch.zeros(1, dtype=torch.long, device=self.device),
+            "h": state[0],
+            "c": state[1],
+            "dec_out": dec_out,
+        }
 
 
 def new_kind(frames: int, drop: int, keep_all: bool, first: bool) -> _Kind:

@@ -1,8 +1,10 @@
 """The mel frames of one step's batch of streams, from their raw samples.
 
 Every step recomputes its mel frames from the 16 kHz samples around them (see
-``processors.nemotron.engine``), for all streams of a step in one preprocessor call. The samples
-go to the GPU through one reused page-locked buffer, in one asynchronous copy.
+``processors.nemotron.engine``), for all streams of a step (or of one part of a large step) in one
+preprocessor call. The samples go to the GPU through reused page-locked buffers, in one
+asynchronous copy; a few buffers take turns, so the parts of one step can be staged while the
+GPU still steps the parts before.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ class MelBatcher:
     Not thread-safe: the engine calls it under its lock.
     """
 
+    BUFFERS = 3  # staging buffers taking turns (parts of one step in flight at once)
+
     def __init__(self, preprocessor, device: torch.device):
         self._preprocessor = preprocessor
         self.device = device
-        self._staging: torch.Tensor | None = None  # host buffer of the next step's samples
-        self._staged: torch.cuda.Event | None = None  # the last copy out of it
+        self._staging: list[torch.Tensor | None] = [None] * self.BUFFERS  # host buffers of the samples
+        self._staged: list[torch.cuda.Event | None] = [None] * self.BUFFERS  # the last copy out of each
+        self._device: list[torch.Tensor | None] = [None] * self.BUFFERS  # their device copies (CUDA)
+        self._consumed: list[torch.cuda.Event | None] = [None] * self.BUFFERS  # the last read of each device copy
+        self._copies = None  # CUDA stream of the copies: a part's samples go up while the GPU steps the last part
+        self._turn = 0
 
     def __call__(self, jobs: Sequence[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
         """The jobs' mel frames as one [B, features, T] batch (zero-padded) and their lengths.
@@ -36,7 +44,9 @@ class MelBatcher:
         """
         n, width = len(jobs), max(job.samples.size for job in jobs)
         size = n * width + 2 * n  # samples, then each job's sample count and frame count
-        host = self._host_buffer(size).narrow(0, 0, size)
+        turn = self._turn
+        self._turn = (turn + 1) % self.BUFFERS
+        host = self._host_buffer(turn, size).narrow(0, 0, size)
         batch = host.numpy()[: n * width].reshape(n, width)
         if all(job.samples.size == width for job in jobs):
             np.stack([job.samples for job in jobs], out=batch)
@@ -46,15 +56,15 @@ class MelBatcher:
                 row[job.samples.size :] = 0.0
         counts = [job.count for job in jobs]
         host.numpy()[n * width :] = [job.samples.size for job in jobs] + counts  # exact in float32 (< 2**24)
-        staged = host.to(self.device, non_blocking=True)  # pinned on CUDA: one asynchronous copy
-        if self.device.type == "cuda":
-            self._staged = torch.cuda.Event()
-            self._staged.record()
+        staged = self._upload(turn, host)
         signal = staged[: n * width].view(n, width)
         sizes = staged[n * width : n * width + n].long()
         lengths = staged[n * width + n :].long()
         with torch.inference_mode():
             mel, _ = self._preprocessor(input_signal=signal, length=sizes)
+        if self.device.type == "cuda":  # the device copy may be refilled once the preprocessor has read it
+            self._consumed[turn] = torch.cuda.Event()
+            self._consumed[turn].record()
         if all(job.skip == jobs[0].skip and job.count == counts[0] for job in jobs):
             return mel[:, :, jobs[0].skip : jobs[0].skip + counts[0]], lengths  # steady state
         frames = torch.zeros(len(jobs), mel.shape[1], max(counts), dtype=mel.dtype, device=mel.device)
@@ -62,19 +72,40 @@ class MelBatcher:
             frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
         return frames, lengths
 
+    def _upload(self, turn: int, host: torch.Tensor) -> torch.Tensor:
+        """``host`` on the device: one asynchronous copy from page-locked memory, on a stream of
+        its own (the compute stream waits for it, not the other way round)."""
+        if self.device.type != "cuda":
+            return host
+        if self._copies is None:
+            self._copies = torch.cuda.Stream()
+        device = self._device[turn]
+        if device is None or device.numel() < host.numel():
+            device = self._device[turn] = torch.empty(self._staging[turn].numel(), device=self.device)
+            self._consumed[turn] = None
+        if self._consumed[turn] is not None:
+            self._copies.wait_event(self._consumed[turn])
+        with torch.cuda.stream(self._copies):
+            device[: host.numel()].copy_(host, non_blocking=True)
+            self._staged[turn] = torch.cuda.Event()
+            self._staged[turn].record()
+        torch.cuda.current_stream().wait_event(self._staged[turn])
+        return device[: host.numel()]
+
     def reserve(self, streams: int, samples: int) -> None:
-        """Allocate the host buffer for ``streams`` jobs of ``samples`` each now (page-locking
+        """Allocate the host buffers for ``streams`` jobs of ``samples`` each now (page-locking
         tens of MB takes tens of ms: at warm-up, not in the first large step)."""
-        self._host_buffer(streams * samples + 2 * streams)
+        for turn in range(self.BUFFERS):
+            self._host_buffer(turn, streams * samples + 2 * streams)
 
-    def _host_buffer(self, size: int) -> torch.Tensor:
-        """A reusable float32 host buffer of at least ``size`` (page-locked when the model is on a GPU).
-
-        Before it is refilled, the previous copy out of it must be over (``_staged``).
+    def _host_buffer(self, turn: int, size: int) -> torch.Tensor:
+        """Reusable float32 host buffer ``turn``, of at least ``size`` (page-locked when the model
+        is on a GPU). Before it is refilled, the previous copy out of it must be over (``_staged``).
         """
-        if self._staged is not None:
-            self._staged.synchronize()
-        if self._staging is None or self._staging.numel() < size:
+        if self._staged[turn] is not None:
+            self._staged[turn].synchronize()
+        old = self._staging[turn]
+        if old is None or old.numel() < size:
             pinned = self.device.type == "cuda"
-            self._staging = torch.empty(max(size, 2 * (0 if self._staging is None else self._staging.numel())), pin_memory=pinned)
-        return self._staging
+            self._staging[turn] = torch.empty(max(size, 2 * (0 if old is None else old.numel())), pin_memory=pinned)
+        return self._staging[turn]

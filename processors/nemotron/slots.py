@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-__all__ = ["PendingTokens", "SlotLease", "SlotOwner", "SlotPools", "batch_dim"]
+__all__ = ["PendingTokens", "Rows", "SlotLease", "SlotOwner", "SlotPools", "batch_dim"]
 
 
 class SlotOwner(Protocol):
@@ -46,11 +46,12 @@ class SlotLease:
 
 
 class SlotPools:
-    """Per-slot state: encoder caches and the prediction network's state and output."""
+    """Per-slot state: encoder caches (attention rings, convolution windows, frame counts) and the
+    prediction network's state and output (see ``processors.nemotron.encoder_step``)."""
 
     def __init__(self, capacity: int, like: dict[str, torch.Tensor]):
         self.capacity = capacity
-        # like[name] has the batch on dimension 1 (caches, LSTM state) or 0 (lengths, outputs)
+        # like[name] has the batch on dimension 1 (caches, LSTM state) or 0 (counts, outputs)
         self.tensors = {
             name: torch.zeros(with_batch(t, capacity, batch_dim(name)), dtype=t.dtype, device=t.device)
             for name, t in like.items()
@@ -60,7 +61,26 @@ class SlotPools:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()) // self.capacity
 
 
-_BATCH_DIM = {"channel": 1, "time": 1, "length": 0, "h": 1, "c": 1, "dec_out": 0}
+class Rows:
+    """A step's rows of the pools: views of slots ``start ..`` (one aligned run, in order) or, with
+    ``start`` None, gathered and scattered through ``slots`` (padding rows: scratch slot 0)."""
+
+    def __init__(self, slots: torch.Tensor, start: int | None):
+        self.slots, self.start = slots, start
+
+    def read(self, pool: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if self.start is not None:
+            return pool.narrow(dim, self.start, self.slots.numel())
+        return pool.index_select(dim, self.slots)
+
+    def write(self, pool: torch.Tensor, value: torch.Tensor, dim: int = 0) -> None:
+        if self.start is not None:
+            pool.narrow(dim, self.start, value.shape[dim]).copy_(value)
+        else:
+            pool.index_copy_(dim, self.slots, value.to(pool.dtype))
+
+
+_BATCH_DIM = {"channel": 1, "time": 1, "count": 0, "h": 1, "c": 1, "dec_out": 0}
 
 
 def batch_dim(name: str) -> int:

@@ -68,7 +68,7 @@ class StreamState:
     def _rows(self) -> tuple[torch.Tensor, ...]:
         if self.lease is not None:
             rows = self.lease.rows()
-            return rows["channel"], rows["time"], rows["length"], rows["h"], rows["c"], rows["dec_out"]
+            return rows["channel"], rows["time"], rows["count"], rows["h"], rows["c"], rows["dec_out"]
         return () if self.caches is None else self.caches.rows(self.row)
 
     @property
