@@ -183,7 +183,7 @@ _BUILT: dict[str, Path] = {}
 
 def tiny_nemo_once(directory: Path) -> Path:
     """The tiny input-sensitive test model, built once per test session (a few seconds)."""
-    if "tiny" not in _BUILT:
+    if "tiny" not in _BUILT or not _BUILT["tiny"].is_file():  # built in a directory since removed: again
         _BUILT["tiny"] = save_random_nemo(Path(directory) / "tiny_streaming_rnnt.nemo", input_sensitive=True)
     return _BUILT["tiny"]
 
