@@ -82,31 +82,6 @@ class Answer:
     synthesised_s: float  # seconds of audio the TTS produced for it
 
 
-async def settle(call, llm_server, quiet_s: float = 1.0, timeout: float = 60.0) -> None:
-    """Wait until the call is idle for ``quiet_s`` in a row: no caller turn open (a turn stays open
-    until its transcript, or the turn-stop timeout), Annie silent, the half-duplex mute lifted and
-    every LLM request finished."""
-
-    def idle() -> bool:
-        return (
-            not call.status.user_speaking and not call.status.bot_speaking and not call.mute_left_on()
-            and all(r.finished_at is not None or r.disconnected_at is not None for r in llm_server.requests)
-        )
-
-    deadline, quiet_since = time.monotonic() + timeout, None
-    while True:
-        now = time.monotonic()
-        if not idle():
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
-            return
-        if now > deadline:
-            raise AssertionError(f"the call did not settle within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
 async def recorded_past(recorder, t: float, timeout: float = 10.0) -> None:
     """Wait until ``recorder`` holds audio read after monotonic time ``t`` (data, not a sleep)."""
     deadline = time.monotonic() + timeout
@@ -136,7 +111,7 @@ async def ask_until_heard(call, rig, llm_server, voice, keyword: str | tuple[str
     question reached the LLM with ``keyword`` (or one of several) and Annie's answer is audible at
     the earpiece."""
     keywords = (keyword,) if isinstance(keyword, str) else keyword
-    await settle(call, llm_server)
+    await call.wait_idle(llm_server)
     asked = len(llm_server.requests)
     earpiece = rig.record(rig.SPEAKER_MONITOR)
     try:
@@ -339,7 +314,7 @@ async def test_twenty_daemon_restarts_at_random_moments_each_followed_by_an_answ
                 if n > 0:
                     _, earpiece = await answered(n, f"after restart {n}")
                     earpiece.stop()
-                await settle(call, llm_server)
+                await call.wait_idle(llm_server)
                 if moment == "caller":
                     cut = rig.play(voices["doctor"], 16000)
                     await call.wait_until(lambda: cut.started_at > 0, 10, "the caller to start speaking")
