@@ -173,12 +173,22 @@ async def fault_call(
     )
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    started = asyncio.Event()
+
+    async def on_started(_worker, _frame) -> None:
+        started.set()
+
+    call.worker.add_event_handler("on_pipeline_started", on_started)
     runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
     await runner.add_workers(call.worker)
     task = asyncio.create_task(runner.run())
     harness = FaultCall(call, transport, log, tts, status, lines)
     try:
-        await asyncio.sleep(0.3)  # let StartFrame reach every processor
+        # Until StartFrame has reached the end of the pipeline (every processor started), or the
+        # call ended by itself (the check after the test reports that).
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
         yield harness
         assert not task.done(), f"the call ended by itself: {task}"
     finally:

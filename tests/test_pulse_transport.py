@@ -115,6 +115,35 @@ async def played(playback) -> None:
     await asyncio.to_thread(playback.wait, 30)
 
 
+async def recorded_past(recorder, t: float, timeout: float = 10.0) -> None:
+    """Wait until ``recorder`` holds audio read after monotonic time ``t`` (data, not a sleep)."""
+    await wait_for(lambda: (times := recorder.snapshot().block_end_times).size and times[-1] > t, timeout,
+                   f"the recorder to get past {t:.1f}")
+
+
+async def loud_at(recorder, after: float, timeout: float = 10.0) -> float:
+    """Wait for audio louder than LOUD_DBFS recorded after ``after``; returns its read time."""
+    await wait_for(lambda: recorder.snapshot().first_loud_time(LOUD_DBFS, after) is not None, timeout,
+                   "audio at the speaker")
+    return recorder.snapshot().first_loud_time(LOUD_DBFS, after)
+
+
+async def loud_then_quiet(recorder, after: float, quiet_s: float = 0.3, timeout: float = 10.0) -> None:
+    """Wait until audio played after ``after`` has ended: ``quiet_s`` recorded past its last loud block."""
+    await loud_at(recorder, after, timeout)
+
+    def ended() -> bool:
+        rec = recorder.snapshot()
+        return rec.block_end_times[-1] - rec.last_loud_time(LOUD_DBFS, after) >= quiet_s
+
+    await wait_for(ended, timeout, "the audio at the speaker to end")
+
+
+async def captured_past(tap, t: float, timeout: float = 10.0) -> None:
+    """Wait until the pipeline has received audio captured after monotonic time ``t``."""
+    await wait_for(lambda: tap.captured(t), timeout, "capture to catch up")
+
+
 @pytest.fixture(scope="module")
 def rig():
     with PulseRig() as r:
@@ -133,7 +162,7 @@ async def test_capture_delivers_the_callers_voice_in_real_time(rig, caller_speec
         quiet = tap.captured(quiet_start)
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
-        await asyncio.sleep(0.3)
+        await captured_past(tap, playback.finished_at + 0.3)
 
     assert all(f.sample_rate == IN_RATE and f.num_channels == 1 and len(f.audio) == 640 for f in quiet)
     # 20 ms frames at the pace of the clock: about 50 per second, none lost or doubled.
@@ -155,7 +184,7 @@ async def test_playback_reaches_the_speaker_at_the_right_pitch_and_length(rig):
         with rig.record(rig.SPEAKER_MONITOR) as speaker, rig.record("idle.monitor") as elsewhere:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(audio))
-            await asyncio.sleep(2.2)
+            await loud_then_quiet(speaker, queued)
     rec = speaker.recording
     first, last = rec.first_loud_time(LOUD_DBFS, queued), rec.last_loud_time(LOUD_DBFS, queued)
     assert first is not None, "nothing reached the speaker"
@@ -176,11 +205,12 @@ async def test_interruption_silences_the_sink(rig):
     async with running(rig_params(rig)) as (worker, _tap):
         for _ in range(3):
             with rig.record(rig.SPEAKER_MONITOR) as speaker:
+                queued = time.monotonic()
                 await worker.queue_frames(tts_frames(audio))
-                await asyncio.sleep(1.0)
+                await recorded_past(speaker, await loud_at(speaker, queued) + 0.7)  # mid-sentence
                 interrupted = time.monotonic()
                 await worker.queue_frames([InterruptionFrame()])
-                await asyncio.sleep(1.0)
+                await recorded_past(speaker, interrupted + 1.0)
             rec = speaker.recording
             assert rec.first_loud_time(LOUD_DBFS) is not None
             last = rec.last_loud_time(LOUD_DBFS)
@@ -194,7 +224,6 @@ async def test_interruption_silences_the_sink(rig):
 
 async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
     async with running(rig_params(rig)) as (worker, tap):
-        await asyncio.sleep(0.5)
         with rig.record(f"{rig.IDLE}.monitor") as elsewhere:
             rig.unload_echo_cancel()
             outage = time.monotonic()
@@ -216,11 +245,11 @@ async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
         resumed = min(t for t, _ in tap.audio if t > returning)
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
-        await asyncio.sleep(0.3)
+        await captured_past(tap, playback.finished_at + 0.3)
         with rig.record(rig.SPEAKER_MONITOR) as speaker:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
-            await asyncio.sleep(1.4)
+            await loud_at(speaker, queued)
 
     during = tap.captured(outage + 0.1, returning)
     print(f"outage: {len(during)} frames pushed while the source was gone, capture back "
@@ -241,19 +270,20 @@ async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
 
 async def test_server_restart_mid_call(rig, caller_speech):
     async with running(rig_params(rig)) as (worker, tap):
-        await asyncio.sleep(0.5)
-        await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
-        await asyncio.sleep(0.3)
+        with rig.record(rig.SPEAKER_MONITOR) as speaker:
+            queued = time.monotonic()
+            await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
+            await loud_at(speaker, queued)  # the restart comes while Annie speaks
         await asyncio.to_thread(rig.restart_daemon, 0.5)
         back = time.monotonic()
         await wait_for(lambda: tap.captured(back), 10, "capture to resume after the restart")
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
-        await asyncio.sleep(0.3)
+        await captured_past(tap, playback.finished_at + 0.3)
         with rig.record(rig.SPEAKER_MONITOR) as speaker:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
-            await asyncio.sleep(1.5)
+            await loud_at(speaker, queued)
     assert len(tap.loud_frames(playback.started_at)) * 0.02 > 0.4 * playback.duration_s
     assert speaker.recording.first_loud_time(LOUD_DBFS, queued) is not None, "playback did not resume"
     assert not tap.errors
