@@ -35,6 +35,7 @@ from pipecat.frames.frames import (
 from agent.services import build_vad
 from processors.whisper_stt import make_whisper_stt
 from tests.doubles import ToneTTSService
+from tests.recording_waits import LOUD_DBFS, recorded_past
 from tests.test_faults import fault_call, report
 from transports.pulse import PulseAudioParams, PulseAudioTransport
 from transports.rig.pulse import PulseRig, pulseaudio_available
@@ -50,7 +51,6 @@ pytestmark = [
     ),
 ]
 
-LOUD_DBFS = -45.0
 REPLIES = ("It is sunny and warm.", "Once upon a time there was a boat.")
 QUESTIONS = {
     "weather": "What is the weather like today?",
@@ -80,15 +80,6 @@ class Answer:
     heard: float | None  # Annie's first audio at the earpiece
     played_s: float  # seconds of Annie's answer that reached the earpiece
     synthesised_s: float  # seconds of audio the TTS produced for it
-
-
-async def recorded_past(recorder, t: float, timeout: float = 10.0) -> None:
-    """Wait until ``recorder`` holds audio read after monotonic time ``t`` (data, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while not (times := recorder.snapshot().block_end_times).size or times[-1] <= t:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the earpiece recorder delivered nothing past {t:.1f} for {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 TURN_EVENTS = (

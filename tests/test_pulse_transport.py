@@ -22,6 +22,7 @@ from pipecat.workers.runner import WorkerRunner
 from processors.errors import SetupError
 from transports.pulse import PulseAudioParams, PulseAudioTransport
 from transports.rig.pulse import PulseRig, pulseaudio_available
+from tests.recording_waits import LOUD_DBFS, loud_at, loud_then_quiet, recorded_past, wait_for
 from transports.rig.audio import rms_dbfs, synth_speech, tone
 
 pytestmark = pytest.mark.skipif(
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 IN_RATE, OUT_RATE = 16000, 24000
-LOUD_DBFS = -45.0
 
 
 class Tap(FrameProcessor):
@@ -102,41 +102,8 @@ def rig_params(rig: PulseRig, **overrides) -> PulseAudioParams:
     return PulseAudioParams(**values)
 
 
-async def wait_for(predicate, timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic()
-
-
 async def played(playback) -> None:
     await asyncio.to_thread(playback.wait, 30)
-
-
-async def recorded_past(recorder, t: float, timeout: float = 10.0) -> None:
-    """Wait until ``recorder`` holds audio read after monotonic time ``t`` (data, not a sleep)."""
-    await wait_for(lambda: (times := recorder.snapshot().block_end_times).size and times[-1] > t, timeout,
-                   f"the recorder to get past {t:.1f}")
-
-
-async def loud_at(recorder, after: float, timeout: float = 10.0) -> float:
-    """Wait for audio louder than LOUD_DBFS recorded after ``after``; returns its read time."""
-    await wait_for(lambda: recorder.snapshot().first_loud_time(LOUD_DBFS, after) is not None, timeout,
-                   "audio at the speaker")
-    return recorder.snapshot().first_loud_time(LOUD_DBFS, after)
-
-
-async def loud_then_quiet(recorder, after: float, quiet_s: float = 0.3, timeout: float = 10.0) -> None:
-    """Wait until audio played after ``after`` has ended: ``quiet_s`` recorded past its last loud block."""
-    await loud_at(recorder, after, timeout)
-
-    def ended() -> bool:
-        rec = recorder.snapshot()
-        return rec.block_end_times[-1] - rec.last_loud_time(LOUD_DBFS, after) >= quiet_s
-
-    await wait_for(ended, timeout, "the audio at the speaker to end")
 
 
 async def captured_past(tap, t: float, timeout: float = 10.0) -> None:
