@@ -249,7 +249,9 @@ MOMENTS = ["caller"] * 8 + ["annie"] * 8 + ["quiet"] * 4
 # words each, so that Whisper mishearing one word of 20 questions is not a failure; the question
 # cut off by a restart ("When is my doctor coming?") shares none of them.
 CHECKS = (("weather", ("weather", "today")), ("story", ("story", "tell")))
-REPLY = "Yes, I can hear you well, and I am listening."  # 2.3 s of tone
+# Annie's answer: long enough for a restart to fall inside it where that is the plan, short elsewhere.
+LONG_REPLY = "Yes, I can hear you well, and I am listening."  # 2.3 s of tone
+SHORT_REPLY = "Yes."
 
 
 def outage_warnings(call, direction: str) -> list[str]:
@@ -272,7 +274,8 @@ async def test_twenty_daemon_restarts_at_random_moments_each_followed_by_an_answ
     print(f"\nANNIE_RESTART_SEED={seed}")
     rng = random.Random(seed)
     moments = rng.sample(MOMENTS, len(MOMENTS))
-    llm_server.options.reply = lambda _messages: REPLY
+    reply = [SHORT_REPLY]
+    llm_server.options.reply = lambda _messages: reply[0]
     down_s: list[float] = []
     to_capture: list[float] = []
     in_her_speech = 0
@@ -297,9 +300,11 @@ async def test_twenty_daemon_restarts_at_random_moments_each_followed_by_an_answ
             where = f"restart {n + 1} of {RESTARTS}, {moment} (ANNIE_RESTART_SEED={seed})"
             if moment == "annie":
                 # The question before this restart is the check of the one before it.
+                reply[0] = LONG_REPLY
                 _, earpiece = await answered(n, where if n == 0 else f"after restart {n}")
+                reply[0] = SHORT_REPLY
                 earpiece.stop()
-                await asyncio.sleep(rng.uniform(0.0, 0.6) * len(REPLY) * 0.05)  # a random moment of her answer
+                await asyncio.sleep(rng.uniform(0.0, 0.6) * len(LONG_REPLY) * 0.05)  # a random moment of her answer
                 in_her_speech += call.status.bot_speaking
             else:
                 if n > 0:
