@@ -47,3 +47,33 @@ async def test_stereo_and_other_rates_become_mono_at_the_input_rate():
     assert 1400 <= len(samples) <= 1600, "one stream resampler: only its filter delay is held back"
     spectrum = np.abs(np.fft.rfft(samples[-1024:] * np.hanning(1024)))
     assert abs(np.argmax(spectrum) * 16000 / 1024 - 440) < 20
+
+
+def samples_of(frames: list[InputAudioRawFrame]) -> np.ndarray:
+    return np.concatenate([np.frombuffer(f.audio, dtype=np.int16) for f in frames])
+
+
+async def test_the_end_of_a_run_at_another_rate_is_let_out_when_the_input_rate_returns():
+    source = tone(4800, 48000)  # 100 ms at 48 kHz
+    frames = [InputAudioRawFrame(source[i : i + 960].tobytes(), 48000, 1) for i in range(0, 4800, 960)]
+    silence = InputAudioRawFrame(bytes(640), 16000, 1)
+    out = await guarded(*frames, silence)
+    assert out[-1].audio == silence.audio, "the healthy frame passes untouched, after the tail"
+    resampled = samples_of(out[:-1])
+    assert abs(len(resampled) - 1600) <= 2, f"{len(resampled)} samples for 100 ms: the resampler kept some"
+
+
+async def test_a_later_run_at_that_rate_starts_with_no_audio_from_the_earlier_one():
+    loud = [InputAudioRawFrame(tone(960, 48000).tobytes(), 48000, 1) for _ in range(5)]
+    quiet = [InputAudioRawFrame(bytes(1920), 48000, 1) for _ in range(5)]
+    between = InputAudioRawFrame(bytes(640), 16000, 1)
+    out = await guarded(*loud, between, *quiet)
+    later = samples_of(out[[f.id for f in out].index(between.id) + 1 :])
+    assert np.abs(later).max() < 50, "stale audio from the earlier run at 48 kHz"
+
+
+async def test_a_change_between_two_other_rates_keeps_the_first_runs_end():
+    low = [InputAudioRawFrame(tone(160, 8000).tobytes(), 8000, 1) for _ in range(10)]  # 200 ms
+    high = [InputAudioRawFrame(tone(960, 48000).tobytes(), 48000, 1) for _ in range(10)]  # 200 ms
+    out = await guarded(*low, *high, InputAudioRawFrame(bytes(640), 16000, 1))
+    assert abs(len(samples_of(out[:-1])) - 6400) <= 4, "audio lost at the change of rate"

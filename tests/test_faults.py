@@ -105,6 +105,35 @@ class FaultCall(CallHarness):
         await self.wait_until(lambda: not self.status.bot_speaking, timeout, "the speaking state to clear")
         await self.wait_until(lambda: not self.mute_left_on(), 5, "the half-duplex mute to lift")
 
+    async def wait_idle(self, llm_server=None, *, quiet_s: float = 1.0, timeout: float = 60.0) -> None:
+        """Wait until the call has been idle for ``quiet_s`` in a row: no caller turn open (a turn
+        stays open until its transcript, or the turn-stop timeout), Annie not speaking, the
+        half-duplex mute lifted and, given the LLM stand-in, every request to it finished.
+
+        Unlike :meth:`settle`, this also waits for a turn that Annie has not answered yet.
+        """
+
+        def idle() -> bool:
+            return (
+                not self.status.user_speaking and not self.status.bot_speaking and not self.mute_left_on()
+                and (llm_server is None or all(
+                    r.finished_at is not None or r.disconnected_at is not None for r in llm_server.requests
+                ))
+            )
+
+        deadline, quiet_since = time.monotonic() + timeout, None
+        while True:
+            now = time.monotonic()
+            if not idle():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= quiet_s:
+                return
+            if now > deadline:
+                raise AssertionError(f"the call was not idle for {quiet_s} s within {timeout} s")
+            await asyncio.sleep(0.02)
+
     async def assert_next_turn_answered(self, text: str, *, timeout: float = 15.0) -> float:
         """The caller says ``text``; Annie must answer out loud. Returns the answer's latency."""
         await self.settle()
@@ -144,12 +173,22 @@ async def fault_call(
     )
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
+    started = asyncio.Event()
+
+    async def on_started(_worker, _frame) -> None:
+        started.set()
+
+    call.worker.add_event_handler("on_pipeline_started", on_started)
     runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
     await runner.add_workers(call.worker)
     task = asyncio.create_task(runner.run())
     harness = FaultCall(call, transport, log, tts, status, lines)
     try:
-        await asyncio.sleep(0.3)  # let StartFrame reach every processor
+        # Until StartFrame has reached the end of the pipeline (every processor started), or the
+        # call ended by itself (the check after the test reports that).
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
         yield harness
         assert not task.done(), f"the call ended by itself: {task}"
     finally:

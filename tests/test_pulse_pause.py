@@ -20,7 +20,8 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-from tests.test_pulse_transport import IN_RATE, LOUD_DBFS, OUT_RATE, rig_params, tts_frames
+from tests.recording_waits import LOUD_DBFS, loud_at, loud_then_quiet, recorded_past
+from tests.test_pulse_transport import IN_RATE, OUT_RATE, rig_params, tts_frames
 from transports.pulse import PulseAudioTransport
 from transports.rig.pulse import PulseRig, pulseaudio_available
 from transports.rig.audio import rms_dbfs
@@ -81,18 +82,18 @@ async def test_pause_then_resume_loses_and_repeats_nothing(rig):
         with rig.record(rig.SPEAKER_MONITOR, sample_rate=OUT_RATE) as reference:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(audio, chunk_ms=40))
-            await asyncio.sleep(SECONDS + 0.5)
+            await loud_then_quiet(reference, queued)
         expected = loud_seconds(reference.recording.between(queued, float("inf")), OUT_RATE)
         with rig.record(rig.SPEAKER_MONITOR, sample_rate=OUT_RATE) as speaker:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(audio, chunk_ms=40))
-            await asyncio.sleep(1.0)
+            await recorded_past(speaker, await loud_at(speaker, queued) + 0.9)  # a second into it
             paused = time.monotonic()
             await output.pause_playback()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the pause itself
             resumed = time.monotonic()
             await output.resume_playback()
-            await asyncio.sleep(SECONDS)
+            await loud_then_quiet(speaker, resumed)
     rec = speaker.recording
     during_pause = rec.between(paused + 0.03, resumed)
     assert rms_dbfs(during_pause) < -80, "the sink must be silent while paused"
@@ -112,12 +113,13 @@ async def test_interruption_while_paused_drops_the_held_audio(rig):
     audio = chirp(SECONDS, OUT_RATE)
     async with playing(rig) as (worker, output):
         with rig.record(rig.SPEAKER_MONITOR, sample_rate=OUT_RATE) as speaker:
+            queued = time.monotonic()
             await worker.queue_frames(tts_frames(audio, chunk_ms=40))
-            await asyncio.sleep(1.0)
+            await recorded_past(speaker, await loud_at(speaker, queued) + 0.9)  # a second into it
             paused = time.monotonic()
             await output.pause_playback()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # paused a while
             await worker.queue_frames([InterruptionFrame()])
-            await asyncio.sleep(1.5)
+            await recorded_past(speaker, time.monotonic() + 1.5)
     rec = speaker.recording
     assert rms_dbfs(rec.between(paused + 0.03, float("inf"))) < -80, "held audio played after the interruption"

@@ -22,6 +22,7 @@ from pipecat.workers.runner import WorkerRunner
 from processors.errors import SetupError
 from transports.pulse import PulseAudioParams, PulseAudioTransport
 from transports.rig.pulse import PulseRig, pulseaudio_available
+from tests.recording_waits import LOUD_DBFS, loud_at, loud_then_quiet, recorded_past, wait_for
 from transports.rig.audio import rms_dbfs, synth_speech, tone
 
 pytestmark = pytest.mark.skipif(
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 IN_RATE, OUT_RATE = 16000, 24000
-LOUD_DBFS = -45.0
 
 
 class Tap(FrameProcessor):
@@ -102,17 +102,13 @@ def rig_params(rig: PulseRig, **overrides) -> PulseAudioParams:
     return PulseAudioParams(**values)
 
 
-async def wait_for(predicate, timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic()
-
-
 async def played(playback) -> None:
     await asyncio.to_thread(playback.wait, 30)
+
+
+async def captured_past(tap, t: float, timeout: float = 10.0) -> None:
+    """Wait until the pipeline has received audio captured after monotonic time ``t``."""
+    await wait_for(lambda: tap.captured(t), timeout, "capture to catch up")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +129,7 @@ async def test_capture_delivers_the_callers_voice_in_real_time(rig, caller_speec
         quiet = tap.captured(quiet_start)
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
-        await asyncio.sleep(0.3)
+        await captured_past(tap, playback.finished_at + 0.3)
 
     assert all(f.sample_rate == IN_RATE and f.num_channels == 1 and len(f.audio) == 640 for f in quiet)
     # 20 ms frames at the pace of the clock: about 50 per second, none lost or doubled.
@@ -155,7 +151,7 @@ async def test_playback_reaches_the_speaker_at_the_right_pitch_and_length(rig):
         with rig.record(rig.SPEAKER_MONITOR) as speaker, rig.record("idle.monitor") as elsewhere:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(audio))
-            await asyncio.sleep(2.2)
+            await loud_then_quiet(speaker, queued)
     rec = speaker.recording
     first, last = rec.first_loud_time(LOUD_DBFS, queued), rec.last_loud_time(LOUD_DBFS, queued)
     assert first is not None, "nothing reached the speaker"
@@ -176,11 +172,12 @@ async def test_interruption_silences_the_sink(rig):
     async with running(rig_params(rig)) as (worker, _tap):
         for _ in range(3):
             with rig.record(rig.SPEAKER_MONITOR) as speaker:
+                queued = time.monotonic()
                 await worker.queue_frames(tts_frames(audio))
-                await asyncio.sleep(1.0)
+                await recorded_past(speaker, await loud_at(speaker, queued) + 0.7)  # mid-sentence
                 interrupted = time.monotonic()
                 await worker.queue_frames([InterruptionFrame()])
-                await asyncio.sleep(1.0)
+                await recorded_past(speaker, interrupted + 1.0)
             rec = speaker.recording
             assert rec.first_loud_time(LOUD_DBFS) is not None
             last = rec.last_loud_time(LOUD_DBFS)
@@ -194,7 +191,6 @@ async def test_interruption_silences_the_sink(rig):
 
 async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
     async with running(rig_params(rig)) as (worker, tap):
-        await asyncio.sleep(0.5)
         with rig.record(f"{rig.IDLE}.monitor") as elsewhere:
             rig.unload_echo_cancel()
             outage = time.monotonic()
@@ -216,11 +212,11 @@ async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
         resumed = min(t for t, _ in tap.audio if t > returning)
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
-        await asyncio.sleep(0.3)
+        await captured_past(tap, playback.finished_at + 0.3)
         with rig.record(rig.SPEAKER_MONITOR) as speaker:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
-            await asyncio.sleep(1.4)
+            await loud_at(speaker, queued)
 
     during = tap.captured(outage + 0.1, returning)
     print(f"outage: {len(during)} frames pushed while the source was gone, capture back "
@@ -241,19 +237,20 @@ async def test_source_vanishes_and_returns_mid_call(rig, caller_speech):
 
 async def test_server_restart_mid_call(rig, caller_speech):
     async with running(rig_params(rig)) as (worker, tap):
-        await asyncio.sleep(0.5)
-        await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
-        await asyncio.sleep(0.3)
+        with rig.record(rig.SPEAKER_MONITOR) as speaker:
+            queued = time.monotonic()
+            await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
+            await loud_at(speaker, queued)  # the restart comes while Annie speaks
         await asyncio.to_thread(rig.restart_daemon, 0.5)
         back = time.monotonic()
         await wait_for(lambda: tap.captured(back), 10, "capture to resume after the restart")
         playback = rig.play(caller_speech, IN_RATE)
         await played(playback)
-        await asyncio.sleep(0.3)
+        await captured_past(tap, playback.finished_at + 0.3)
         with rig.record(rig.SPEAKER_MONITOR) as speaker:
             queued = time.monotonic()
             await worker.queue_frames(tts_frames(tone(440, 1.0, OUT_RATE, -12)))
-            await asyncio.sleep(1.5)
+            await loud_at(speaker, queued)
     assert len(tap.loud_frames(playback.started_at)) * 0.02 > 0.4 * playback.duration_s
     assert speaker.recording.first_loud_time(LOUD_DBFS, queued) is not None, "playback did not resume"
     assert not tap.errors

@@ -1,14 +1,14 @@
 """Blocking PulseAudio streams pinned to one named device, for the PulseAudio transport.
 
-This is the only module of the transport that talks to libpulse. Two libraries, each for what it
-does well:
+Two libraries, each for what it does well:
 
-- ``pasimple`` (ctypes over ``libpulse-simple``, MIT) carries the audio: blocking
-  ``pa_simple_read``/``pa_simple_write`` with explicit buffer attributes (``tlength``, ``prebuf``,
-  ``fragsize``), and ``pa_simple_flush`` to drop what the server still holds after an
-  interruption. It has no dependencies and no compiled parts.
-- ``pulsectl`` (ctypes over ``libpulse``, the maintained introspection binding) answers what the
-  simple API cannot: does the named device exist, and is our stream still attached to it.
+- :mod:`transports._pulse_stream` (ctypes over libpulse's asynchronous API) carries the audio:
+  blocking reads and writes with explicit buffer attributes (``tlength``, ``prebuf``,
+  ``fragsize``), and a flush to drop what the server still holds after an interruption. Unlike
+  ``pa_simple`` it cannot deadlock when the server dies mid-read, and none of its waits is
+  unbounded (see that module).
+- ``pulsectl`` (ctypes over ``libpulse``, the maintained introspection binding) answers what a
+  stream cannot: does the named device exist, and is our stream still attached to it.
 
 The second question matters because PulseAudio does not drop a stream whose device disappears:
 it moves it to the default device (and back once the device returns, if the stream asked for it
@@ -28,11 +28,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-import pasimple
 import pulsectl
 from loguru import logger
 
 from processors.errors import SetupError
+from transports._pulse_stream import PulseStream, PulseStreamError
 
 DeviceKind = Literal["source", "sink"]
 
@@ -138,7 +138,7 @@ class PinnedStream:
         self._owner = owner
         # A unique media.name lets us find our own stream among the server's streams.
         self._stream_name = f"annie-{spec.kind}-{uuid.uuid4().hex[:8]}"
-        self._stream: pasimple.PaSimple | None = None
+        self._stream: PulseStream | None = None
         self._control: pulsectl.Pulse | None = None
         self._dirty = False
         self._lost_at: float | None = None
@@ -168,7 +168,7 @@ class PinnedStream:
             return False
         try:
             self._stream = self._open_audio()
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:
             self._note_lost(f"opening failed: {e}")
             return False
         if not self._stream_attached():
@@ -217,18 +217,18 @@ class PinnedStream:
 
     # Audio
 
-    def read(self, num_bytes: int) -> bytes | None:
-        """Read one block (blocking, about its duration).
+    def read(self, num_bytes: int, timeout: float) -> bytes | None:
+        """Read one block (blocking, about its duration, at most ``timeout``).
 
         Returns:
-            The audio, or None when the stream was lost during the read (then call
-            :meth:`try_open`).
+            The audio; None when none came within ``timeout`` or the stream was lost (then
+            :attr:`is_open` is False: call :meth:`try_open`).
         """
         if self._stream is None:
             return None
         try:
-            data = self._stream.read(num_bytes)
-        except pasimple.PaSimpleError as e:
+            data = self._stream.read(num_bytes, timeout)
+        except PulseStreamError as e:
             self._lose(f"reading failed ({e})")
             return None
         if not self._still_attached():
@@ -255,7 +255,7 @@ class PinnedStream:
             assert self._stream is not None
         try:
             self._stream.write(data)
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:
             self._lose(f"writing failed ({e})")
             return False
         return True
@@ -266,7 +266,7 @@ class PinnedStream:
             return
         try:
             self._stream.flush()
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:
             self._lose(f"flushing failed ({e})")
 
     def latency_us(self) -> int | None:
@@ -274,8 +274,8 @@ class PinnedStream:
         if self._stream is None:
             return None
         try:
-            return int(self._stream.get_latency())
-        except pasimple.PaSimpleError:
+            return self._stream.latency_us()
+        except PulseStreamError:
             return None
 
     def close(self) -> None:
@@ -285,18 +285,16 @@ class PinnedStream:
 
     # Internals
 
-    def _open_audio(self) -> pasimple.PaSimple:
+    def _open_audio(self) -> PulseStream:
         s = self._spec
-        direction = pasimple.PA_STREAM_RECORD if s.kind == "source" else pasimple.PA_STREAM_PLAYBACK
-        return pasimple.PaSimple(
-            direction,
-            pasimple.PA_SAMPLE_S16LE,
-            s.channels,
-            s.sample_rate,
+        return PulseStream(
+            "record" if s.kind == "source" else "playback",
+            sample_rate=s.sample_rate,
+            channels=s.channels,
+            server=s.server,
+            device=s.device,
             app_name="annie",
             stream_name=self._stream_name,
-            server_name=s.server,
-            device_name=s.device,
             maxlength=s.maxlength,
             tlength=s.tlength,
             prebuf=s.prebuf,

@@ -14,11 +14,15 @@ What it adds for a phone call:
 - **Clear start-up errors.** No server, or no such source or sink, raises
   :class:`~processors.errors.SetupError` naming ``PULSE_SOURCE``/``PULSE_SINK``/``PULSE_SERVER``.
 
-Libraries: ``pasimple`` carries the audio (blocking read/write/flush over ``libpulse-simple``, small,
-no compiled parts, the buffer attributes we need) and ``pulsectl`` (the maintained libpulse
-binding) answers "does this device exist, and is my stream still on it", which the simple API
-cannot; ``pulsectl-asyncio`` would add nothing here because every call already runs off the event
-loop. See :mod:`transports._pulse_io`.
+- **It survives the server.** When PulseAudio (or PipeWire, or the Bluetooth link) restarts, both
+  directions log one warning, retry with a bounded backoff for as long as the call lasts, and
+  reattach; a read or write on the dead connection fails instead of hanging.
+
+Libraries: :mod:`transports._pulse_stream` carries the audio (libpulse's asynchronous API over
+ctypes; ``pa_simple`` deadlocks when the server dies mid-read) and ``pulsectl`` (the maintained
+libpulse binding) answers "does this device exist, and is my stream still on it";
+``pulsectl-asyncio`` would add nothing here because every call already runs off the event loop.
+See :mod:`transports._pulse_io`.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ from transports.playback import PlaybackGate
 # While the source is away, how long the capture thread sleeps between looks (it also wakes on
 # any device event, so reattaching is quicker than this).
 _DETACHED_POLL_S = 0.25
+# The longest the capture thread waits for one block before it looks at the stop flag and the
+# device again (a suspended or silent-by-absence source delivers nothing at all).
+_READ_TIMEOUT_S = 0.5
 
 T = TypeVar("T")
 
@@ -127,9 +134,11 @@ class PulseAudioInputTransport(BaseInputTransport):
                 maxlength=block_bytes * (500 // self._params.audio_in_block_ms),
             )
             self._stream = PinnedStream(spec, str(self))
-            self._stop_capture.clear()
+            # One stop flag per thread: a thread given up on at stop must not run on after a restart.
+            self._stop_capture = threading.Event()
             self._thread = threading.Thread(
-                target=self._capture, args=(self._stream, block_bytes, self.get_event_loop()),
+                target=self._capture,
+                args=(self._stream, block_bytes, self.get_event_loop(), self._stop_capture),
                 name=f"{self}-capture", daemon=True,
             )
             self._thread.start()
@@ -159,20 +168,23 @@ class PulseAudioInputTransport(BaseInputTransport):
         if thread is None:
             return
         self._stop_capture.set()
-        # The thread owns the stream and closes it itself: freeing it here, during a blocking
-        # read, would crash libpulse. One block, or one detached poll, is the most we wait.
+        # The thread owns the stream and closes it itself: freeing it here, during a read, would
+        # crash libpulse. A read, a detached poll or a reconnection attempt is the most we wait
+        # for (each bounded); past that the thread is left to end on its own, with its own flag.
         await asyncio.to_thread(thread.join, 2.0)
         if thread.is_alive():
-            logger.warning(f"{self}: capture thread did not stop within 2 s")
+            logger.warning(f"{self}: capture thread did not stop within 2 s; leaving it to end by itself")
 
-    def _capture(self, stream: PinnedStream, block_bytes: int, loop: asyncio.AbstractEventLoop) -> None:
+    def _capture(
+        self, stream: PinnedStream, block_bytes: int, loop: asyncio.AbstractEventLoop, stop: threading.Event
+    ) -> None:
         """Capture thread: read blocks, hand them over; wait (never spin) while detached."""
         try:
-            while not self._stop_capture.is_set():
+            while not stop.is_set():
                 if not stream.is_open and not stream.try_open():
                     stream.wait_for_change(_DETACHED_POLL_S)
                     continue
-                audio = stream.read(block_bytes)
+                audio = stream.read(block_bytes, _READ_TIMEOUT_S)
                 if audio is None:
                     continue
                 frame = InputAudioRawFrame(

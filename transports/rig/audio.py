@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pasimple
+
+from transports._pulse_stream import PulseStream, PulseStreamError
 
 SILENCE_DBFS = -120.0
 
@@ -79,15 +80,14 @@ class Playback:
 
     def _run(self, server: str, sink: str, data: bytes, sample_rate: int) -> None:
         try:
-            with pasimple.PaSimple(
-                pasimple.PA_STREAM_PLAYBACK, pasimple.PA_SAMPLE_S16LE, 1, sample_rate,
-                app_name="annie-rig", stream_name=f"rig-play-{sink}", server_name=server,
-                device_name=sink,
+            with PulseStream(
+                "playback", sample_rate=sample_rate, channels=1, server=server, device=sink,
+                app_name="annie-rig", stream_name=f"rig-play-{sink}",
             ) as stream:
                 self.started_at = time.monotonic()
                 stream.write(data)
-                stream.drain()
-        except pasimple.PaSimpleError as e:
+                stream.drain(timeout=self.duration_s + 10.0)
+        except PulseStreamError as e:
             self.error = e
         finally:
             self.finished_at = time.monotonic()
@@ -161,12 +161,12 @@ class Recorder:
         self._block = sample_rate * block_ms // 1000
         nbytes = self._block * 2
         try:
-            self._stream = pasimple.PaSimple(
-                pasimple.PA_STREAM_RECORD, pasimple.PA_SAMPLE_S16LE, 1, sample_rate,
-                app_name="annie-rig", stream_name=f"rig-record-{source}", server_name=server,
-                device_name=source, fragsize=nbytes, maxlength=nbytes * 50,
+            self._stream = PulseStream(
+                "record", sample_rate=sample_rate, channels=1, server=server, device=source,
+                app_name="annie-rig", stream_name=f"rig-record-{source}", fragsize=nbytes,
+                maxlength=nbytes * 50,
             )
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:
             raise RuntimeError(f"cannot record {source!r}: {e}") from e
         self._blocks: list[bytes] = []
         self._times: list[float] = []
@@ -179,11 +179,13 @@ class Recorder:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                data = self._stream.read(self._block * 2)
+                data = self._stream.read(self._block * 2, timeout=0.5)
+                if data is None:
+                    continue
                 now = time.monotonic()
                 self._blocks.append(data)  # before its time, so snapshot() never lacks a block
                 self._times.append(now)
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:  # the server went away: the recording ends here
             self.error = e
         finally:
             self._stream.close()

@@ -188,8 +188,16 @@ class PulseRig:
 
     def restart_daemon(self, down_s: float = 0.0) -> None:
         """Simulate a PulseAudio restart: kill the daemon, wait ``down_s``, start a fresh one."""
-        self._stop_daemon()
+        self.kill_daemon()
         time.sleep(down_s)
+        self.start_daemon()
+
+    def kill_daemon(self) -> None:
+        """Stop the daemon (SIGTERM, SIGKILL after 3 s); every client loses its connection."""
+        self._stop_daemon()
+
+    def start_daemon(self) -> None:
+        """Start a fresh daemon with the rig's devices, after :meth:`kill_daemon`."""
         self._start_daemon()
         self._load_modules()
 
