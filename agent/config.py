@@ -28,6 +28,7 @@ DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "agent
 SttBackend = Literal["nemotron", "whisper", "parakeet-http"]
 ChunkMs = Literal[80, 160, 560, 1120]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]
+EchoCanceller = Literal["pulse", "aec3", "off"]
 
 # Chunk size (ms) -> right attention context R of att_context_size=[70, R].
 CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
@@ -90,6 +91,11 @@ class AgentSettings(BaseSettings):
     # Audio (PulseAudio)
     pulse_source: str = Field("echo_cancel_source", min_length=1)
     pulse_sink: str = Field("echo_cancel_sink", min_length=1)
+    # Who removes Annie's echo: pulse = PulseAudio's module-echo-cancel (legacy webrtc on Debian 12;
+    # the agent uses PULSE_SOURCE/PULSE_SINK as they are); aec3 = WebRTC AEC3 in the agent, fed with
+    # exactly what it played (the agent reads the raw line: the master devices under PULSE_SOURCE
+    # and PULSE_SINK when those are module-echo-cancel's); off = the raw line, no canceller.
+    echo_canceller: EchoCanceller = "pulse"
     audio_in_sample_rate: Literal[16000] = 16000
     audio_out_sample_rate: Literal[16000, 22050, 24000, 48000] = 24000
 

@@ -6,8 +6,9 @@ the maintained AEC3 binding in ``livekit`` (``rtc.AudioProcessingModule``; stock
 frames). Two halves, one per thread of the PulseAudio transport:
 
 - :class:`EchoReference`: the playback side. The output's writer thread reports each chunk it
-  wrote and PulseAudio's latency after the write (:meth:`EchoReference.written`), so the chunk
-  lands on a wall-clock timeline at the moment it will be *played*; a flush (interruption, pause)
+  wrote and when the write began (:meth:`EchoReference.written`), so the chunk lands on a
+  wall-clock timeline at the moment it will be *played*: at once on an idle stream, else right
+  after what PulseAudio still holds; a flush (interruption, pause)
   cuts everything not yet played off that timeline (:meth:`EchoReference.flushed`): what was
   dropped was never played, and a resume writes the held audio again as new chunks. Contiguous
   chunks stay sample-contiguous (the timeline re-anchors only across a gap in playback).
@@ -36,9 +37,9 @@ from loguru import logger
 from processors.errors import SetupError
 
 FRAME_MS = 10
-# Chunks whose play times meet within this are one contiguous stream (timing jitter of the
-# latency PulseAudio reports); a larger gap is a pause in playback.
-CONTIGUOUS_TOLERANCE_S = 0.02
+# A chunk written less than this after the end of what was queued before still joins it (the
+# writer's timing jitter); a larger gap means the stream ran dry: a pause in playback.
+CONTIGUOUS_TOLERANCE_S = 0.01
 # Reference kept behind the newest capture position (the capture side reads what played then).
 KEEP_S = 2.0
 # The capture clock re-anchors when arrivals stayed this much later than its anchor for a while
@@ -48,7 +49,7 @@ REANCHOR_WINDOW_BLOCKS = 100
 # The mic's block at time T is cancelled with what played at T - REFERENCE_LAG_S: a chunk's
 # report may come a little after the mic block of its first samples was read (the first chunk of
 # a reply plays at once), and the echo of a phone line comes 100 ms or more after the play anyway.
-REFERENCE_LAG_S = 0.02
+REFERENCE_LAG_S = 0.04
 
 
 class EchoReference:
@@ -69,18 +70,23 @@ class EchoReference:
     def _now_index(self) -> int:
         return int(round(self._clock() * self.rate))
 
-    def written(self, pcm: bytes, sample_rate: int, queued_us: int | None) -> None:
-        """A chunk reached PulseAudio; ``queued_us``: its reported latency right after the write
-        (what is still to play, this chunk included), or None when unknown (then: plays now)."""
+    def written(self, pcm: bytes, sample_rate: int, write_started: float) -> None:
+        """A chunk reached PulseAudio; ``write_started``: the monotonic time its write began.
+
+        A chunk written while PulseAudio still holds earlier audio plays right after it (the
+        timeline stays sample-contiguous). One written to an idle or flushed stream starts playing
+        at once (the stream starts after one chunk), so it is placed at the time of its write.
+        (PulseAudio's reported latency was tried as the anchor instead: it moved the reference by
+        5-10 ms from one reply to the next on the rig, where the write time moved it by 1-4 ms.)
+        """
         samples = np.frombuffer(pcm, dtype=np.int16)
         samples = self._resample(samples, sample_rate)
         if not len(samples):
             return
-        end_s = self._clock() + (queued_us or 0) / 1e6
-        start = int(round(end_s * self.rate)) - len(samples)
+        start = int(round(write_started * self.rate))
         with self._lock:
             if self._end is not None and start < self._end + CONTIGUOUS_TOLERANCE_S * self.rate:
-                start = self._end  # contiguous with what is queued: keep the samples in step
+                start = self._end  # queued behind what was written before: keep the samples in step
             if start < self._consumed:
                 self.late_chunks += 1
                 if not self._warned_late:
@@ -91,9 +97,10 @@ class EchoReference:
             self._segments.append((start, samples))
             self._end = start + len(samples)
 
-    def flushed(self) -> None:
-        """PulseAudio dropped what it had not played yet: cut the timeline at now."""
-        cut = self._now_index()
+    def flushed(self, still_playing_us: int = 0) -> None:
+        """PulseAudio dropped what it had not played yet: cut the timeline at now, plus
+        ``still_playing_us`` (the sink's own latency, which the flush cannot reach)."""
+        cut = self._now_index() + int(still_playing_us * self.rate / 1_000_000)
         with self._lock:
             while self._segments and self._segments[-1][0] >= cut:
                 self._segments.pop()
@@ -164,6 +171,8 @@ class Aec3Canceller:
         self.keep_output = keep_output
         self.output: list[tuple[float, bytes]] = []  # (capture time of the first sample, audio)
         self.fed: list[tuple[float, bytes]] = []  # the reference given to AEC3: (play time, audio)
+        self.mic: list[tuple[float, bytes]] = []  # the mic as it came in (capture time, audio)
+        self.anchors: list[tuple[float, float]] = []  # when the mic's timeline moved, and where to
 
     def __str__(self) -> str:
         return "Aec3Canceller"
@@ -199,6 +208,8 @@ class Aec3Canceller:
         arrival = self._clock() * self.rate - (self._count + n)
         if self._anchor is None or arrival < self._anchor:
             self._anchor = arrival
+            if self.keep_output:
+                self.anchors.append((self._clock(), arrival))
         self._window_min = min(self._window_min, arrival)
         self._window_blocks += 1
         if self._window_blocks >= REANCHOR_WINDOW_BLOCKS:
@@ -217,6 +228,7 @@ class Aec3Canceller:
         fed = self.reference.take(first - self._lag, len(mic))
         if self.keep_output:
             self.fed.append(((first - self._lag) / self.rate, fed.tobytes()))
+            self.mic.append((first / self.rate, mic.tobytes()))
         for i in range(0, len(mic), frame):
             ref = fed[i : i + frame]
             self._apm.process_reverse_stream(rtc.AudioFrame(bytearray(ref.tobytes()), self.rate, 1, frame))
@@ -236,3 +248,30 @@ def make_canceller(kind: str, rate: int = 16000, *, keep_output: bool = False) -
     if kind == "aec3":
         return Aec3Canceller(rate, keep_output=keep_output)
     return None
+
+
+def raw_line_devices(server: str | None, source: str, sink: str) -> tuple[str, str]:
+    """The raw line under a canceller's devices: ``echo_cancel_source`` -> its master source, etc.
+
+    ``module-echo-cancel`` names its masters in ``device.master_device``; a device that is not a
+    filter (already raw) or that the server does not have is returned as it is (the transport's
+    own start-up check then names the setting).
+    """
+    import pulsectl
+
+    from transports._pulse_io import _connect_control
+
+    try:
+        pulse = _connect_control(server, "annie-aec-devices")
+    except (pulsectl.PulseError, pulsectl.PulseDisconnected):
+        return source, sink
+    try:
+        found = []
+        for name, lookup in ((source, pulse.get_source_by_name), (sink, pulse.get_sink_by_name)):
+            try:
+                found.append(lookup(name).proplist.get("device.master_device") or name)
+            except pulsectl.PulseIndexError:
+                found.append(name)
+        return found[0], found[1]
+    finally:
+        pulse.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -317,21 +318,23 @@ class PulseAudioOutputTransport(BaseOutputTransport):
 
     def _write_and_remember(self, data: bytes) -> bool:
         assert self._stream is not None
+        started = time.monotonic()
         written = self._stream.write(data)
         if written:
             self._tail += data
             del self._tail[: max(0, len(self._tail) - self._tail_max)]
-            self._note_written(data)
+            self._note_written(data, started)
         return written
 
     # -- the echo canceller's reference (ECHO_CANCELLER=aec3): what played, and when -------
-    def _note_written(self, data: bytes) -> None:
-        if self._echo_reference is not None and self._stream is not None:
-            self._echo_reference.written(data, self.sample_rate, self._stream.latency_us())
+    def _note_written(self, data: bytes, started: float) -> None:
+        if self._echo_reference is not None:
+            self._echo_reference.written(data, self.sample_rate, started)
 
     def _note_flush(self) -> None:
-        if self._echo_reference is not None:
-            self._echo_reference.flushed()
+        if self._echo_reference is not None and self._stream is not None:
+            # What the sink itself had taken before the flush still plays (its own latency).
+            self._echo_reference.flushed(self._stream.latency_us() or 0)
 
     def _flush_keeping_unplayed(self) -> bytes:
         """Flush PulseAudio; return what it still held (from its latency), newest audio last."""

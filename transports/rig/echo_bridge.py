@@ -26,8 +26,8 @@ from loguru import logger
 from transports.rig.linemodel import EchoPath, LineModel, to_int16
 
 BLOCK_MS = 10
-# Playback buffer of the bridge: enough for a busy 2-core machine to keep it filled.
-PLAY_BUFFER_MS = 40
+# Playback buffer of the bridge: a busy 2-core machine (load 7) starved a 40 ms one every few seconds.
+PLAY_BUFFER_MS = 100
 DRIFT_TOLERANCE_MS = 8.0
 CHECK_EVERY_BLOCKS = 50
 
