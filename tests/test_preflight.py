@@ -218,3 +218,34 @@ async def test_stt_gate_names_a_missing_streaming_model(tmp_path, make_settings)
     settings = make_settings(stt_backend="nemotron", stt_model_path=tmp_path / "absent.nemo")
     result = await run_gate("stt", settings)
     assert result.verdict == "FAIL" and "STT_MODEL_PATH" in result.reason
+
+
+@pytest.fixture
+def on_phone_line(monkeypatch):
+    """A rig whose echo path is a loud 250 ms speakerphone line, module-echo-cancel loaded too."""
+    if _rig_missing:
+        pytest.skip(_rig_missing)
+    from transports.rig.linemodel import LineModel
+
+    line = LineModel("speakerphone", echo_delay_ms=250, echo_return_loss_db=6, band="wideband")
+    with PulseRig(line=line) as rig:
+        for key in ("PULSE_SERVER", "XDG_RUNTIME_DIR", "PULSE_RUNTIME_PATH", "PULSE_STATE_PATH", "HOME"):
+            monkeypatch.setenv(key, rig.env[key])
+        yield rig
+
+
+@needs_rig
+async def test_aec_gate_measures_the_echo_with_each_canceller(on_phone_line, make_settings):
+    """The operator's echo gate on a phone line: the echo's level and delay, and what PulseAudio's
+    canceller, AEC3 and no canceller leave of it; the verdict is the configured canceller's."""
+    pytest.importorskip("livekit", reason="livekit (the AEC3 binding) is not installed")
+    result = await run_gate("aec", make_settings(echo_canceller="aec3"))
+    print(result.line())
+    d = result.details
+    assert d["canceller"] == "aec3" and set(d["attenuation_by_canceller_db"]) == {"pulse", "aec3", "off"}
+    # 250 ms of line, plus the echo-cancel module's own sink latency.
+    assert d["echo_delay_ms"] is not None and 240 <= d["echo_delay_ms"] <= 330
+    att = d["attenuation_by_canceller_db"]
+    assert att["off"] == pytest.approx(6.0, abs=3.0)  # the line's return loss, nothing more
+    assert att["aec3"] >= att["off"] + 20 and result.verdict == "PASS"
+    assert f"aec3 {att['aec3']:.1f}" in result.reason and "ms late" in result.reason

@@ -358,22 +358,25 @@ def rig_unusable_reason() -> str | None:
     return None
 
 
-def open_line(out_rate: int, *, prefer_rig: bool = True, echo_path: bool = False) -> PhoneLine:
+def open_line(out_rate: int, *, prefer_rig: bool = True, echo_path: bool = False, line: LineModel | None = None,
+              canceller: Canceller = "pulse") -> PhoneLine:
     """The rig when it can run here (and ``prefer_rig``), else the simulated line.
 
     ``echo_path`` loops the earpiece back into the mic as a speakerphone would. Off by default:
     on a busy 2-core machine the webrtc canceller leaves enough of Annie's voice for Silero to
-    hear her now and then, and with barge-in on she then interrupts herself.
+    hear her now and then, and with barge-in on she then interrupts herself. ``line`` makes the
+    rig a phone line (its echo, band and levels; the simulated line applies only its band and
+    levels to the caller), cancelled by ``canceller``.
     """
     if not prefer_rig:
-        return SimLine(out_rate, "asked for")
+        return SimLine(out_rate, "asked for", line=line)
     why = rig_unusable_reason()
     if why is None:
         from transports.rig.pulse import RigError
 
         try:
-            return RigLine(out_rate, echo_path=echo_path)
+            return RigLine(out_rate, echo_path=echo_path, line=line, canceller=canceller)
         except RigError as e:
             logger.warning(f"the PulseAudio rig did not start, using the simulated line: {e}")
             why = "the PulseAudio rig did not start; see the log"
-    return SimLine(out_rate, why)
+    return SimLine(out_rate, why, line=line)
