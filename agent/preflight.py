@@ -38,6 +38,7 @@ from agent.config import AgentSettings, ConfigError, load_settings
 
 Verdict = Literal["PASS", "FAIL", "SKIP"]
 MIN_AEC_ATTENUATION_DB = 20.0
+SILENT_SOURCE_DBFS = -110.0
 AEC_ATTEMPTS = 2
 STT_TEST_TEXT = "Hello Annie, please call my daughter tomorrow morning."
 MIN_WORDS_HEARD = 0.6
@@ -217,8 +218,10 @@ async def gate_stt(settings: AgentSettings) -> GateResult:
 def canceller_attenuation(m) -> dict[str, float | None]:
     """How far below the played signal the agent would hear it, per ECHO_CANCELLER (None: not measured)."""
     raw = m.raw_mic_dbfs if m.raw_mic else m.source_dbfs
+    # Digital silence is a source that delivered nothing (one starting late), not a perfect canceller.
+    heard = m.source_dbfs > SILENT_SOURCE_DBFS
     return {
-        "pulse": round(m.played_dbfs - m.source_dbfs, 1) if m.raw_mic else None,
+        "pulse": round(m.played_dbfs - m.source_dbfs, 1) if m.raw_mic and heard else None,
         "aec3": None if m.aec3_dbfs is None else round(m.played_dbfs - m.aec3_dbfs, 1),
         "off": round(m.played_dbfs - raw, 1),
     }
@@ -275,7 +278,10 @@ async def gate_aec(settings: AgentSettings, attempts: int = AEC_ATTEMPTS) -> Gat
         "recommended": better or configured,
     }
     if ours is None:
-        return _fail("aec", f"{summary}; ECHO_CANCELLER=pulse needs PULSE_SOURCE to be module-echo-cancel's source", **details)
+        why = ("ECHO_CANCELLER=pulse needs PULSE_SOURCE to be module-echo-cancel's source" if not m.raw_mic
+               else f"no audio at all from {settings.pulse_source!r}" if configured == "pulse"
+               else f"ECHO_CANCELLER={configured} could not run: {m.aec3_note}")
+        return _fail("aec", f"{summary}; {why}", **details)
     if ours < MIN_AEC_ATTENUATION_DB:
         hint = "" if better else " (is module-echo-cancel loaded?)" if configured == "pulse" else ""
         return _fail("aec", f"{summary}; need {MIN_AEC_ATTENUATION_DB:.0f} dB{hint}", **details)

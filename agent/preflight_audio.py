@@ -115,9 +115,11 @@ def measure_echo(sink: str, source: str, server: str | None = None, sample_rate:
         except (OSError, RuntimeError) as e:
             raise AudioCheckError(f"cannot synthesize the test signal ({e}); install espeak-ng and sox") from e
         signal = _read_wav(wav)
-        # The sink's monitor: what was played, when (the echo's delay is measured from it).
-        devices = {"source": source, "raw": raw_mic or source, "played": f"{sink}.monitor"}
+        devices = {"source": source, "raw": raw_mic or source}
         recorders = {name: _Parec(dev, Path(tmp) / f"{name}.raw", sample_rate, env) for name, dev in devices.items()}
+        # In process, with a time for every block: the sink's monitor (what was played, when) and
+        # the raw mic, for the echo's delay and for AEC3.
+        timed = _timed_recorders(server, {"played": f"{sink}.monitor", "raw": devices["raw"]}, sample_rate)
         try:
             time.sleep(0.3)  # recording before the signal starts
             play_start = time.monotonic()
@@ -130,22 +132,21 @@ def measure_echo(sink: str, source: str, server: str | None = None, sample_rate:
         finally:
             for rec in recorders.values():
                 rec.stop()
+            recordings = {name: rec.stop() for name, rec in timed.items()}
         if played.returncode != 0:
             raise AudioCheckError(f"cannot play into {sink!r}: {played.stderr.strip() or 'paplay failed'}")
         levels = {}
         for name, rec in recorders.items():
-            if rec.failed and name != "played":
+            if rec.failed:
                 raise AudioCheckError(f"cannot record {devices[name]!r}: {rec.error}")
             levels[name] = round(rms_dbfs(rec.window(play_start + CONVERGE_S, play_end)), 1)
-        raw, monitor = recorders["raw"], recorders["played"]
-        raw_track = raw.window(raw.started_at, play_end + SETTLE_S)
-        offset = int((play_start - raw.started_at) * sample_rate)
-        played_track = None if monitor.failed else monitor.window(monitor.started_at, play_end + SETTLE_S)
-        monitor_offset = int((monitor.started_at - raw.started_at) * sample_rate)
+    raw, played = recordings["raw"], recordings.get("played")
+    raw_track = raw.samples
+    offset = int((play_start - raw.start_time()) * sample_rate)
     delay = None
-    if played_track is not None and len(played_track):
-        # Both recorders started together: their start-up delays mostly cancel (about +-10 ms).
-        delay = echo_delay_ms(played_track, raw_track, monitor_offset, sample_rate)
+    if played is not None and played.samples.any():
+        delay = echo_delay_ms(played.samples, raw_track, int((played.start_time() - raw.start_time()) * sample_rate),
+                              sample_rate)
     aec3_dbfs, note = aec3_level(signal, raw_track, offset, sample_rate,
                                  int((AEC3_CONVERGE_S + (delay or 0) / 1000) * sample_rate), len(signal))
     return EchoMeasurement(
@@ -202,6 +203,23 @@ def aec3_level(signal: np.ndarray, raw: np.ndarray, offset: int, rate: int, star
         out[i : i + block] = np.frombuffer(canceller.process(raw[i : i + block].tobytes()), dtype=np.int16)
     window = out[max(0, offset + start) : offset + length]
     return round(rms_dbfs(window), 1), ""
+
+
+def _timed_recorders(server: str | None, devices: dict[str, str], rate: int) -> dict:
+    """Start in-process recorders (``transports.rig.audio.Recorder``); a monitor that cannot be
+    recorded is left out (the delay is then not reported), the raw mic must be."""
+    from transports.rig.audio import Recorder
+
+    started = {}
+    for name, device in devices.items():
+        try:
+            started[name] = Recorder(server, device, rate)
+        except RuntimeError as e:
+            if name == "raw":
+                for rec in started.values():
+                    rec.stop()
+                raise AudioCheckError(f"cannot record {device!r}: {e}") from e
+    return started
 
 
 class _Clock:

@@ -82,12 +82,15 @@ async def test_all_gates_pass_on_a_working_setup(on_rig, llm_server, tts_server,
 
 @needs_rig
 async def test_aec_gate_fails_on_the_raw_mic(on_rig, make_settings):
-    """The raw mic hears the echo path undamped: the gate must fail and say by how much."""
-    settings = make_settings(pulse_source=on_rig.RAW_MIC, pulse_sink=on_rig.SPEAKER)
+    """The raw mic hears the echo path undamped: with no canceller the gate must fail and say by
+    how much, and name the canceller that would do."""
+    settings = make_settings(pulse_source=on_rig.RAW_MIC, pulse_sink=on_rig.SPEAKER, echo_canceller="off")
     result = await run_gate("aec", settings)
     assert result.verdict == "FAIL"
     assert "need 20 dB" in result.reason and result.details["attenuation_db"] < 20
     assert len(result.details["attempts_db"]) == 2  # tried twice before failing
+    if result.details["aec3_dbfs"] is not None:  # the binding is installed: AEC3 is named
+        assert "use ECHO_CANCELLER=aec3" in result.reason
 
 
 @needs_rig

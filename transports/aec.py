@@ -49,7 +49,9 @@ REANCHOR_WINDOW_BLOCKS = 100
 # The mic's block at time T is cancelled with what played at T - REFERENCE_LAG_S: a chunk's
 # report may come a little after the mic block of its first samples was read (the first chunk of
 # a reply plays at once), and the echo of a phone line comes 100 ms or more after the play anyway.
-REFERENCE_LAG_S = 0.04
+REFERENCE_LAG_S = 0.02
+# A reference chunk reported this much after the mic passed its start is worth a warning (once).
+LATE_WARNING_S = 0.02
 
 
 class EchoReference:
@@ -89,7 +91,7 @@ class EchoReference:
                 start = self._end  # queued behind what was written before: keep the samples in step
             if start < self._consumed:
                 self.late_chunks += 1
-                if not self._warned_late:
+                if not self._warned_late and start < self._consumed - LATE_WARNING_S * self.rate:
                     self._warned_late = True
                     behind_ms = (self._consumed - start) * 1000 / self.rate
                     logger.warning(f"echo reference fell behind the mic by {behind_ms:.0f} ms (a busy machine?); "
@@ -154,7 +156,7 @@ class Aec3Canceller:
             from livekit import rtc
         except ImportError as e:
             raise SetupError("Setting ECHO_CANCELLER=aec3 needs the livekit package (WebRTC AEC3), which is not "
-                             "installed: pip install 'annie-phone[aec3]', or set ECHO_CANCELLER=pulse.") from e
+                             "installed: run 'bash start.sh setup' (or pip install livekit), or set ECHO_CANCELLER=pulse.") from e
         self._rtc = rtc
         self.rate = rate
         self._frame = rate * FRAME_MS // 1000
