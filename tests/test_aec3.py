@@ -98,6 +98,27 @@ def test_a_reference_that_arrives_after_the_mic_passed_is_logged_once_not_raised
     assert ref.late_chunks == 3 and len([m for m in messages if "fell behind" in m]) == 1
 
 
+@livekit_missing
+def test_a_mic_that_dropped_audio_is_realigned_and_logged_once():
+    """The capture stream lost 200 ms (a starved reader, a reattach): the canceller's timeline
+    follows, with one warning, and every block still comes back."""
+    from loguru import logger
+
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    clock = Clock(0.0)
+    canceller = Aec3Canceller(16000, clock=clock)
+    try:
+        for i in range(500):
+            clock.t = (i + 1) * 0.02 + (0.2 if i > 150 else 0.0) + (0.2 if i > 350 else 0.0)
+            assert len(canceller.process(np.zeros(320, dtype=np.int16).tobytes())) == 640
+    finally:
+        logger.remove(sink)
+    assert canceller.reanchors == 2 and len([m for m in messages if "re-aligned" in m]) == 1
+    clock.t += 0.02
+    assert canceller._place(320) == int(0.4 * 16000) + 500 * 320  # sample 0 is now 400 ms later
+
+
 # -- start-up ------------------------------------------------------------------------------------
 
 def test_a_missing_binding_stops_start_up_with_one_sentence(monkeypatch):

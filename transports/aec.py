@@ -170,6 +170,7 @@ class Aec3Canceller:
         self._window_blocks = 0
         self._failed = False
         self._warned_odd = False
+        self.reanchors = 0
         self.keep_output = keep_output
         self.output: list[tuple[float, bytes]] = []  # (capture time of the first sample, audio)
         self.fed: list[tuple[float, bytes]] = []  # the reference given to AEC3: (play time, audio)
@@ -216,8 +217,11 @@ class Aec3Canceller:
         self._window_blocks += 1
         if self._window_blocks >= REANCHOR_WINDOW_BLOCKS:
             if self._window_min > self._anchor + REANCHOR_S * self.rate:
-                logger.warning(f"{self}: the mic arrived {(self._window_min - self._anchor) * 1000 / self.rate:.0f} ms "
-                               "later than before (audio dropped or the stream reattached); re-aligned")
+                late_ms = (self._window_min - self._anchor) * 1000 / self.rate
+                self.reanchors += 1
+                log = logger.warning if self.reanchors == 1 else logger.debug  # logged once, counted always
+                log(f"{self}: the mic arrived {late_ms:.0f} ms later than before (audio dropped or the stream "
+                    "reattached); re-aligned with the reference")
                 self._anchor = self._window_min
             self._window_min, self._window_blocks = float("inf"), 0
         first = int(round(self._anchor)) + self._count

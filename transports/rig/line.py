@@ -336,6 +336,8 @@ class RigLine:
         write_wav(paths["caller"], self._caller_track(t0, None), CALLER_RATE)
         for name, recorder in (("annie", self._earpiece), ("agent_heard", self._agent_ear)):
             track, rate = self._track(recorder, t0, None)
+            if name == "agent_heard" and self.transport.echo_canceller is not None:
+                track = self.agent_input(t0, t0 + len(track) / rate)  # after the in-process canceller
             write_wav(paths[name], track, rate)
         return paths
 
