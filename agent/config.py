@@ -29,6 +29,7 @@ DEFAULT_SHADOW_DIR = Path(__file__).resolve().parent.parent / "out" / "shadow"
 SttBackend = Literal["nemotron", "whisper", "parakeet-http"]
 ChunkMs = Literal[80, 160, 560, 1120]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]
+EchoCanceller = Literal["pulse", "aec3", "off"]
 
 # Chunk size (ms) -> right attention context R of att_context_size=[70, R].
 CHUNK_MS_TO_RIGHT_CONTEXT: dict[int, int] = {80: 0, 160: 1, 560: 6, 1120: 13}
@@ -112,6 +113,13 @@ class AgentSettings(BaseSettings):
     # Audio (PulseAudio)
     pulse_source: str = Field("echo_cancel_source", min_length=1)
     pulse_sink: str = Field("echo_cancel_sink", min_length=1)
+    # Who removes Annie's echo: pulse = PulseAudio's module-echo-cancel (legacy webrtc on Debian 12;
+    # the agent uses PULSE_SOURCE/PULSE_SINK as they are); aec3 = WebRTC AEC3 in the agent, fed with
+    # exactly what it played (the agent reads the raw line: the master devices under PULSE_SOURCE
+    # and PULSE_SINK when those are module-echo-cancel's); off = the raw line, no canceller.
+    # aec3 by default: on the bench's phone lines the legacy canceller left Annie pausing on her own
+    # echo 12-88 times a minute, AEC3 0-6 (bench/README.md, issue 19).
+    echo_canceller: EchoCanceller = "aec3"
     audio_in_sample_rate: Literal[16000] = 16000
     audio_out_sample_rate: Literal[16000, 22050, 24000, 48000] = 24000
 

@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --simulate: loop Annie's voice back into the caller's mic, as a speakerphone does",
     )
     parser.add_argument(
+        "--line",
+        metavar="PRESET",
+        help="with --simulate: a phone line preset (handset, speakerphone, network_delay, ...: "
+        "transports/rig/linemodel.py) for the echo and the caller's voice; ECHO_CANCELLER picks the canceller",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"],
         help="override LOG_LEVEL (TRACE also logs transcripts: a family's conversations)",
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.simulate:
             from agent.demo.simulate import run_simulated_call
 
-            return asyncio.run(run_simulated_call(args.out, log_level=args.log_level, echo_path=args.echo_path))
+            return asyncio.run(run_simulated_call(args.out, log_level=args.log_level, echo_path=args.echo_path,
+                                                  line_preset=args.line))
         settings = load_settings()
         configure_logging(args.log_level or settings.log_level)
         asyncio.run(run_until_signalled(lambda stop: run_phone(settings, stop)))

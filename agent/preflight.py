@@ -9,8 +9,10 @@ themselves are wrong. The gates, in order:
 - ``tts``: Chatterbox answers and a cancelled utterance really stops (the TTS smoke test).
 - ``gpu``: enough free GPU memory for the speech model (skipped on CPU).
 - ``stt``: the configured speech model loads and transcribes an espeak-ng test WAV.
-- ``aec``: echo cancellation attenuates a played test signal by at least 20 dB at the source
-  (measured twice when the first try falls short; both values are reported).
+- ``aec``: the box's echo (level against the played test signal, delay) and what each canceller
+  leaves of it (PulseAudio's module at the source, AEC3 on the raw mic, none); the configured
+  ``ECHO_CANCELLER`` must take it at least 20 dB below the played signal, and the line names a
+  better canceller when there is one (measured twice when the first try falls short).
 
 Nothing here needs the agent to be stopped, but ``aec`` plays a test sentence into the line.
 """
@@ -36,6 +38,7 @@ from agent.config import AgentSettings, ConfigError, load_settings
 
 Verdict = Literal["PASS", "FAIL", "SKIP"]
 MIN_AEC_ATTENUATION_DB = 20.0
+SILENT_SOURCE_DBFS = -110.0
 AEC_ATTEMPTS = 2
 STT_TEST_TEXT = "Hello Annie, please call my daughter tomorrow morning."
 MIN_WORDS_HEARD = 0.6
@@ -212,30 +215,76 @@ async def gate_stt(settings: AgentSettings) -> GateResult:
     return _pass("stt", summary, **details)
 
 
+def canceller_attenuation(m) -> dict[str, float | None]:
+    """How far below the played signal the agent would hear it, per ECHO_CANCELLER (None: not measured)."""
+    raw = m.raw_mic_dbfs if m.raw_mic else m.source_dbfs
+    # Digital silence is a source that delivered nothing (one starting late), not a perfect canceller.
+    heard = m.source_dbfs > SILENT_SOURCE_DBFS
+    return {
+        "pulse": round(m.played_dbfs - m.source_dbfs, 1) if m.raw_mic and heard else None,
+        "aec3": None if m.aec3_dbfs is None else round(m.played_dbfs - m.aec3_dbfs, 1),
+        "off": round(m.played_dbfs - raw, 1),
+    }
+
+
+def recommend(attenuation: dict[str, float | None], configured: str) -> str | None:
+    """The canceller to use instead of the configured one (>= 3 dB better), or None."""
+    measured = {k: v for k, v in attenuation.items() if v is not None}
+    best = max(measured, key=measured.get) if measured else None
+    if best is None or best == configured:
+        return None
+    if attenuation.get(configured) is None or measured[best] >= attenuation[configured] + 3.0:
+        return best
+    return None
+
+
 async def gate_aec(settings: AgentSettings, attempts: int = AEC_ATTEMPTS) -> GateResult:
-    """Play a test sentence into the sink, measure it at the source; a second try if the first
-    falls short (a canceller still converging, a moment of CPU starvation), both reported."""
+    """Play a test sentence into the sink, measure the box's echo (level, delay) and what each
+    canceller leaves of it: PulseAudio's (at the configured source), AEC3 (run on the raw mic as
+    the agent would) and none. The verdict is the configured ECHO_CANCELLER's; the reason says
+    which canceller to use when another does better. A second try if the first falls short (a
+    canceller still converging, a moment of CPU starvation), both reported."""
     from agent.preflight_audio import measure_echo
 
-    tries = []
+    configured = settings.echo_canceller
+    tries, attenuations = [], []
     for _ in range(attempts):
         tries.append(await asyncio.to_thread(measure_echo, settings.pulse_sink, settings.pulse_source))
-        if tries[-1].attenuation_db >= MIN_AEC_ATTENUATION_DB:
+        attenuations.append(canceller_attenuation(tries[-1]))
+        if (attenuations[-1][configured] or 0.0) >= MIN_AEC_ATTENUATION_DB:
             break
-    m = max(tries, key=lambda t: t.attenuation_db)
-    erle = f", raw mic {m.raw_mic!r} {m.raw_mic_dbfs:.1f} dBFS (ERLE {m.erle_db:.1f} dB)" if m.raw_mic else ""
-    shown = " / ".join(f"{t.attenuation_db:.1f}" for t in tries)
-    summary = (
-        f"test signal {m.played_dbfs:.1f} dBFS into {settings.pulse_sink!r}, "
-        f"{m.source_dbfs:.1f} dBFS at {settings.pulse_source!r}: {shown} dB down{erle}"
-    )
+    best = max(range(len(tries)), key=lambda i: attenuations[i][configured] or -1e9)
+    m, att = tries[best], attenuations[best]
+    ours = att[configured]
+    echo = (f"echo {att['off']:.1f} dB below the played signal"
+            + (f", {m.echo_delay_ms:.0f} ms late" if m.echo_delay_ms is not None else ", no delay found"))
+    per = ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} -" for k, v in att.items())
+    shown = " / ".join("-" if a[configured] is None else f"{a[configured]:.1f}" for a in attenuations)
+    summary = f"{echo}; left of it (dB down): {per}; ECHO_CANCELLER={configured}: {shown} dB down"
+    better = recommend(att, configured)
+    if better:
+        summary += f"; use ECHO_CANCELLER={better}"
+    erle_base = m.raw_mic_dbfs if m.raw_mic else None
+    erle = {"pulse": None if erle_base is None else round(erle_base - m.source_dbfs, 1),
+            "aec3": None if m.aec3_dbfs is None else round((m.raw_mic_dbfs if m.raw_mic else m.source_dbfs) - m.aec3_dbfs, 1),
+            "off": 0.0}
     details = asdict(m) | {
-        "attenuation_db": m.attenuation_db,
-        "erle_db": m.erle_db,
-        "attempts_db": [t.attenuation_db for t in tries],
+        "attenuation_db": ours,
+        "erle_db": erle[configured],
+        "attempts_db": [a[configured] for a in attenuations],
+        "canceller": configured,
+        "attenuation_by_canceller_db": att,
+        "erle_by_canceller_db": erle,
+        "recommended": better or configured,
     }
-    if m.attenuation_db < MIN_AEC_ATTENUATION_DB:
-        return _fail("aec", f"{summary}; need {MIN_AEC_ATTENUATION_DB:.0f} dB (is module-echo-cancel loaded?)", **details)
+    if ours is None:
+        why = ("ECHO_CANCELLER=pulse needs PULSE_SOURCE to be module-echo-cancel's source" if not m.raw_mic
+               else f"no audio at all from {settings.pulse_source!r}" if configured == "pulse"
+               else f"ECHO_CANCELLER={configured} could not run: {m.aec3_note}")
+        return _fail("aec", f"{summary}; {why}", **details)
+    if ours < MIN_AEC_ATTENUATION_DB:
+        hint = "" if better else " (is module-echo-cancel loaded?)" if configured == "pulse" else ""
+        return _fail("aec", f"{summary}; need {MIN_AEC_ATTENUATION_DB:.0f} dB{hint}", **details)
     return _pass("aec", summary, **details)
 
 

@@ -101,18 +101,27 @@ def build_tts(settings: AgentSettings, base_url: str | None = None) -> FrameProc
     )
 
 
-def build_pulse_transport(settings: AgentSettings) -> BaseTransport:
+def build_pulse_transport(settings: AgentSettings, server: str | None = None) -> BaseTransport:
+    from transports.aec import make_canceller, raw_line_devices
     from transports.pulse import PulseAudioParams, PulseAudioTransport
 
+    # aec3: one sentence naming ECHO_CANCELLER if the binding is missing, before any device is opened.
+    canceller = make_canceller(settings.echo_canceller, settings.audio_in_sample_rate)
+    source, sink = settings.pulse_source, settings.pulse_sink
+    if settings.echo_canceller != "pulse":
+        source, sink = raw_line_devices(server, source, sink)
+        logger.info(f"echo canceller {settings.echo_canceller}: the raw line {source!r} -> {sink!r}")
     transport = PulseAudioTransport(
         PulseAudioParams(
-            source=settings.pulse_source,
-            sink=settings.pulse_sink,
+            server=server,
+            source=source,
+            sink=sink,
             audio_in_enabled=True,
             audio_out_enabled=True,
             audio_in_sample_rate=settings.audio_in_sample_rate,
             audio_out_sample_rate=settings.audio_out_sample_rate,
-        )
+        ),
+        echo_canceller=canceller,
     )
     transport.check_devices()  # a missing source/sink or server: SetupError naming the setting, now
     return transport

@@ -1,6 +1,16 @@
 """Barge-in and turn-taking benchmark: scripted calls through the real pipeline, measured at the ear.
 
-Each *pass* is one call on one line with one barge-in mode:
+Each *pass* is one call on one line with one barge-in mode. By default the bench runs the phone
+line presets (:mod:`transports.rig.linemodel`: ``handset``, ``speakerphone``, ``network_delay``)
+on the rig, each with both echo cancellers side by side, pause first:
+
+- ``<preset>/<canceller>``, e.g. ``handset/aec3``: the rig's echo path and the caller's voice follow
+  the preset's line (echo delay, return loss, HFP band, distortion, level, room); the canceller is
+  ``pulse`` (PulseAudio's webrtc module, legacy on Debian 12), ``aec3`` (WebRTC AEC3 in the agent,
+  fed with what it played) or ``off``. Each pass also reports the canceller's ERLE on echo only
+  and the caller's onset loss under double talk (:mod:`bench.bargein_line`).
+
+The older passes (one 30 ms loopback, the simulated line) remain:
 
 - ``rig-cancel``: the PulseAudio rig (webrtc echo cancellation, an echo path) with the barge-in
   the agent runs with a non-streaming STT (the Whisper fallback): Annie stops at the first sound;
@@ -20,8 +30,9 @@ only), interrupts her, says "mm-hm", coughs, and plays babble, TV and a second v
 SNRs. Afterwards the caller and ear channels are segmented with Silero VAD and scored
 (:mod:`bench.bargein_metrics`).
 
-Usage: ``python -m bench.bargein_bench`` (about 14 minutes on 2 cores); ``--quick`` for a smoke
-run. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
+Usage: ``python -m bench.bargein_bench`` (3 presets x 2 cancellers, each with 5 minutes of
+echo-only speech: about 60 minutes on 2 cores); ``--quick`` for a smoke run (about 2.5 minutes a
+pass); ``--presets``/``--cancellers`` to choose; ``--passes rig-pause,sim-pause`` for the old ones. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
 ``bargein_latency.png`` and ``bargein_snr.png``. The STT is the streaming Nemotron engine when
 ``STT_MODEL_PATH`` names a ``.nemo`` model, else Whisper tiny.en with re-run partials.
 """
@@ -52,12 +63,14 @@ from bench.bargein_metrics import PassAnalysis, summarize
 from agent.demo.frames import FrameTimes
 from bench.bargein_probe import whisper_stt
 from bench.bargein_script import CallerScript, Plan, scripted_reply
+from bench.bargein_line import line_metrics
 from transports.rig.line import RigLine, SimLine, rig_unusable_reason
+from transports.rig.linemodel import DEFAULT_PRESETS, PRESETS, preset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_PASSES = ("rig-cancel", "rig-pause", "sim-pause")
-# sim-cancel: the simulated line's baseline for sim-pause (not in the default run, for time).
-PASSES = (*DEFAULT_PASSES, "sim-cancel")
+LEGACY_PASSES = ("rig-cancel", "rig-pause", "sim-pause", "sim-cancel")
+CANCELLERS = ("pulse", "aec3", "off")
+DEFAULT_CANCELLERS = ("pulse", "aec3")
 FULL_PLANS = {
     "rig-cancel": Plan(questions=3, interruptions=10, backchannels=6, bursts=3, noise_per_snr=1, echo_block_s=60,
                        budget_s=290),
@@ -68,8 +81,14 @@ FULL_PLANS = {
     "sim-cancel": Plan(questions=2, interruptions=10, backchannels=6, bursts=3, noise_per_snr=0, echo_block_s=0,
                        budget_s=150),
 }
+# A phone-line pass (pause first): five minutes of echo only (the target counts false barge-ins per
+# ten minutes of echo), then the caller's events.
+LINE_PLAN = Plan(questions=2, interruptions=10, backchannels=8, bursts=3, noise_per_snr=1, echo_block_s=300,
+                 budget_s=600)
 QUICK_PLAN = Plan(questions=1, interruptions=1, backchannels=1, bursts=1, noise_per_snr=0, snrs=(), echo_block_s=3,
                   budget_s=120)
+# The quick run's phone-line pass: half a minute of echo only, one event of each kind.
+QUICK_LINE_PLAN = dataclasses.replace(QUICK_PLAN, echo_block_s=30, budget_s=150)
 LLM_TIMING = LLMStandInOptions(first_token_delay_s=0.15, token_delay_s=0.02, reply=scripted_reply)
 
 
@@ -144,11 +163,37 @@ def record_pauses(output) -> list[tuple[float, float | None]]:
     return pauses
 
 
+def open_pass_line(name: str, out_rate: int):
+    """The line a pass runs on: ``<preset>/<canceller>``, ``rig-*`` or ``sim-*``."""
+    if "/" in name:
+        preset_name, canceller = name.split("/")
+        return RigLine(out_rate, caller_bus=True, line=preset(preset_name), canceller=canceller)
+    return RigLine(out_rate, caller_bus=True) if name.startswith("rig") else SimLine(out_rate)
+
+
+def pass_names(passes: str | None, presets: str, cancellers: str) -> list[str]:
+    """The passes to run: ``--passes`` as given, else every preset with every canceller."""
+    if passes:
+        return [p.strip() for p in passes.split(",") if p.strip()]
+    return [f"{p.strip()}/{c.strip()}" for p in presets.split(",") if p.strip() for c in cancellers.split(",") if c.strip()]
+
+
+def check_pass(name: str) -> str | None:
+    """Why a pass name is unknown, or None."""
+    if "/" not in name:
+        return None if name in LEGACY_PASSES else f"unknown pass {name}; choose from {', '.join(LEGACY_PASSES)} or PRESET/CANCELLER"
+    preset_name, _, canceller = name.partition("/")
+    if preset_name not in PRESETS:
+        return f"unknown line preset {preset_name}; choose from {', '.join(PRESETS)}"
+    if canceller not in CANCELLERS:
+        return f"unknown canceller {canceller}; choose from {', '.join(CANCELLERS)}"
+    return None
+
+
 async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print, record_dir: Path | None = None) -> dict:
-    line_kind, mode = name.split("-")
-    pause_first = mode == "pause"
+    pause_first = "/" in name or name.endswith("-pause")
     out_rate = 24000
-    line = await asyncio.to_thread(lambda: RigLine(out_rate, caller_bus=True) if line_kind == "rig" else SimLine(out_rate))
+    line = await asyncio.to_thread(open_pass_line, name, out_rate)
     try:
         # The streaming Nemotron engine when a model is configured (STT_MODEL_PATH), else Whisper
         # tiny.en with partials re-run every 300 ms as its stand-in.
@@ -182,7 +227,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
             await asyncio.wait_for(task, 15)
         if decision_log is not None:
             record_dir.mkdir(parents=True, exist_ok=True)
-            decision_log.write(record_dir / f"{name}.jsonl")
+            decision_log.write(record_dir / f"{name.replace('/', '-')}.jsonl")
         caller, output = line.channels(t0, t_end)
         pauses = list(pauses_seen)
         analysis = PassAnalysis(events=script.events, utterances=script.utterances, times=times, caller=caller,
@@ -192,7 +237,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         if os.environ.get("BARGEIN_DUMP"):
             import pickle
 
-            with open(f"{os.environ['BARGEIN_DUMP']}-{name}.pkl", "wb") as f:
+            with open(f"{os.environ['BARGEIN_DUMP']}-{name.replace('/', '-')}.pkl", "wb") as f:
                 pickle.dump({"played": line.played_chunks(), "produced": times.tts_audio, "pauses": pauses,
                              "times": dict(times.by_kind), "t0": t0, "texts": times.transcripts, "caller": caller, "output": output,
                              "events": script.events, "utterances": script.utterances,
@@ -200,7 +245,11 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         records = analysis.records()
         if agent_input is not None:
             offline_vad_latency(records, agent_input, vad.params)
+        model = getattr(line, "line", None)
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
+                "preset": model.name if model else None, "canceller": getattr(line, "canceller", None),
+                "line_model": dataclasses.asdict(model) if model else None,
+                "line_metrics": line_metrics(line, t0, t_end, script.echo_blocks, records) if model else {},
                 "vad_start_ms": round(vad.params.start_secs * 1000), "vad_min_volume": vad.params.min_volume,
                 "vad_confidence": vad.params.confidence, "barge_in_decide_ms": settings.barge_in_decide_ms,
                 "stt": (f"Nemotron streaming ({settings.stt_model_path}, {settings.asr_chunk_ms} ms chunks)" if nemotron else
@@ -222,11 +271,14 @@ async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale:
         backends = await start_backends(stack, tts)
         results["llm"], results["tts"] = backends.llm_label, backends.tts_label
         for i, name in enumerate(passes):
-            if name.startswith("rig") and (why := rig_unusable_reason()):
+            if not name.startswith("sim") and (why := rig_unusable_reason()):
                 results["skipped"][name] = why
                 log(f"{name}: skipped ({why})")
                 continue
-            plan = QUICK_PLAN if quick else FULL_PLANS[name]
+            if quick:
+                plan = QUICK_LINE_PLAN if "/" in name else QUICK_PLAN
+            else:
+                plan = FULL_PLANS.get(name, LINE_PLAN)
             plan = dataclasses.replace(plan, budget_s=plan.budget_s * budget_scale)
             log(f"{name}: running")
             started = time.monotonic()
@@ -241,7 +293,10 @@ async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", default=",".join(DEFAULT_PASSES), help=f"comma-separated, from {', '.join(PASSES)}")
+    parser.add_argument("--passes", default=None,
+                        help=f"comma-separated: PRESET/CANCELLER or the old {', '.join(LEGACY_PASSES)} (default: --presets x --cancellers)")
+    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help=f"line presets, from {', '.join(PRESETS)}")
+    parser.add_argument("--cancellers", default=",".join(DEFAULT_CANCELLERS), help=f"from {', '.join(CANCELLERS)}")
     parser.add_argument("--quick", action="store_true", help="one event of each kind (smoke run)")
     parser.add_argument("--tts", choices=("auto", "piper", "espeak"), default="auto")
     parser.add_argument("--seed", type=int, default=7)
@@ -253,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="write what the barge-in decision saw and did, per pause pass, as DIR/<pass>.jsonl "
                              "(holds the scripted caller's words; replay with agent.bargein.recording)")
     args = parser.parse_args(argv)
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    unknown = [p for p in passes if p not in PASSES]
-    if unknown:
-        parser.error(f"unknown pass {', '.join(unknown)}; choose from {', '.join(PASSES)}")
+    passes = pass_names(args.passes, args.presets, args.cancellers)
+    problems = [why for p in passes if (why := check_pass(p))]
+    if problems:
+        parser.error("; ".join(problems))
     logger.remove()
     logger.add(sys.stderr, level=args.log_level)
     from bench.bargein_report import write_report

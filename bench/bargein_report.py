@@ -58,6 +58,65 @@ def targets(p: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+ANNIE_DBFS = -17.0  # Piper's level at the sink, for the echo-against-caller figure
+
+
+def side_by_side(results: dict) -> list[str]:
+    """One table per line preset: the metrics of issue 19, one column per canceller."""
+    by_preset: dict[str, list[dict]] = {}
+    for p in results["passes"]:
+        if p.get("preset"):
+            by_preset.setdefault(p["preset"], []).append(p)
+    out: list[str] = []
+    for name, passes in by_preset.items():
+        model = passes[0]["line_model"]
+        erl = model["echo_return_loss_db"]
+        vs = None if erl is None else ANNIE_DBFS - erl - model["caller_dbfs"]
+        out += ["", f"### Line `{name}`: echo {model['echo_delay_ms']:.0f} ms, "
+                + ("no echo" if erl is None else f"{erl:g} dB below Annie (about {vs:+.0f} dB against the caller)")
+                + f", {model['band']}, caller {model['caller_dbfs']:g} dBFS, room {model['room']}", "",
+                "| metric | " + " | ".join(p["canceller"] for p in passes) + " |",
+                "|---|" + "---|" * len(passes)]
+        rows: dict[str, list[str]] = {}
+
+        def add(label: str, values: list[str]) -> None:
+            rows[label] = values
+
+        lm = [p.get("line_metrics") or {} for p in passes]
+        add("ERLE on echo only, pooled / median 100 ms block (blocks; raw echo level)",
+            [f"{_f(m.get('erle', {}).get('pooled_db'), '{:.1f}')} / {_f(m.get('erle', {}).get('median_db'), '{:.1f}')} dB "
+             f"({m.get('erle', {}).get('blocks', 0)}; {_f(m.get('erle', {}).get('raw_echo_dbfs'), '{:.0f}')} dBFS)" for m in lm])
+        add("caller's first 300 ms lost under double talk, median / p90 (n)",
+            [f"{_f(m.get('onset_loss', {}).get('median_db'), '{:.1f}')} / {_f(m.get('onset_loss', {}).get('p90_db'), '{:.1f}')} dB "
+             f"({m.get('onset_loss', {}).get('n', 0)})" for m in lm])
+        ss = [p["summary"] for p in passes]
+        add("detect latency median / p95 (n)", [f"{_f(s['detect_latency']['median_ms'])} / {_f(s['detect_latency']['p95_ms'])} ms "
+                                                f"({s['detect_latency']['n']})" for s in ss])
+        add("stop latency median / p95 (n)", [f"{_f(s['stop_latency']['median_ms'])} / {_f(s['stop_latency']['p95_ms'])} ms "
+                                              f"({s['stop_latency']['n']})" for s in ss])
+        add("interruptions that stopped Annie", [_rate(s["barge_in_success"], s["interruptions"]) for s in ss])
+
+        def per_min(s: dict, key: str) -> str:
+            e = s["echo_only"]
+            mins = e["annie_speech_without_caller_s"] / 60
+            return f"{e[key] / mins:.1f}/min ({e[key]} in {mins:.1f} min)" if mins > 0 else "-"
+
+        add("echo only: false pauses", [per_min(s, "false_pauses") for s in ss])
+        add("echo only: false barge-ins", [per_min(s, "false_barge_ins") for s in ss])
+        went_on = []
+        for s in ss:
+            groups = [s["backchannel"], s["burst"], s["noise"]]
+            went_on.append(_rate(sum(g["kept_talking"] for g in groups), sum(g["events"] for g in groups)))
+        add("backchannels, bursts and room noise: Annie went on", went_on)
+        add("interruptions wrongly resumed", [f"{s['wrongly_resumed']} of {s['interruptions']}" for s in ss])
+        out += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows.items()]
+    if out:
+        out = ["## Phone lines, canceller against canceller (pause first)", "",
+               "Goals per preset: stop latency p95 <= 200 ms where the echo is at least 5 dB below the caller; "
+               "0 false barge-ins per 10 min of echo; >= 95 % of backchannels and noise go on; 0 wrongly resumed."] + out
+    return out
+
+
 def markdown(results: dict) -> str:
     out = ["# Barge-in benchmark results", "",
            f"Command: `{results.get('command', 'python -m bench.bargein_bench')}` ({results.get('wall_s', 0):.0f} s wall, "
@@ -66,6 +125,7 @@ def markdown(results: dict) -> str:
            f"- LLM: {results.get('llm')}", f"- TTS: {results.get('tts')}", ""]
     for name, why in results.get("skipped", {}).items():
         out.append(f"- **{name} not run**: {why}")
+    out += side_by_side(results)
     for p in results["passes"]:
         s = p["summary"]
         out += ["", f"## {p['pass']}: {p['line']}", "",

@@ -82,12 +82,15 @@ async def test_all_gates_pass_on_a_working_setup(on_rig, llm_server, tts_server,
 
 @needs_rig
 async def test_aec_gate_fails_on_the_raw_mic(on_rig, make_settings):
-    """The raw mic hears the echo path undamped: the gate must fail and say by how much."""
-    settings = make_settings(pulse_source=on_rig.RAW_MIC, pulse_sink=on_rig.SPEAKER)
+    """The raw mic hears the echo path undamped: with no canceller the gate must fail and say by
+    how much, and name the canceller that would do."""
+    settings = make_settings(pulse_source=on_rig.RAW_MIC, pulse_sink=on_rig.SPEAKER, echo_canceller="off")
     result = await run_gate("aec", settings)
     assert result.verdict == "FAIL"
     assert "need 20 dB" in result.reason and result.details["attenuation_db"] < 20
     assert len(result.details["attempts_db"]) == 2  # tried twice before failing
+    if result.details["aec3_dbfs"] is not None:  # the binding is installed: AEC3 is named
+        assert "use ECHO_CANCELLER=aec3" in result.reason
 
 
 @needs_rig
@@ -218,3 +221,34 @@ async def test_stt_gate_names_a_missing_streaming_model(tmp_path, make_settings)
     settings = make_settings(stt_backend="nemotron", stt_model_path=tmp_path / "absent.nemo")
     result = await run_gate("stt", settings)
     assert result.verdict == "FAIL" and "STT_MODEL_PATH" in result.reason
+
+
+@pytest.fixture
+def on_phone_line(monkeypatch):
+    """A rig whose echo path is a loud 250 ms speakerphone line, module-echo-cancel loaded too."""
+    if _rig_missing:
+        pytest.skip(_rig_missing)
+    from transports.rig.linemodel import LineModel
+
+    line = LineModel("speakerphone", echo_delay_ms=250, echo_return_loss_db=6, band="wideband")
+    with PulseRig(line=line) as rig:
+        for key in ("PULSE_SERVER", "XDG_RUNTIME_DIR", "PULSE_RUNTIME_PATH", "PULSE_STATE_PATH", "HOME"):
+            monkeypatch.setenv(key, rig.env[key])
+        yield rig
+
+
+@needs_rig
+async def test_aec_gate_measures_the_echo_with_each_canceller(on_phone_line, make_settings):
+    """The operator's echo gate on a phone line: the echo's level and delay, and what PulseAudio's
+    canceller, AEC3 and no canceller leave of it; the verdict is the configured canceller's."""
+    pytest.importorskip("livekit", reason="livekit (the AEC3 binding) is not installed")
+    result = await run_gate("aec", make_settings(echo_canceller="aec3"))
+    print(result.line())
+    d = result.details
+    assert d["canceller"] == "aec3" and set(d["attenuation_by_canceller_db"]) == {"pulse", "aec3", "off"}
+    # 250 ms of line, plus the echo-cancel module's own sink latency.
+    assert d["echo_delay_ms"] is not None and 240 <= d["echo_delay_ms"] <= 330
+    att = d["attenuation_by_canceller_db"]
+    assert att["off"] == pytest.approx(6.0, abs=3.0)  # the line's return loss, nothing more
+    assert att["aec3"] >= att["off"] + 20 and result.verdict == "PASS"
+    assert f"aec3 {att['aec3']:.1f}" in result.reason and "ms late" in result.reason

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -52,6 +53,7 @@ from pipecat.utils.utils import obj_id
 from pydantic import Field
 
 from transports._pulse_io import PinnedStream, StreamSpec, check_device
+from transports.aec import Aec3Canceller, EchoReference
 from transports.playback import PlaybackGate
 
 # While the source is away, how long the capture thread sleeps between looks (it also wakes on
@@ -96,14 +98,17 @@ class PulseAudioInputTransport(BaseInputTransport):
 
     _params: PulseAudioParams
 
-    def __init__(self, params: PulseAudioParams, **kwargs: object) -> None:
+    def __init__(self, params: PulseAudioParams, echo_canceller: Aec3Canceller | None = None,
+                 **kwargs: object) -> None:
         """Initialize the input; the device is checked in :meth:`setup`.
 
         Args:
             params: Transport parameters.
+            echo_canceller: In-process canceller applied to every captured block (ECHO_CANCELLER=aec3).
             **kwargs: Passed to :class:`BaseInputTransport`.
         """
         super().__init__(params, **kwargs)
+        self._echo_canceller = echo_canceller
         self._stream: PinnedStream | None = None
         self._thread: threading.Thread | None = None
         self._stop_capture = threading.Event()
@@ -187,6 +192,8 @@ class PulseAudioInputTransport(BaseInputTransport):
                 audio = stream.read(block_bytes, _READ_TIMEOUT_S)
                 if audio is None:
                     continue
+                if self._echo_canceller is not None:  # on this thread: never on the event loop
+                    audio = self._echo_canceller.process(audio)
                 frame = InputAudioRawFrame(
                     audio=audio,
                     sample_rate=self.sample_rate,
@@ -210,14 +217,17 @@ class PulseAudioOutputTransport(BaseOutputTransport):
 
     _params: PulseAudioParams
 
-    def __init__(self, params: PulseAudioParams, **kwargs: object) -> None:
+    def __init__(self, params: PulseAudioParams, echo_reference: EchoReference | None = None,
+                 **kwargs: object) -> None:
         """Initialize the output; the device is checked and opened in :meth:`setup`.
 
         Args:
             params: Transport parameters.
+            echo_reference: Told every chunk written and every flush (the canceller's reference).
             **kwargs: Passed to :class:`BaseOutputTransport`.
         """
         super().__init__(params, **kwargs)
+        self._echo_reference = echo_reference
         self._stream: PinnedStream | None = None
         # Writes and flushes must not overlap (libpulse-simple is not thread-safe) and must stay
         # in order, so one thread does all of them.
@@ -289,8 +299,13 @@ class PulseAudioOutputTransport(BaseOutputTransport):
         dropped too.
         """
         if self._stream is not None:
-            await self._run_blocking(self._stream.flush)
+            await self._run_blocking(self._flush)
             logger.debug(f"{self}: playback flushed")
+
+    def _flush(self) -> None:
+        assert self._stream is not None
+        self._stream.flush()
+        self._note_flush()
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         """Write one chunk; returns once PulseAudio has room for it (this paces playback).
@@ -315,17 +330,30 @@ class PulseAudioOutputTransport(BaseOutputTransport):
 
     def _write_and_remember(self, data: bytes) -> bool:
         assert self._stream is not None
+        started = time.monotonic()
         written = self._stream.write(data)
         if written:
             self._tail += data
             del self._tail[: max(0, len(self._tail) - self._tail_max)]
+            self._note_written(data, started)
         return written
+
+    # -- the echo canceller's reference (ECHO_CANCELLER=aec3): what played, and when -------
+    def _note_written(self, data: bytes, started: float) -> None:
+        if self._echo_reference is not None:
+            self._echo_reference.written(data, self.sample_rate, started)
+
+    def _note_flush(self) -> None:
+        if self._echo_reference is not None and self._stream is not None:
+            # What the sink itself had taken before the flush still plays (its own latency).
+            self._echo_reference.flushed(self._stream.latency_us() or 0)
 
     def _flush_keeping_unplayed(self) -> bytes:
         """Flush PulseAudio; return what it still held (from its latency), newest audio last."""
         assert self._stream is not None
         latency_us = self._stream.latency_us() or 0
         self._stream.flush()
+        self._note_flush()
         frame_bytes = 2 * self._params.audio_out_channels
         unplayed = int(latency_us * self.sample_rate / 1_000_000) * frame_bytes
         unplayed = min(unplayed, len(self._tail))
@@ -366,15 +394,19 @@ class PulseAudioOutputTransport(BaseOutputTransport):
 class PulseAudioTransport(BaseTransport):
     """PulseAudio input and output for one phone call."""
 
-    def __init__(self, params: PulseAudioParams, **kwargs: object) -> None:
+    def __init__(self, params: PulseAudioParams, echo_canceller: Aec3Canceller | None = None,
+                 **kwargs: object) -> None:
         """Initialize the transport; nothing touches PulseAudio until the pipeline sets up.
 
         Args:
             params: Devices, sample rates and buffer sizes.
+            echo_canceller: In-process canceller (ECHO_CANCELLER=aec3): the input cancels with it,
+                the output feeds its reference. None: the source is cancelled already (or not).
             **kwargs: Passed to :class:`BaseTransport`.
         """
         super().__init__(**kwargs)
         self._params = params
+        self.echo_canceller = echo_canceller
         self._input: PulseAudioInputTransport | None = None
         self._output: PulseAudioOutputTransport | None = None
 
@@ -396,13 +428,14 @@ class PulseAudioTransport(BaseTransport):
     def input(self) -> FrameProcessor:
         """The input processor (created once)."""
         if self._input is None:
-            self._input = PulseAudioInputTransport(self._params, name=f"{self}#input")
+            self._input = PulseAudioInputTransport(self._params, self.echo_canceller, name=f"{self}#input")
         return self._input
 
     def output(self) -> FrameProcessor:
         """The output processor (created once)."""
         if self._output is None:
-            self._output = PulseAudioOutputTransport(self._params, name=f"{self}#output")
+            reference = self.echo_canceller.reference if self.echo_canceller is not None else None
+            self._output = PulseAudioOutputTransport(self._params, reference, name=f"{self}#output")
         return self._output
 
 

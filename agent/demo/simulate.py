@@ -218,11 +218,20 @@ def demo_settings(overrides: dict | None = None) -> AgentSettings:
     return load_settings(**stt, **chosen)
 
 
-async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, *, echo_path: bool = False) -> int:
+async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, *, echo_path: bool = False,
+                             line_preset: str | None = None) -> int:
     """Run the scripted call; 0 when every expected behaviour was seen, else 1.
 
-    ``echo_path`` adds the rig's echo from the earpiece into the mic (see :func:`open_line`).
+    ``echo_path`` adds the rig's echo from the earpiece into the mic (see :func:`open_line`);
+    ``line_preset`` makes the rig a phone line (:mod:`transports.rig.linemodel`), cancelled by
+    ``ECHO_CANCELLER``.
     """
+    from transports.rig.linemodel import preset
+
+    try:
+        line_model = preset(line_preset) if line_preset else None
+    except ValueError as e:
+        raise ConfigError(f"--line: {e}.") from e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = demo_settings()
@@ -232,7 +241,8 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             scripted_reply=scripted_reply, log_dir=out,
         )
         settings = demo_settings(backends.overrides)
-        line = await asyncio.to_thread(open_line, settings.audio_out_sample_rate, echo_path=echo_path)
+        line = await asyncio.to_thread(open_line, settings.audio_out_sample_rate, echo_path=echo_path,
+                                       line=line_model, canceller=settings.echo_canceller)
         stack.callback(line.close)
         log = CallLog()
         call = build_call_pipeline(

@@ -55,6 +55,27 @@ def tone(freq_hz: float, seconds: float, sample_rate: int, level_dbfs: float = -
     return (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.int16)
 
 
+def path_delay(reference: Recording, heard: Recording, max_delay_s: float = 0.7) -> tuple[float, float]:
+    """Delay (ms) and gain (dB) from one recording to another of the same sound (cross-correlation).
+
+    Both recordings are placed on their own capture timelines (:meth:`Recording.start_time`), so a
+    recorder's own latency cancels out. The gain is the peak correlation's regression slope.
+    """
+    offset = int(round((heard.start_time() - reference.start_time()) * reference.sample_rate))
+    ref = reference.samples.astype(np.float64)
+    mic = heard.samples.astype(np.float64)
+    n = len(ref) + len(mic)
+    corr = np.fft.irfft(np.fft.rfft(mic, n) * np.conj(np.fft.rfft(ref, n)), n)
+    # corr[k]: mic[i + k] ~ ref[i]; heard sample j is at reference sample j + offset.
+    lags = np.arange(n)
+    lags[lags > n // 2] -= n
+    delay = lags + offset
+    keep = (delay >= 0) & (delay <= max_delay_s * reference.sample_rate)
+    best = int(np.argmax(np.abs(corr) * keep))
+    gain = abs(corr[best]) / max(float(ref @ ref), 1e-9)
+    return 1000.0 * delay[best] / reference.sample_rate, 20.0 * np.log10(max(gain, 1e-9))
+
+
 class Playback:
     """Plays int16 mono audio into a sink on its own thread; ``wait()`` until it has been played."""
 
@@ -127,6 +148,18 @@ class Recording:
             -1, self.block_samples
         )
         return blocks[keep].reshape(-1)
+
+    def start_time(self) -> float:
+        """Best estimate of when the first sample was captured (monotonic seconds).
+
+        Blocks arrive continuously but are read late by a varying amount; the median over all
+        blocks of (read time - samples so far) is robust to that jitter.
+        """
+        n = len(self.block_end_times)
+        if n == 0:
+            return 0.0
+        block_s = self.block_samples / self.sample_rate
+        return float(np.median(self.block_end_times - block_s * np.arange(1, n + 1)))
 
     def block_dbfs(self) -> np.ndarray:
         """Level of each block, in dBFS."""

@@ -15,6 +15,13 @@ int16 16 kHz on one ``time.monotonic()`` timeline) or as WAV files (``write_wavs
 - :class:`SimLine`: :class:`transports.rig.simulated.SimulatedPhoneTransport` (no sound server,
   no echo): the caller channel is exactly what the pipeline was fed, the ear exactly what the
   sink played.
+
+Both take a phone line model (:mod:`transports.rig.linemodel`: a preset such as ``handset``):
+the caller's voice then arrives band-limited and at the line's level, and on the rig Annie's echo
+comes back with the line's delay, loss, band and distortion, over the caller's room. The rig's
+``canceller`` picks who cancels the echo: ``pulse`` (PulseAudio's webrtc module, the agent on the
+cancelled source), ``aec3`` (the agent reads the raw mic and cancels in process,
+:mod:`transports.aec`) or ``off`` (the raw mic, no canceller).
 """
 
 from __future__ import annotations
@@ -22,13 +29,19 @@ from __future__ import annotations
 import importlib.util
 import wave
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import soxr
 from loguru import logger
 
+from transports.aec import make_canceller
+from transports.rig.linemodel import LineModel
+
 CALLER_RATE = 16000
+Canceller = Literal["pulse", "aec3", "off"]
+CANCELLER_LABELS = {"pulse": "PulseAudio webrtc echo canceller", "aec3": "AEC3 in process on the raw mic",
+                    "off": "no echo canceller"}
 BLOCK_S = 0.01
 # A 10 ms block louder than this (int16 RMS, about -40 dBFS) counts as sound.
 LOUD_RMS = 300.0
@@ -118,18 +131,24 @@ class SimLine:
 
     has_echo = False
 
-    def __init__(self, out_rate: int = 24000, why: str = ""):
-        """``why``: the reason the PulseAudio rig is not used, for the label."""
+    def __init__(self, out_rate: int = 24000, why: str = "", line: LineModel | None = None):
+        """``why``: the reason the PulseAudio rig is not used, for the label. ``line``: the caller's
+        voice is band-limited and levelled as that line would (its echo is not simulated)."""
         from transports.rig.simulated import SimulatedPhoneParams, SimulatedPhoneTransport
 
         self.out_rate = out_rate
+        self.line = line
         self.label = "simulated line (no sound server, no echo path)" + (f" ({why})" if why else "")
+        if line is not None:
+            self.label += f", caller through the {line.name} line's {line.band}"
         self.transport = SimulatedPhoneTransport(
             SimulatedPhoneParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=CALLER_RATE,
                                  audio_out_sample_rate=out_rate)
         )
 
     def say(self, pcm16k: np.ndarray) -> float:
+        if self.line is not None:
+            pcm16k = self.line.caller_audio(pcm16k, CALLER_RATE)
         return self.transport.say(pcm16k)
 
     def caller_busy(self) -> bool:
@@ -194,16 +213,29 @@ class RigLine:
     BUS = "callerbus"
 
     def __init__(self, out_rate: int = 24000, *, echo_path: bool = True, echo_latency_ms: int = 30,
-                 caller_bus: bool = False):
+                 caller_bus: bool = False, line: LineModel | None = None, canceller: Canceller = "pulse"):
+        """Start the rig and the transport on it.
+
+        Args:
+            echo_path: Without ``line``: a plain ``module-loopback`` echo of ``echo_latency_ms``.
+            line: A phone line model: the echo path and the caller's voice follow it.
+            canceller: ``pulse``, ``aec3`` or ``off`` (see the module doc).
+        """
         from transports.pulse import PulseAudioParams, PulseAudioTransport
         from transports.rig.pulse import PulseRig
 
         self.out_rate = out_rate
-        self.has_echo = echo_path
-        self.label = "PulseAudio rig (webrtc echo canceller, " + (
-            f"{echo_latency_ms} ms echo path from the earpiece into the mic)" if echo_path else "no echo path)"
-        )
-        self._rig = PulseRig(echo_path=echo_path, echo_latency_ms=echo_latency_ms)
+        self.line = line
+        self.canceller = canceller
+        self.has_echo = line.has_echo if line is not None else echo_path
+        if line is not None:
+            echo = (f"the {line.name} line: echo {line.echo_delay_ms:.0f} ms, {line.echo_return_loss_db} dB down, "
+                    f"{line.band}" if line.has_echo else f"the {line.name} line: no echo")
+        else:
+            echo = f"{echo_latency_ms} ms echo path from the earpiece into the mic" if echo_path else "no echo path"
+        self.label = f"PulseAudio rig ({CANCELLER_LABELS[canceller]}, {echo})"
+        self._rig = PulseRig(echo_path=echo_path, echo_latency_ms=echo_latency_ms, line=line,
+                             echo_cancel=canceller == "pulse")
         self._rig.start()
         self._recorders = []
         self._plays: list[tuple[object, np.ndarray]] = []
@@ -216,14 +248,19 @@ class RigLine:
                                 f"sink={PulseRig.MIC}", "latency_msec=20")
                 self._device = self.BUS
                 self._caller_rec = self._record(f"{self.BUS}.monitor", CALLER_RATE)
+            cancelled = canceller == "pulse"
             self.transport = PulseAudioTransport(
-                PulseAudioParams(server=self._rig.server, source=PulseRig.SOURCE, sink=PulseRig.SINK,
+                PulseAudioParams(server=self._rig.server, source=PulseRig.SOURCE if cancelled else PulseRig.RAW_MIC,
+                                 sink=PulseRig.SINK if cancelled else PulseRig.SPEAKER,
                                  audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=CALLER_RATE,
-                                 audio_out_sample_rate=out_rate)
+                                 audio_out_sample_rate=out_rate),
+                echo_canceller=make_canceller(canceller, CALLER_RATE, keep_output=True),
             )
-            # What the caller hears (the earpiece) and what the agent hears (the cancelled mic).
+            # What the caller hears (the earpiece) and what the agent hears: the cancelled mic, or
+            # (aec3) the raw mic, cancelled in the agent (kept by the transport's canceller).
             self._earpiece = self._record(PulseRig.SPEAKER_MONITOR, out_rate)
-            self._agent_ear = self._record(PulseRig.SOURCE, CALLER_RATE)
+            self._agent_ear = self._record(PulseRig.SOURCE if cancelled else PulseRig.RAW_MIC, CALLER_RATE)
+            self._raw_mic = self._agent_ear if not cancelled else self._record(PulseRig.RAW_MIC, CALLER_RATE)
         except BaseException:
             self.close()
             raise
@@ -234,6 +271,8 @@ class RigLine:
         return recorder
 
     def say(self, pcm16k: np.ndarray) -> float:
+        if self.line is not None:
+            pcm16k = self.line.caller_audio(pcm16k, CALLER_RATE)
         self._plays.append((self._rig.play(pcm16k, CALLER_RATE, device=self._device), pcm16k))
         return len(pcm16k) / CALLER_RATE
 
@@ -279,7 +318,15 @@ class RigLine:
         return self._caller_track(t0, end), soxr.resample(ear, rate, CALLER_RATE).astype(np.int16)
 
     def agent_input(self, t0: float, end: float) -> np.ndarray | None:
+        canceller = self.transport.echo_canceller
+        if canceller is not None:  # what the in-process canceller gave the agent, at its capture times
+            pieces = [(t, np.frombuffer(pcm, dtype=np.int16)) for t, pcm in list(canceller.output)]
+            return timeline(pieces, CALLER_RATE, t0, end)
         return self._track(self._agent_ear, t0, end)[0]
+
+    def raw_mic(self, t0: float, end: float) -> np.ndarray:
+        """The raw mic (echo and caller, before any canceller), where the line records it."""
+        return self._track(self._raw_mic, t0, end)[0]
 
     def played_chunks(self) -> list[tuple[float, bytes]]:
         return []
@@ -289,6 +336,8 @@ class RigLine:
         write_wav(paths["caller"], self._caller_track(t0, None), CALLER_RATE)
         for name, recorder in (("annie", self._earpiece), ("agent_heard", self._agent_ear)):
             track, rate = self._track(recorder, t0, None)
+            if name == "agent_heard" and self.transport.echo_canceller is not None:
+                track = self.agent_input(t0, t0 + len(track) / rate)  # after the in-process canceller
             write_wav(paths[name], track, rate)
         return paths
 
@@ -311,22 +360,25 @@ def rig_unusable_reason() -> str | None:
     return None
 
 
-def open_line(out_rate: int, *, prefer_rig: bool = True, echo_path: bool = False) -> PhoneLine:
+def open_line(out_rate: int, *, prefer_rig: bool = True, echo_path: bool = False, line: LineModel | None = None,
+              canceller: Canceller = "pulse") -> PhoneLine:
     """The rig when it can run here (and ``prefer_rig``), else the simulated line.
 
     ``echo_path`` loops the earpiece back into the mic as a speakerphone would. Off by default:
     on a busy 2-core machine the webrtc canceller leaves enough of Annie's voice for Silero to
-    hear her now and then, and with barge-in on she then interrupts herself.
+    hear her now and then, and with barge-in on she then interrupts herself. ``line`` makes the
+    rig a phone line (its echo, band and levels; the simulated line applies only its band and
+    levels to the caller), cancelled by ``canceller``.
     """
     if not prefer_rig:
-        return SimLine(out_rate, "asked for")
+        return SimLine(out_rate, "asked for", line=line)
     why = rig_unusable_reason()
     if why is None:
         from transports.rig.pulse import RigError
 
         try:
-            return RigLine(out_rate, echo_path=echo_path)
+            return RigLine(out_rate, echo_path=echo_path, line=line, canceller=canceller)
         except RigError as e:
             logger.warning(f"the PulseAudio rig did not start, using the simulated line: {e}")
             why = "the PulseAudio rig did not start; see the log"
-    return SimLine(out_rate, why)
+    return SimLine(out_rate, why, line=line)

@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transports.rig.audio import Playback, Recorder, synth_speech
+from transports.rig.audio import Playback, Recorder, path_delay, synth_speech
+from transports.rig.echo_bridge import EchoBridge
+from transports.rig.linemodel import LineModel
 
 RIG_ROOT = Path(tempfile.gettempdir()) / "annie-pulse-rig"
 START_TIMEOUT_S = 10.0
@@ -129,6 +131,7 @@ class PulseRig:
         echo_path: bool = True,
         echo_latency_ms: int = 30,
         aec_args: str = DEFAULT_AEC_ARGS,
+        line: LineModel | None = None,
     ) -> None:
         """Describe the rig; :meth:`start` (or ``with``) brings it up.
 
@@ -138,6 +141,9 @@ class PulseRig:
             echo_latency_ms: Delay of that echo path.
             aec_args: ``aec_args`` for the webrtc canceller (see :data:`DEFAULT_AEC_ARGS`); ``""``
                 gives webrtc's own defaults.
+            line: A phone line model (:mod:`transports.rig.linemodel`): the echo path becomes an
+                :class:`~transports.rig.echo_bridge.EchoBridge` with the line's delay, band, loss and
+                distortion, plus the caller's room; ``echo_path``/``echo_latency_ms`` are then unused.
         """
         self._echo_cancel = echo_cancel
         self._echo_path = echo_path
@@ -148,6 +154,8 @@ class PulseRig:
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
         self._echo_cancel_module: int | None = None
+        self._line = line
+        self._bridge: EchoBridge | None = None
 
     # Lifecycle
 
@@ -384,6 +392,9 @@ class PulseRig:
         raise RigError(f"pulseaudio did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 
     def _stop_daemon(self) -> None:
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            bridge.stop()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -425,7 +436,9 @@ class PulseRig:
         self.pactl("set-default-source", f"{self.IDLE}.monitor")
         if self._echo_cancel:
             self.load_echo_cancel()
-        if self._echo_path:
+        if self._line is not None:
+            self._start_line(self._line)
+        elif self._echo_path:
             self.pactl(
                 "load-module",
                 "module-loopback",
@@ -437,6 +450,42 @@ class PulseRig:
                 "adjust_time=0",
             )
         self._warm_up(self.SPEAKER_MONITOR, self.RAW_MIC)
+
+    def measure_echo_path(self, seconds: float = 0.5, level_dbfs: float = -20.0) -> tuple[float, float]:
+        """Play a noise burst into :attr:`SPEAKER`; the delay (ms) and gain (dB) to :attr:`RAW_MIC`.
+
+        Measures the rig's echo path as it is (``module-loopback`` or the line's bridge), with
+        nothing else playing.
+        """
+        rng = np.random.default_rng(5)
+        noise = (rng.standard_normal(int(seconds * 16000)) * 32768 * 10 ** (level_dbfs / 20)).astype(np.int16)
+        wait = (self._line.echo_delay_ms if self._line else self._echo_latency_ms) / 1000 + 0.3
+        with self.record(self.SPEAKER_MONITOR) as earpiece, self.record(self.RAW_MIC) as mic:
+            time.sleep(0.1)
+            self.play(noise, 16000, device=self.SPEAKER).wait(10)
+            time.sleep(wait)
+        return path_delay(earpiece.recording, mic.recording)
+
+    def _start_line(self, line: LineModel) -> None:
+        room = line.room_audio(60.0, np.random.default_rng(19)) if line.room != "quiet" else None
+        self._bridge = EchoBridge(self.server, self.SPEAKER_MONITOR, self.MIC, line, room=room)
+        try:
+            self._bridge.start()
+            self._bridge.settle()
+            if line.has_echo:
+                self._warm_up(self.SPEAKER_MONITOR, self.RAW_MIC)
+                self._bridge.room_on = False  # the burst alone on the line while measuring
+                delay_ms, _ = self.measure_echo_path()
+                self._bridge.calibrate(delay_ms)
+                self._bridge.wait_calibrated()
+                self._bridge.room_on = True
+        except RuntimeError as e:
+            raise RigError(f"{e}:\n{self.log_tail()}") from e
+
+    @property
+    def line(self) -> LineModel | None:
+        """The phone line model the echo path follows, if any."""
+        return self._line
 
 
 __all__ = [
