@@ -10,6 +10,7 @@ start-up sentence naming the setting.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ STORY = ("Once upon a time, a little boat sailed out to sea on a bright summer m
 LINE = LineModel("test", echo_delay_ms=200, echo_return_loss_db=6, band="narrowband", clip_dbfs=-12.0)
 
 livekit_missing = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("livekit") is None, reason="livekit (the AEC3 binding) is not installed"
+    importlib.util.find_spec("livekit") is None, reason="livekit (the AEC3 binding) is not installed"
 )
 needs_pulse = pytest.mark.skipif(not pulseaudio_available(), reason="pulseaudio/pactl not installed")
 
@@ -82,7 +83,7 @@ def test_a_flush_cuts_what_was_never_played():
     assert not ref.take(now + 320, later - now - 320).any() and (ref.take(later, 320) == 9).all()
 
 
-def test_a_reference_that_arrives_after_the_mic_passed_is_logged_once_not_raised(caplog):
+def test_a_reference_that_arrives_after_the_mic_passed_is_logged_once_not_raised():
     from loguru import logger
 
     messages: list[str] = []
