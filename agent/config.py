@@ -118,7 +118,7 @@ class AgentSettings(BaseSettings):
     # exactly what it played (the agent reads the raw line: the master devices under PULSE_SOURCE
     # and PULSE_SINK when those are module-echo-cancel's); off = the raw line, no canceller.
     # aec3 by default: on the bench's phone lines the legacy canceller left Annie pausing on her own
-    # echo 12-88 times a minute, AEC3 0-6 (bench/README.md, issue 19).
+    # echo 9-75 times a minute, AEC3 0-7 (bench/README.md, issue 19).
     echo_canceller: EchoCanceller = "aec3"
     audio_in_sample_rate: Literal[16000] = 16000
     audio_out_sample_rate: Literal[16000, 22050, 24000, 48000] = 24000

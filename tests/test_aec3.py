@@ -10,6 +10,7 @@ start-up sentence naming the setting.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ STORY = ("Once upon a time, a little boat sailed out to sea on a bright summer m
 LINE = LineModel("test", echo_delay_ms=200, echo_return_loss_db=6, band="narrowband", clip_dbfs=-12.0)
 
 livekit_missing = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("livekit") is None, reason="livekit (the AEC3 binding) is not installed"
+    importlib.util.find_spec("livekit") is None, reason="livekit (the AEC3 binding) is not installed"
 )
 needs_pulse = pytest.mark.skipif(not pulseaudio_available(), reason="pulseaudio/pactl not installed")
 
@@ -82,7 +83,7 @@ def test_a_flush_cuts_what_was_never_played():
     assert not ref.take(now + 320, later - now - 320).any() and (ref.take(later, 320) == 9).all()
 
 
-def test_a_reference_that_arrives_after_the_mic_passed_is_logged_once_not_raised(caplog):
+def test_a_reference_that_arrives_after_the_mic_passed_is_logged_once_not_raised():
     from loguru import logger
 
     messages: list[str] = []
@@ -288,3 +289,55 @@ async def test_pause_resume_and_flush_keep_the_reference_in_step(line_rig):
         loud = echo > echo.max() - 20
         assert gain[loud].min() >= 6.0, f"an echo burst after the {what}"
         assert np.median(gain[loud]) >= 20.0, f"echo let through after the {what}"
+
+
+# -- a line without echo ------------------------------------------------------------------------
+
+def _story_and_caller() -> tuple[np.ndarray, np.ndarray]:
+    far = synth_speech(STORY, IN_RATE).astype(np.float64)
+    far *= 10 ** (-17 / 20) * 32768 / np.sqrt(np.mean(far[np.abs(far) > 30] ** 2))
+    caller = synth_speech("Please tell me a long story about a sailor and the sea. Wait, stop please, what "
+                          "time is it? Hold on, I need to ask you something else.", IN_RATE, voice="en-gb")
+    n = min(len(far), len(caller), 14 * IN_RATE)
+    return far[:n].astype(np.int16), (caller[:n] * 0.7).astype(np.int16)
+
+
+def _run_offline(canceller: Aec3Canceller, clock: Clock, far: np.ndarray, mic: np.ndarray) -> np.ndarray:
+    canceller.reference.written(far.tobytes(), IN_RATE, 0.0)
+    out = []
+    for i in range(0, len(mic) - 319, 320):
+        clock.t = (i + 320) / IN_RATE
+        out.append(np.frombuffer(canceller.process(mic[i : i + 320].tobytes()), dtype=np.int16))
+    return np.concatenate(out)
+
+
+@livekit_missing
+def test_on_a_line_without_echo_the_caller_passes_once_that_is_clear():
+    """Nothing comes back, the caller talks over Annie: AEC3 alone would take 9-31 dB off them;
+    after three 2 s windows of Annie's speech without an echo the mic passes through whole."""
+    far, caller = _story_and_caller()
+    clock = Clock(0.0)
+    canceller = Aec3Canceller(IN_RATE, clock=clock)
+    out = _run_offline(canceller, clock, far, caller)
+    assert canceller.presence.echo_free
+    late = slice(8 * IN_RATE, len(out))  # past the three windows
+    assert np.array_equal(out[late], caller[late])
+
+
+@livekit_missing
+def test_a_line_with_a_faint_echo_stays_cancelled():
+    """A handset's echo (200 ms, 45 dB down, narrowband: about -62 dBFS) over a -75 dBFS noise
+    floor: found, and cancelled down to the floor rather than passed through."""
+    from transports.rig.linemodel import EchoPath
+
+    far, _ = _story_and_caller()
+    echo = EchoPath(LineModel("t", echo_delay_ms=200, echo_return_loss_db=45)).process(far / 32768.0) * 32768
+    noise = np.random.default_rng(1).standard_normal(len(far)) * 10 ** (-75 / 20) * 32768
+    mic = np.clip(echo + noise, -32768, 32767).astype(np.int16)
+    clock = Clock(0.0)
+    canceller = Aec3Canceller(IN_RATE, clock=clock)
+    out = _run_offline(canceller, clock, far, mic)
+    assert not canceller.presence.echo_free
+    late = slice(6 * IN_RATE, len(out))
+    print(f"faint echo {level_db(echo[late]):.1f}, floor {level_db(noise[late]):.1f}, out {level_db(out[late]):.1f} dB")
+    assert level_db(out[late]) <= level_db(noise[late]) + 1.0  # the echo is gone, not passed through

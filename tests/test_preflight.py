@@ -252,3 +252,16 @@ async def test_aec_gate_measures_the_echo_with_each_canceller(on_phone_line, mak
     assert att["off"] == pytest.approx(6.0, abs=3.0)  # the line's return loss, nothing more
     assert att["aec3"] >= att["off"] + 20 and result.verdict == "PASS"
     assert f"aec3 {att['aec3']:.1f}" in result.reason and "ms late" in result.reason
+
+
+@needs_rig
+async def test_aec_gate_advises_no_canceller_on_a_line_without_echo(monkeypatch, make_settings):
+    """Nothing comes back: AEC3 would only cut into the caller's double talk, so the gate says off."""
+    pytest.importorskip("livekit", reason="livekit (the AEC3 binding) is not installed")
+    with PulseRig(echo_path=False) as rig:
+        for key in ("PULSE_SERVER", "XDG_RUNTIME_DIR", "PULSE_RUNTIME_PATH", "PULSE_STATE_PATH", "HOME"):
+            monkeypatch.setenv(key, rig.env[key])
+        result = await run_gate("aec", make_settings(echo_canceller="aec3"))
+    print(result.line())
+    assert result.details["echo_delay_ms"] is None and result.details["recommended"] == "off"
+    assert "no echo on this line: use ECHO_CANCELLER=off" in result.reason

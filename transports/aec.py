@@ -21,6 +21,11 @@ The rest of the echo's delay (the phone network's round trip, 150-400 ms) is AEC
 delay estimator covers about half a second and needs no hint (a probe found 26-30 dB after 2 s
 for echo at 30, 200 and 400 ms with a hint of 0 or of the true delay alike).
 
+A line that brings no echo back at all is AEC3's worst case (it keeps suppressing the caller
+whenever Annie speaks): :class:`~transports.echo_presence.EchoPresence` notices it after three
+2 s windows of Annie's speech without an echo, and the mic then passes through until an echo
+shows up again.
+
 A reference that falls behind (a chunk reported after the mic already passed its time) or a
 failing AEC3 call is logged once; the call goes on, with the mic passed through if need be.
 """
@@ -35,6 +40,7 @@ import numpy as np
 from loguru import logger
 
 from processors.errors import SetupError
+from transports.echo_presence import ABSENT_WINDOWS, WINDOW_S, EchoPresence
 
 FRAME_MS = 10
 # A chunk written less than this after the end of what was queued before still joins it (the
@@ -171,6 +177,7 @@ class Aec3Canceller:
         self._failed = False
         self._warned_odd = False
         self.reanchors = 0
+        self.presence = EchoPresence(rate)
         self.keep_output = keep_output
         self.output: list[tuple[float, bytes]] = []  # (capture time of the first sample, audio)
         self.fed: list[tuple[float, bytes]] = []  # the reference given to AEC3: (play time, audio)
@@ -232,6 +239,7 @@ class Aec3Canceller:
         rtc, frame = self._rtc, self._frame
         out = np.empty_like(mic)
         fed = self.reference.take(first - self._lag, len(mic))
+        self._note_presence(fed, mic)
         if self.keep_output:
             self.fed.append(((first - self._lag) / self.rate, fed.tobytes()))
             self.mic.append((first / self.rate, mic.tobytes()))
@@ -242,7 +250,19 @@ class Aec3Canceller:
             near = rtc.AudioFrame(bytearray(mic[i : i + frame].tobytes()), self.rate, 1, frame)
             self._apm.process_stream(near)
             out[i : i + frame] = np.frombuffer(near.data, dtype=np.int16)
-        return out
+        # AEC3 keeps running (and learning) either way; on a line without echo its output would
+        # only be the caller, suppressed whenever Annie speaks.
+        return mic.copy() if self.presence.echo_free else out
+
+    def _note_presence(self, fed: np.ndarray, mic: np.ndarray) -> None:
+        was_free = self.presence.echo_free
+        if self.presence.add(fed, mic) is None or was_free == self.presence.echo_free:
+            return
+        if self.presence.echo_free:
+            logger.info(f"{self}: no echo of Annie on this line for {ABSENT_WINDOWS * WINDOW_S:.0f} s of her speech; "
+                        "the mic passes through uncancelled until one shows up")
+        else:
+            logger.info(f"{self}: Annie's echo is back on the line; cancelling again")
 
 
 def make_canceller(kind: str, rate: int = 16000, *, keep_output: bool = False) -> Aec3Canceller | None:

@@ -241,8 +241,13 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             scripted_reply=scripted_reply, log_dir=out,
         )
         settings = demo_settings(backends.overrides)
+        # A rig without an echo path has no echo to cancel, and AEC3 on an echo-free line takes
+        # 9-31 dB off the caller whenever Annie speaks (it cannot learn that nothing comes back):
+        # there the demo listens to the raw mic, as the preflight gate would advise.
+        has_echo = echo_path or (line_model is not None and line_model.has_echo)
+        canceller = settings.echo_canceller if has_echo else "off"
         line = await asyncio.to_thread(open_line, settings.audio_out_sample_rate, echo_path=echo_path,
-                                       line=line_model, canceller=settings.echo_canceller)
+                                       line=line_model, canceller=canceller)
         stack.callback(line.close)
         log = CallLog()
         call = build_call_pipeline(
