@@ -98,6 +98,13 @@ def test_settings_out_of_range_are_refused_with_the_field_named():
     assert set(DEFAULT_PRESETS) <= set(PRESETS) and {"handset", "speakerphone", "network_delay"} <= set(PRESETS)
 
 
+def onset(rec, threshold: float) -> float | None:
+    """When the first sample above ``threshold`` (full scale 1) was captured: sample-accurate, on
+    the recording's own timeline (not the time its block happened to be read)."""
+    loud = np.flatnonzero(np.abs(rec.samples) > threshold * 32768)
+    return None if not loud.size else rec.start_time() + loud[0] / rec.sample_rate
+
+
 @pytest.mark.skipif(not pulseaudio_available(), reason="pulseaudio/pactl not installed (apt-get install pulseaudio pulseaudio-utils)")
 def test_the_rigs_echo_follows_the_line_on_tones():
     """On a real PulseAudio daemon: a tone played to the earpiece reaches the raw mic after the
@@ -110,11 +117,11 @@ def test_the_rigs_echo_follows_the_line_on_tones():
                 time.sleep(0.1)
                 rig.play(tone(freq, 0.4, RATE, level_dbfs=-20.0), RATE, device=rig.SPEAKER).wait(5)
                 time.sleep(0.6)
-            ear_on = ear.recording.first_loud_time(-40.0)
-            mic_on = mic.recording.first_loud_time(-70.0)
-            found[freq] = (ear_on, mic_on, mic.recording.block_dbfs().max())
+            found[freq] = (onset(ear.recording, 0.01), onset(mic.recording, 10 ** (-70 / 20)),
+                           mic.recording.block_dbfs().max())
         ear_on, mic_on, mic_db = found[1000]
         assert mic_on is not None and ear_on is not None
+        print(f"rig line: echo after {(mic_on - ear_on) * 1000:.1f} ms (line 250), {mic_db:.1f} dBFS (line -43)")
         assert (mic_on - ear_on) * 1000 == pytest.approx(250, abs=30)
         assert mic_db == pytest.approx(-20.0 - 3.0 - 20.0, abs=2.0)  # a sine's RMS is 3 dB below its peak
         assert found[5000][2] < mic_db - 20

@@ -54,6 +54,7 @@ class EchoBridge:
         self.corrections = 0  # drift corrections so far
         self._baseline: int | None = None  # least (wall clock - samples written), samples
         self._shift = 0  # samples to add to (or, negative, drop from) the delay line, set by calibrate
+        self._suspect: int | None = None  # a lag seen at the last check, not yet taken back
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -133,13 +134,23 @@ class EchoBridge:
             self._apply_shift(shift)
         if self._baseline is None or lag_min < self._baseline:
             self._baseline = int(lag_min)
+            self._suspect = None
             return
         drift = int(lag_min) - self._baseline
-        if drift > DRIFT_TOLERANCE_MS * self.rate / 1000:
-            self._apply_shift(-drift)
-            self._baseline = int(lag_min)
-            self.corrections += 1
-            logger.debug(f"rig line echo path: {drift * 1000 / self.rate:.0f} ms of underrun taken back")
+        if drift <= DRIFT_TOLERANCE_MS * self.rate / 1000:
+            self._suspect = None
+            return
+        # A thread starved for a whole check lags too, without any underrun, and catches up once it
+        # runs again; an underrun's lag stays. So take it back only when the next check still has it.
+        if self._suspect is None:
+            self._suspect = drift
+            return
+        drift = min(drift, self._suspect)
+        self._suspect = None
+        self._apply_shift(-drift)
+        self._baseline += drift
+        self.corrections += 1
+        logger.debug(f"rig line echo path: {drift * 1000 / self.rate:.0f} ms of underrun taken back")
 
     def _room_block(self, n: int) -> np.ndarray:
         assert self._room is not None
