@@ -20,9 +20,9 @@ import threading
 import time
 
 import numpy as np
-import pasimple
 from loguru import logger
 
+from transports._pulse_stream import PulseStream, PulseStreamError
 from transports.rig.linemodel import EchoPath, LineModel, to_int16
 
 BLOCK_MS = 10
@@ -30,6 +30,7 @@ BLOCK_MS = 10
 PLAY_BUFFER_MS = 100
 DRIFT_TOLERANCE_MS = 8.0
 CHECK_EVERY_BLOCKS = 50
+READ_TIMEOUT_S = 0.5
 
 
 class EchoBridge:
@@ -56,23 +57,26 @@ class EchoBridge:
         self._shift = 0  # samples to add to (or, negative, drop from) the delay line, set by calibrate
         self._suspect: int | None = None  # a lag seen at the last check, not yet taken back
         self._lock = threading.Lock()
+        self._rec: PulseStream | None = None
+        self._play: PulseStream | None = None
 
     def start(self) -> None:
         """Open both streams and start the thread; raises RuntimeError if PulseAudio refuses."""
         nbytes = self._block * 2
         try:
-            self._rec = pasimple.PaSimple(
-                pasimple.PA_STREAM_RECORD, pasimple.PA_SAMPLE_S16LE, 1, self.rate, app_name="annie-rig",
-                stream_name="rig-line-echo-in", server_name=self._server, device_name=self._source,
-                fragsize=nbytes, maxlength=nbytes * 100,
+            self._rec = PulseStream(
+                "record", sample_rate=self.rate, channels=1, server=self._server, device=self._source,
+                app_name="annie-rig", stream_name="rig-line-echo-in", fragsize=nbytes, maxlength=nbytes * 100,
             )
             tlength = self.rate * PLAY_BUFFER_MS // 1000 * 2
-            self._play = pasimple.PaSimple(
-                pasimple.PA_STREAM_PLAYBACK, pasimple.PA_SAMPLE_S16LE, 1, self.rate, app_name="annie-rig",
-                stream_name="rig-line-echo-out", server_name=self._server, device_name=self._sink,
+            self._play = PulseStream(
+                "playback", sample_rate=self.rate, channels=1, server=self._server, device=self._sink,
+                app_name="annie-rig", stream_name="rig-line-echo-out",
                 tlength=tlength, prebuf=nbytes, minreq=nbytes, maxlength=tlength * 2,
             )
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:
+            if self._rec is not None:
+                self._rec.close()
             raise RuntimeError(f"the line's echo path could not open {self._source} -> {self._sink}: {e}") from e
         # The model's delay line starts with the bridge's own latency taken off (corrected as it runs).
         self._held = np.zeros(0)
@@ -91,7 +95,7 @@ class EchoBridge:
     def settle(self, timeout_s: float = 3.0) -> None:
         """Wait until the recording has caught up with the earpiece (a fresh monitor starts late)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self._rec.get_latency() > 30_000:
+        while time.monotonic() < deadline and self._rec.latency_us() > 30_000:
             time.sleep(0.05)
         time.sleep(2 * CHECK_EVERY_BLOCKS * BLOCK_MS / 1000)  # a baseline for the drift check
 
@@ -167,7 +171,9 @@ class EchoBridge:
             t0 = time.monotonic()
             self._ready.set()
             while not self._stop.is_set():
-                data = self._rec.read(self._block * 2)
+                data = self._rec.read(self._block * 2, timeout=READ_TIMEOUT_S)
+                if data is None:  # nothing recorded (a stalled server): look at the stop flag again
+                    continue
                 x = np.frombuffer(data, dtype=np.int16).astype(np.float64) / 32768.0
                 echo = self._path.process(x) if self._path is not None else np.zeros(len(x))
                 self._held = np.concatenate([self._held, echo])
@@ -183,7 +189,7 @@ class EchoBridge:
                 if blocks % CHECK_EVERY_BLOCKS == 0:
                     self._check_drift(lag_min)
                     lag_min = float("inf")
-        except pasimple.PaSimpleError as e:
+        except PulseStreamError as e:
             if not self._stop.is_set():
                 self.error = e
                 logger.warning(f"rig line echo path stopped: {e}")
