@@ -73,7 +73,7 @@ class CallPipeline:
 
 def pause_first_strategy(
     settings: AgentSettings, output: FrameProcessor, stt_streams_partials: bool, decision_log: EventLog | None = None,
-    *, gate: bool = False,
+    *, gate: bool = False, stt: object | None = None,
 ) -> PauseThenDecideStartStrategy | None:
     """The pause-then-decide start strategy, when barge-in is on and everything it needs is there:
     partial transcripts, or the caller-voice gate (``gate``), which decides by whose voice it is."""
@@ -92,7 +92,8 @@ def pause_first_strategy(
         )
         return None
     logger.info(f"barge-in: pause first, decide within {settings.barge_in_decide_ms} ms from partial transcripts")
-    return PauseThenDecideStartStrategy(playback=output, params=BargeInParams.from_settings(settings), log=decision_log)
+    return PauseThenDecideStartStrategy(playback=output, params=BargeInParams.from_settings(settings), log=decision_log,
+                                        stt_in_flight=lambda: audio_in_flight(stt))
 
 
 def gate_taps(
@@ -123,7 +124,7 @@ def shadow_taps(
     engine = getattr(stt, "engine", None)
     words = ShadowWords(engine, settings.audio_in_sample_rate) if engine is not None else None
     tap = ShadowTap(log, vad, files=ShadowFiles(settings.shadow_dir, settings.shadow_keep_calls), words=words,
-                    echo_words=echo)
+                    echo_words=echo, stt_in_flight=lambda: audio_in_flight(stt))
     logger.info(f"barge-in shadow: half-duplex call; would-be decisions recorded under {settings.shadow_dir} "
                 f"({'with' if words else 'without'} words: {'its own stream on the engine' if words else 'the STT gives no partials'})")
     return log, [tap], [ShadowReference(log)]
@@ -151,7 +152,7 @@ def user_aggregator_params(
         vad_analyzer=vad_analyzer,
         user_turn_strategies=user_turn_strategies(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
-            watchdog=watchdog, turn_analyzer=turn_analyzer,
+            watchdog=watchdog, turn_analyzer=turn_analyzer, stt_in_flight=lambda: audio_in_flight(stt),
         ),
         user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],
         user_turn_stop_timeout=rule.quiet_s + rule.stt_wait_s + 2.0,
@@ -227,7 +228,7 @@ def build_call_pipeline(
     if stt_streams_partials is None:
         stt_streams_partials = bool(getattr(stt, "streams_partials", False))
     start = pause_first_strategy(settings, transport.output(), stt_streams_partials, decision_log,
-                                 gate=speaker_encoder is not None)
+                                 gate=speaker_encoder is not None, stt=stt)
     if start is not None and vad_analyzer is not None:
         tune_vad_for_pause_first(vad_analyzer, start_ms=settings.barge_in_vad_start_ms,
                                  min_volume=settings.barge_in_vad_min_volume, sample_rate=settings.audio_in_sample_rate,

@@ -37,7 +37,6 @@ from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_mute import BaseUserMuteStrategy
 from pipecat.turns.user_start import (
     BaseUserTurnStartStrategy,
-    TranscriptionUserTurnStartStrategy,
     VADUserTurnStartStrategy,
 )
 from pipecat.turns.user_stop import (
@@ -46,6 +45,8 @@ from pipecat.turns.user_stop import (
     TurnAnalyzerUserTurnStopStrategy,
 )
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from agent.bargein.strategy import TranscriptTurnStartStrategy
 
 INTERRUPTED_MARK = " [cut off here: the caller interrupted, so they did not hear the rest]"
 
@@ -259,6 +260,7 @@ def user_turn_strategies(
     meter: TurnSpeechMeter | None = None,
     watchdog: EmptyTurnWatchdog | None = None,
     turn_analyzer: BaseTurnAnalyzer | None = None,
+    stt_in_flight: Callable[[], bool] = lambda: False,
 ) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
@@ -271,10 +273,13 @@ def user_turn_strategies(
     ``meter``, if given, goes first, so it sees every frame; ``watchdog`` closes turns that no
     transcript ends. With ``turn_analyzer`` (smart-turn, ``TURN_END=smart``) the turn ends when
     the model hears a complete utterance, or after its longest hold, instead of the timeout.
+    A transcript that is the late tail of the turn Annie is answering (the STT still had the
+    caller's audio, ``stt_in_flight``, when she began) does not interrupt her
+    (:class:`~agent.bargein.strategy.TranscriptTurnStartStrategy`).
     """
     start = start or [
         VADUserTurnStartStrategy(enable_interruptions=True),
-        TranscriptionUserTurnStartStrategy(enable_interruptions=True),
+        TranscriptTurnStartStrategy(stt_in_flight=stt_in_flight),
     ]
     return UserTurnStrategies(
         start=[meter, *start] if meter else start,

@@ -28,10 +28,12 @@ ECHO = ("once", "upon", "a", "time")  # what Annie is saying in every row
 P = BargeInParams()  # window 1.3, quiet 0.3, blip 0.3, grace 0.5, long 0.8, final wait 1.2, late 2.0
 
 
-def run(events: list[tuple], params: BargeInParams = P, until: float = 10.0, speaking: bool = True):
+def run(events: list[tuple], params: BargeInParams = P, until: float = 10.0, speaking: bool = True,
+        in_flight: bool = False):
     """Feed ``events`` — ``(t, "voice")``, ``(t, "quiet")``, ``(t, "partial", text)``,
     ``(t, "final", text)``, ``(t, "bot_stopped")``, ``(t, "turn")`` — to a core whose Annie is
-    speaking from t=0 (unless not ``speaking``); ticks come when asked for, up to ``until``.
+    speaking from t=0 (unless not ``speaking``; ``in_flight``: the STT still had the caller's
+    audio then); ticks come when asked for, up to ``until``.
     Returns the core and ``[(t, action)]`` with t rounded to the millisecond."""
     core = BargeInCore(params)
     taken: list[tuple[float, str]] = []
@@ -47,7 +49,7 @@ def run(events: list[tuple], params: BargeInParams = P, until: float = 10.0, spe
             note(at, core.tick(at))
 
     if speaking:
-        core.bot_started(0.0)
+        core.bot_started(0.0, caller_audio_in_flight=in_flight)
     for t, kind, *arg in events:
         ticks_until(t)
         if kind == "voice":
@@ -146,6 +148,47 @@ CASES = [
 def test_decision_table(events, expected):
     _, taken, _ = run(events)
     assert taken == expected
+
+
+# The STT still had the caller's audio in flight when Annie began (the VAD split the question, the
+# turn ended on the head's final, the tail's final is on its way): rule 4.
+TAIL_CASES = [
+    ("the tail's final while Annie answers is dropped, not an interruption", [(1.5, "final", "the day.")],
+     [(1.5, "reset")]),
+    ("the tail's partials too", [(1.2, "partial", "the"), (1.5, "final", "the day.")], [(1.2, "reset"), (1.5, "reset")]),
+    ("after the tail, words with no voice are judged as before", [(1.5, "final", "the day."), (3.0, "final", "stop now")],
+     [(1.5, "reset"), (3.0, "commit")]),
+    ("the tail's final during the caller's next utterance leaves its pause to the rules",
+     [(1.0, "voice"), (1.2, "final", "the day."), (1.5, "quiet")],
+     [(1.0, "pause"), (1.2, "reset"), (2.0, "reset"), (2.0, "resume")]),
+    ("the caller's own words over Annie still commit", [(1.0, "voice"), (1.2, "final", "the day."),
+                                                         (1.4, "partial", "stop please")],
+     [(1.0, "pause"), (1.2, "reset"), (1.4, "commit")]),
+    ("a final after the caller's next VAD stop is hers, not the tail", [(1.0, "voice"), (1.5, "quiet"),
+                                                                         (1.6, "final", "what time is it")],
+     [(1.0, "pause"), (1.6, "commit")]),
+]
+
+
+@pytest.mark.parametrize("events, expected", [pytest.param(e, x, id=name) for name, e, x in TAIL_CASES])
+def test_the_tail_of_the_answered_turn(events, expected):
+    _, taken, _ = run(events, in_flight=True)
+    assert taken == expected
+
+
+def test_without_audio_in_flight_words_with_no_voice_commit_as_before():
+    """What the rule changes, and only that: the same late final with nothing in flight at Annie's
+    start commits (as every version before this rule did)."""
+    _, taken, _ = run([(1.5, "final", "the day.")], in_flight=False)
+    assert taken == [(1.5, "commit")]
+
+
+def test_the_tail_is_not_owed_once_annie_stops():
+    core = BargeInCore()
+    core.bot_started(0.0, caller_audio_in_flight=True)
+    core.bot_stopped(1.0)
+    core.bot_started(2.0)
+    assert [ACTION_NAMES[type(a)] for a in core.words(2.5, "the day.", final=True).actions] == ["commit"]
 
 
 def test_decisions_record_what_was_decided_and_when():

@@ -26,7 +26,11 @@ While Annie speaks, the rules are:
      ``final_grace_s``. A final without real words decides at once;
 3. words that come after a resume (a busy machine, a slow final) still commit within
    ``late_words_s``, unless the sound was a blip (echo) or the words are backchannels or echo;
-4. with the caller-voice gate, a sound that is clearly not the caller's voice (the TV, another
+4. words of the turn Annie is answering that come late (an STT slower than real time still had
+   the caller's audio in flight when Annie began: the VAD split her question, and its tail's final
+   comes while Annie answers the head) are not an interruption: they are dropped, as a
+   half-duplex call drops them (:class:`AnsweredTurnTail`);
+5. with the caller-voice gate, a sound that is clearly not the caller's voice (the TV, another
    person, Annie's echo) resumes her at once, and its words never commit.
 
 When Annie is not speaking, a turn starts on the caller's voice or on a transcript, as usual.
@@ -161,6 +165,44 @@ class Outcome:
     flow: Flow = Flow.CONTINUE
 
 
+class AnsweredTurnTail:
+    """Whether words that come while Annie speaks are the late tail of the turn she is answering.
+
+    Every STT here finalizes on a VAD stop, and the segmented ones (Whisper, the Parakeet sidecar)
+    one segment at a time, slower than real time on a busy CPU. When the VAD splits a question
+    ("What is the weather like ... for the rest of the day") and the turn ends on the head's final,
+    the tail's final comes while Annie answers. It is not the caller talking over her: no voice of
+    hers started since Annie did. The rule: if the STT had the caller's audio in flight when Annie
+    started (and the caller was not speaking), then words before any new voice, and a final before
+    the VAD stop of a voice that started since, are that tail; the first final settles it. Without
+    audio in flight at her start, nothing is a tail (words with no voice are judged as before).
+    """
+
+    def __init__(self) -> None:
+        self.owed = False  # a final of audio from before Annie started is still to come
+        self._voice_since_start = False
+
+    def bot_started(self, audio_in_flight: bool, caller_speaking: bool) -> None:
+        self.owed = audio_in_flight and not caller_speaking
+        self._voice_since_start = False
+
+    def bot_stopped(self) -> None:
+        self.owed = False
+
+    def voice_started(self) -> None:
+        self._voice_since_start = True
+
+    def is_tail(self, *, final: bool, utterance_stopped: bool) -> bool:
+        """Whether these words (``final`` or a partial) are the tail; ``utterance_stopped``: the
+        caller's current utterance has had its VAD stop."""
+        if not self.owed:
+            return False
+        tail = not self._voice_since_start or (final and not utterance_stopped)
+        if tail and final:
+            self.owed = False
+        return tail
+
+
 class BargeInCore:
     """The decision, as a state machine. Each method takes the event's time ``now`` (seconds on
     any monotonic clock) and returns the actions to take, in order."""
@@ -180,17 +222,22 @@ class BargeInCore:
         self._resumed_how: Resumed | None = None  # RESUMED: how the current utterance was resumed on
         self._previous_resumed: Resumed | None = None  # the one before (its final may be on its way)
         self._resumed_at = 0.0
+        self._tail = AnsweredTurnTail()
         # ("commit" | "resume", seconds after the pause) or ("commit late", seconds after the resume)
         self.decisions: list[tuple[str, float]] = []
 
     # --- events --------------------------------------------------------------------------------
 
-    def bot_started(self, now: float) -> Outcome:
+    def bot_started(self, now: float, caller_audio_in_flight: bool = False) -> Outcome:
+        """Annie started speaking; ``caller_audio_in_flight``: the STT still had audio of the
+        caller's to transcribe (see :class:`AnsweredTurnTail`)."""
         self.bot_speaking = True
+        self._tail.bot_started(caller_audio_in_flight, self.caller_speaking)
         return Outcome()
 
     def bot_stopped(self, now: float) -> Outcome:
         self.bot_speaking = False
+        self._tail.bot_stopped()
         return Outcome()
 
     def turn_started(self, now: float) -> Outcome:
@@ -203,6 +250,7 @@ class BargeInCore:
     def voice_started(self, now: float) -> Outcome:
         self.caller_speaking = True
         self._stopped_since_start = False
+        self._tail.voice_started()
         self._previous_resumed = self._resumed_how
         if self.phase is Phase.RESUMED:
             self._enter_listening()
@@ -247,6 +295,8 @@ class BargeInCore:
         if not words:
             return Outcome()
         echo = frozenset(annies_words)
+        if self.bot_speaking and self._tail.is_tail(final=final, utterance_stopped=self._stopped_since_start):
+            return Outcome([ResetAggregation()])  # the turn Annie is answering: not an interruption
         if final and not self._stopped_since_start and self._previous_resumed:
             # Every STT here finalizes on a VAD stop, so a final before this utterance's stop is
             # the late final of the previous one, which was judged and resumed on.

@@ -2,7 +2,8 @@
 
 A recording is one JSON object per line: events ``{"t", "e": "bot_started" | "bot_stopped" |
 "voice_started" | "voice_stopped" | "paused" | "verdict" | "words" | "turn_started" | "tick", ...}``
-(``paused``: the playback is silent after a pause; ``verdict``: the caller-voice gate's, with
+(``paused``: the playback is silent after a pause; ``bot_started`` carries ``in_flight``, true
+when the STT still had the caller's audio to transcribe; ``verdict``: the caller-voice gate's, with
 ``not_caller``) (words carry
 ``text``, ``final`` and ``echo``, the words Annie was saying), and actions ``{"t", "a": "pause" |
 "resume" | "commit" | "start_turn" | "reset"}``. ``t`` is seconds from the first line. Replaying
@@ -107,7 +108,9 @@ def replay(records: list[dict[str, Any]], params: BargeInParams) -> Replayed:
             out = core.playback_paused(t)
         elif name == "verdict":
             out = core.voice_verdict(t, r["not_caller"])
-        elif name in ("bot_started", "bot_stopped", "voice_started", "voice_stopped", "turn_started", "tick"):
+        elif name == "bot_started":
+            out = core.bot_started(t, caller_audio_in_flight=r.get("in_flight", False))
+        elif name in ("bot_stopped", "voice_started", "voice_stopped", "turn_started", "tick"):
             out: Outcome = getattr(core, name)(t)
         else:
             raise ValueError(f"unknown event {name!r} at t={t}")

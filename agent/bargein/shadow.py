@@ -81,13 +81,13 @@ class ShadowLog:
 
     # --- events ----------------------------------------------------------------------------
 
-    def bot_started(self, now: float) -> None:
+    def bot_started(self, now: float, stt_in_flight: bool = False) -> None:
         self._start(now)
         if self._annie_since is None:
             self._annie_since = now
             self._span("annie", now)
-        self._note("bot_started", now)
-        self._apply(now, self.core.bot_started(now))
+        self._note("bot_started", now, **({"in_flight": True} if stt_in_flight else {}))
+        self._apply(now, self.core.bot_started(now, caller_audio_in_flight=stt_in_flight))
 
     def bot_stopped(self, now: float) -> None:
         self._start(now)
@@ -281,9 +281,11 @@ class ShadowTap(FrameProcessor):
         echo_words: Callable[[], set[str]] = set,
         on_summary: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stt_in_flight: Callable[[], bool] = lambda: False,
     ):
         super().__init__()
         self._log = log
+        self._stt_in_flight = stt_in_flight
         self._vad = vad
         self._files = files
         self._words = words
@@ -304,7 +306,7 @@ class ShadowTap(FrameProcessor):
             await self._transcribe(frame.audio)
             log.tick(self._clock())
         elif isinstance(frame, BotStartedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
-            log.bot_started(now)
+            log.bot_started(now, self._stt_in_flight())
         elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
             log.bot_stopped(now)
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and direction == FrameDirection.DOWNSTREAM:

@@ -23,9 +23,10 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.turns.types import ProcessFrameResult
-from pipecat.turns.user_start import BaseUserTurnStartStrategy
+from pipecat.turns.user_start import BaseUserTurnStartStrategy, TranscriptionUserTurnStartStrategy
 
 from agent.bargein.core import (
+    AnsweredTurnTail,
     BargeInCore,
     BargeInParams,
     Commit,
@@ -74,9 +75,13 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         params: BargeInParams | None = None,
         clock: Callable[[], float] = time.monotonic,
         log: EventLog | None = None,
+        stt_in_flight: Callable[[], bool] = lambda: False,
     ):
+        """``stt_in_flight``: whether the STT still has the caller's audio to transcribe (asked when
+        Annie starts; see :class:`~agent.bargein.core.AnsweredTurnTail`)."""
         super().__init__(enable_interruptions=True)
         self._playback = playback
+        self._stt_in_flight = stt_in_flight
         self._clock = clock
         self._log = log
         self.core = BargeInCore(params)
@@ -107,8 +112,9 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         now = self._clock()
         core = self.core
         if isinstance(frame, BotStartedSpeakingFrame):
-            self._event("bot_started", now)
-            out = core.bot_started(now)
+            in_flight = self._stt_in_flight()
+            self._event("bot_started", now, **({"in_flight": True} if in_flight else {}))
+            out = core.bot_started(now, caller_audio_in_flight=in_flight)
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._event("bot_stopped", now)
             out = core.bot_stopped(now)
@@ -190,3 +196,37 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
     def _event(self, name: str, now: float | None = None, **data) -> None:
         if self._log is not None:
             self._log.event(name, self._clock() if now is None else now, **data)
+
+
+class TranscriptTurnStartStrategy(TranscriptionUserTurnStartStrategy):
+    """Pipecat's transcript start strategy (a transcript starts the caller's turn, interrupting
+    Annie), less the late tail of the turn she is answering (:class:`AnsweredTurnTail`): that is
+    dropped, not an interruption. For barge-in without pause first (an STT with no partials)."""
+
+    def __init__(self, *, stt_in_flight: Callable[[], bool], **kwargs):
+        super().__init__(enable_interruptions=True, **kwargs)
+        self._stt_in_flight = stt_in_flight
+        self._tail = AnsweredTurnTail()
+        self._bot_speaking = False
+        self._caller_speaking = False
+        self._stopped_since_start = True
+
+    async def process_frame(self, frame: Frame) -> ProcessFrameResult:
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._bot_speaking = True
+            self._tail.bot_started(self._stt_in_flight(), self._caller_speaking)
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_speaking = False
+            self._tail.bot_stopped()
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._caller_speaking, self._stopped_since_start = True, False
+            self._tail.voice_started()
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._caller_speaking, self._stopped_since_start = False, True
+        elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and self._bot_speaking:
+            final = isinstance(frame, TranscriptionFrame)
+            if self._tail.is_tail(final=final, utterance_stopped=self._stopped_since_start):
+                logger.debug(f"{self}: a late transcript of the turn Annie is answering: not an interruption")
+                await self.trigger_reset_aggregation()
+                return ProcessFrameResult.STOP
+        return await super().process_frame(frame)
