@@ -153,6 +153,7 @@ def user_aggregator_params(
         user_turn_strategies=user_turn_strategies(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
             watchdog=watchdog, turn_analyzer=turn_analyzer, stt_in_flight=lambda: audio_in_flight(stt),
+            preempt=settings.preemptive_generation,
         ),
         user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],
         user_turn_stop_timeout=rule.quiet_s + rule.stt_wait_s + 2.0,

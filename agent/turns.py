@@ -47,6 +47,7 @@ from pipecat.turns.user_stop import (
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from agent.bargein.strategy import TranscriptTurnStartStrategy
+from agent.preempt import PreemptiveSpeechTimeoutStopStrategy
 
 INTERRUPTED_MARK = " [cut off here: the caller interrupted, so they did not hear the rest]"
 
@@ -261,6 +262,7 @@ def user_turn_strategies(
     watchdog: EmptyTurnWatchdog | None = None,
     turn_analyzer: BaseTurnAnalyzer | None = None,
     stt_in_flight: Callable[[], bool] = lambda: False,
+    preempt: bool = False,
 ) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
@@ -275,7 +277,8 @@ def user_turn_strategies(
     the model hears a complete utterance, or after its longest hold, instead of the timeout.
     A transcript that is the late tail of the turn Annie is answering (the STT still had the
     caller's audio, ``stt_in_flight``, when she began) does not interrupt her
-    (:class:`~agent.bargein.strategy.TranscriptTurnStartStrategy`).
+    (:class:`~agent.bargein.strategy.TranscriptTurnStartStrategy`). With ``preempt``
+    (``PREEMPTIVE_GENERATION``) the timeout's answer starts ahead of it (:mod:`agent.preempt`).
     """
     start = start or [
         VADUserTurnStartStrategy(enable_interruptions=True),
@@ -285,6 +288,7 @@ def user_turn_strategies(
         start=[meter, *start] if meter else start,
         stop=[
             TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer) if turn_analyzer is not None
+            else PreemptiveSpeechTimeoutStopStrategy(user_speech_timeout=speech_timeout_s) if preempt
             else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s),
             *([watchdog] if watchdog else []),
         ],

@@ -1,0 +1,155 @@
+"""Preemptive generation: the rule as a table, then calls through the agent's pipeline.
+
+The calls run the real pipeline (pipecat's aggregators, its LLM service with the speculation gate,
+the simulated loudspeaker) against the LLM stand-in server over HTTP; the caller's turns are the
+frames a streaming STT and the VAD would send (the final 15 ms after the VAD stop, as the
+Nemotron engine gives it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pipecat.frames.frames import TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
+
+from agent.preempt import Act, Preemption
+from tests.call_harness import running_call
+from tests.doubles import ToneTTSService
+
+# --- the rule ------------------------------------------------------------------------------------
+
+RULE = [
+    ("quiet caller's final: answer ahead", [("final", "what time is it", True)], [Act.SPECULATE]),
+    ("a final while she still speaks: nothing yet", [("final", "what time is it", False)], [Act.NOTHING]),
+    ("the turn ends on those words: confirm", [("final", "what time is it", True), ("end", "what time is it")],
+     [Act.SPECULATE, Act.CONFIRM]),
+    ("punctuation and case aside", [("final", "what time is it", True), ("end", "What time is it?")],
+     [Act.SPECULATE, Act.CONFIRM]),
+    ("she goes on: withdraw, and the turn's end answers anew",
+     [("final", "call my daughter", True), ("voice",), ("final", "call my daughter and my son", True),
+      ("end", "call my daughter and my son")],
+     [Act.SPECULATE, Act.WITHDRAW, Act.SPECULATE, Act.CONFIRM]),
+    ("more words with no voice between: answer the new words",
+     [("final", "call my daughter", True), ("final", "call my daughter please", True), ("end", "call my daughter please")],
+     [Act.SPECULATE, Act.RESPECULATE, Act.CONFIRM]),
+    ("the same words again: keep the answer", [("final", "hello", True), ("final", "Hello.", True)],
+     [Act.SPECULATE, Act.NOTHING]),
+    ("the turn ends on other words: withdraw and answer", [("final", "call my daughter", True), ("end", "call my son")],
+     [Act.SPECULATE, Act.WITHDRAW_AND_ANSWER]),
+    ("nothing in flight: the turn's end answers as usual", [("end", "what time is it")], [Act.ANSWER]),
+    ("the turn reset another way: withdraw", [("final", "what time is it", True), ("reset",)], [Act.SPECULATE, Act.WITHDRAW]),
+    ("no words, no answer", [("final", "  ", True), ("voice",), ("reset",)], [Act.NOTHING, Act.NOTHING, Act.NOTHING]),
+]
+
+
+@pytest.mark.parametrize("events, acts", [pytest.param(e, a, id=name) for name, e, a in RULE])
+def test_the_rule(events, acts):
+    rule = Preemption()
+    got = []
+    for kind, *arg in events:
+        if kind == "final":
+            got.append(rule.final(arg[0], caller_quiet=arg[1]))
+        elif kind == "end":
+            got.append(rule.turn_ended(arg[0]))
+        else:
+            got.append(getattr(rule, kind)())
+    assert got == acts
+
+
+# --- calls ---------------------------------------------------------------------------------------
+
+HOLD_S = 0.6  # USER_SPEECH_TIMEOUT_MS in these calls: wide, so "before the hold ended" is clear
+
+
+@pytest.fixture
+async def llm():
+    from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
+
+    def reply(messages: list[dict]) -> str:  # one sentence naming what it answers
+        return "Heard " + messages[-1]["content"].strip().rstrip(".?!") + "."
+
+    async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.1, token_delay_s=0.02, reply=reply)) as server:
+        yield server
+
+
+def final(text: str) -> TranscriptionFrame:
+    return TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True)
+
+
+async def says(call, text: str, speech_s: float = 0.5) -> float:
+    """One utterance: VAD start, VAD stop, the final 15 ms later. Returns the VAD stop's time."""
+    await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+    await asyncio.sleep(speech_s)
+    stop = await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    await asyncio.sleep(0.015)
+    await call.send(final(text))
+    return stop
+
+
+def user_messages(call) -> list[str]:
+    return [m["content"] for m in call.call.context.get_messages() if m["role"] == "user"]
+
+
+def settings_for(make_settings, preempt: bool, barge_in: bool = False):
+    return make_settings(preemptive_generation=preempt, user_speech_timeout_ms=int(HOLD_S * 1000),
+                         enable_barge_in=barge_in)
+
+
+@pytest.mark.parametrize("barge_in", [False, True], ids=["half-duplex", "barge-in"])
+async def test_the_answer_starts_in_the_hold_and_plays_when_the_turn_ends(make_settings, llm, barge_in):
+    tts = ToneTTSService(ms_per_char=20)
+    async with running_call(settings_for(make_settings, True, barge_in), llm_base_url=llm.base_url, tts=tts) as call:
+        stop = await says(call, "What time is it?")
+        heard = await call.wait_speaking(5)
+        request = llm.requests[0]
+        assert request.started_at - stop < 0.3, "the LLM started within the hold, not after it"
+        assert heard - stop > HOLD_S - 0.05, "the answer was held until the turn ended"
+        assert len(llm.requests) == 1, "the confirmed turn is not answered twice"
+        assert user_messages(call) == ["What time is it?"]
+        assert [t.strip() for t in tts.voiced] == ["Heard What time is it."]
+
+
+async def test_without_preemption_the_llm_waits_for_the_hold(make_settings, llm):
+    """The same call with PREEMPTIVE_GENERATION off: what the setting changes."""
+    tts = ToneTTSService(ms_per_char=20)
+    async with running_call(settings_for(make_settings, False), llm_base_url=llm.base_url, tts=tts) as call:
+        stop = await says(call, "What time is it?")
+        await call.wait_speaking(5)
+        assert llm.requests[0].started_at - stop > HOLD_S - 0.05
+
+
+@pytest.mark.parametrize("barge_in", [False, True], ids=["half-duplex", "barge-in"])
+async def test_a_caller_who_goes_on_never_hears_the_early_answer(make_settings, llm, barge_in):
+    """She pauses after "call my daughter" long enough for the answer to be generated, then goes on
+    ("and tell her I'm fine"). The early answer is dropped unheard; the whole sentence is answered,
+    and the context holds only that."""
+    tts = ToneTTSService(ms_per_char=20)
+    async with running_call(settings_for(make_settings, True, barge_in), llm_base_url=llm.base_url, tts=tts) as call:
+        await says(call, "Call my daughter")
+        await llm.wait_for(lambda: llm.requests and llm.requests[0].finished_at is not None, timeout=5)
+        assert call.audible_since(0) == 0.0, "nothing of the early answer was played"
+        await says(call, "and tell her I'm fine.")
+        await call.wait_speaking(5)
+        await call.wait_silent(0.5, 10)
+        assert len(llm.requests) == 2
+        assert [t.strip() for t in tts.voiced] == ["Heard Call my daughter and tell her I'm fine."]
+        messages = call.call.context.get_messages()
+        assert [m["role"] for m in messages] == ["user", "assistant"], messages
+        assert "fine" in messages[0]["content"]
+
+
+async def test_words_that_change_in_the_hold_are_answered_as_they_ended(make_settings, llm):
+    """A second final with no voice between (the STT finalized a last word): the answer in flight
+    is withdrawn and the new words answered ahead; one answer is heard."""
+    tts = ToneTTSService(ms_per_char=20)
+    async with running_call(settings_for(make_settings, True), llm_base_url=llm.base_url, tts=tts) as call:
+        stop = await says(call, "Call my daughter")
+        await asyncio.sleep(0.1)
+        await call.send(final("please"))
+        await call.wait_speaking(5)
+        await call.wait_silent(0.5, 10)
+        assert len(llm.requests) == 2
+        assert llm.requests[1].started_at - stop < HOLD_S - 0.1, "the new words were answered ahead too"
+        assert [t.strip() for t in tts.voiced] == ["Heard Call my daughter please."]
+        assert user_messages(call) == ["Call my daughter please"]
