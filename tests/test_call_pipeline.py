@@ -16,7 +16,7 @@ from pipecat.frames.frames import BotStartedSpeakingFrame, ErrorFrame, Interrupt
 
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.turns import INTERRUPTED_MARK
-from tests.call_harness import running_call
+from agent.demo.call import running_call
 from tests.doubles import ToneTTSService
 
 LONG_REPLY = (

@@ -4,7 +4,7 @@ The assembled call pipeline runs on the simulated phone line with the real Gemma
 services talking HTTP to the stand-in servers. Where the fault is "the server process died",
 the stand-in runs in a child process and is killed with SIGKILL (or frozen with SIGSTOP), then
 started again on the same port, as systemd would. Caller turns are injected as VAD and
-transcription frames (``tests.call_harness``); what the caller heard is the simulated
+transcription frames (``agent.demo.call``); what the caller heard is the simulated
 loudspeaker's recording.
 
 After every fault the call must be left in a usable state: nothing crashed, the "speaking"
@@ -51,7 +51,7 @@ from agent.services import build_llm, build_tts
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
 from agent.status import CallStatus, StatusObserver
-from tests.call_harness import CallHarness, FrameLog
+from agent.demo.call import CallHarness, FrameLog
 from tests.doubles import ToneTTSService
 from transports.rig.simulated import SimulatedPhoneTransport
 

@@ -23,7 +23,7 @@ from pipecat.observers.base_observer import FramePushed
 
 from agent.services import build_vad
 from processors.whisper_stt import make_whisper_stt
-from tests.call_harness import FrameLog
+from agent.demo.call import FrameLog
 from tests.doubles import ToneTTSService
 from tests.test_faults import fault_call
 from transports.rig.audio import synth_speech

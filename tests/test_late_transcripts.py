@@ -20,7 +20,7 @@ from pipecat.frames.frames import (
 
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.turns import EmptyTurnTimeout, LateTranscripts
-from tests.call_harness import running_call
+from agent.demo.call import running_call
 from tests.doubles import SlowFinalSTT, ToneTTSService
 
 QUESTION = "Stop, please, and tell me what time is it."

@@ -22,7 +22,7 @@ from pipecat.frames.frames import (
 )
 
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
-from tests.call_harness import running_call
+from agent.demo.call import running_call
 from tests.doubles import ToneTTSService
 
 REPLY = "Once upon a time. There was a little village by the sea, where fishermen lived. The end."

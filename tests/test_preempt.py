@@ -14,7 +14,7 @@ import pytest
 from pipecat.frames.frames import TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
 
 from agent.preempt import Act, Preemption
-from tests.call_harness import running_call
+from agent.demo.call import running_call
 from tests.doubles import ToneTTSService
 
 # --- the rule ------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ async def test_status_follows_a_real_call_with_barge_in(make_settings, llm_serve
 
     from agent.pipeline import build_call_pipeline
     from agent.services import build_llm, build_tts
-    from tests.call_harness import CallHarness, FrameLog
+    from agent.demo.call import CallHarness, FrameLog
     from transports.rig.simulated import SimulatedPhoneTransport
 
     settings = make_settings(enable_barge_in=True)

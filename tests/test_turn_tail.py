@@ -101,7 +101,7 @@ async def test_a_split_question_s_late_tail_does_not_cut_annie_off(make_settings
     interrupts her: the case the rule exists for, and proof that this test can fail)."""
     from pipecat.frames.frames import BotStartedSpeakingFrame, InterruptionFrame
 
-    from tests.call_harness import running_call
+    from agent.demo.call import running_call
     from tests.doubles import SlowFinalSTT, ToneTTSService
 
     settings = make_settings(enable_barge_in=True)

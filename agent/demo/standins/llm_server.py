@@ -49,6 +49,7 @@ class ChatRequestRecord:
     disconnected_at: float | None = None
     tokens_sent: int = 0
     fault: Fault = "none"
+    pieces: list[tuple[float, str]] = field(default_factory=list)  # (time sent, text) of every token
 
     @property
     def completed(self) -> bool:
@@ -182,6 +183,7 @@ class LLMStandIn:
                     return response
                 await response.write(_sse(_chunk(model, {"content": piece})))
                 record.tokens_sent += 1
+                record.pieces.append((time.monotonic(), piece))
                 record.first_token_at = record.first_token_at or time.monotonic()
                 self._notify()
                 if not await self._sleep_connected(request, self.options.token_delay_s, record):

@@ -1,4 +1,4 @@
-"""Run the real call pipeline with a simulated phone line and injected caller turns.
+"""Run the real call pipeline with a simulated phone line and injected caller turns (tests, benches).
 
 The LLM is the stand-in OpenAI-compatible server on 127.0.0.1 (real HTTP streaming); the
 loudspeaker is the simulated sink, which records what the caller actually heard and when. The
