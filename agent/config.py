@@ -60,9 +60,9 @@ class AgentSettings(BaseSettings):
     # utterance sounds complete, holds up to SMART_TURN_MAX_HOLD_MS when it does not).
     turn_end: Literal["timeout", "smart"] = "timeout"
     smart_turn_max_hold_ms: int = Field(3000, ge=300, le=10000)
-    # Start the LLM on the quiet caller's final transcript while the turn is still open (its
-    # USER_SPEECH_TIMEOUT_MS hold); the answer plays at the turn's end if the words did not change,
-    # and is dropped unheard if the caller goes on (agent.preempt). With TURN_END=timeout.
+    # Start the LLM as soon as the caller is quiet (her voice falling, or a final), while the turn is
+    # still open; the answer plays at the turn's end if the words did not change, and is dropped
+    # unheard if she goes on (agent.preempt). Either TURN_END.
     preemptive_generation: bool = False
     # A turn that no transcript ends (the STT heard nothing, or failed) closes after this much
     # quiet (pipecat's watchdog); the request to repeat follows. Keep it above the STT's slowest final.
@@ -184,9 +184,6 @@ class AgentSettings(BaseSettings):
             raise ValueError("CALLER_GATE_NOT_CALLER_MAX: must be below CALLER_GATE_CALLER_MIN (the band between is 'unsure')")
         if self.barge_in_shadow and self.enable_barge_in:
             raise ValueError("BARGE_IN_SHADOW: only with ENABLE_BARGE_IN=0 (with barge-in on, its decisions are real)")
-        if self.preemptive_generation and self.turn_end != "timeout":
-            raise ValueError("PREEMPTIVE_GENERATION: only with TURN_END=timeout (smart-turn ends the turn at the VAD stop "
-                             "when the sentence sounds complete, which leaves nothing to start ahead)")
         if self.stt_backend == "parakeet-http" and not self.parakeet_url:
             raise ValueError("PARAKEET_URL: required when STT_BACKEND=parakeet-http")
         return self

@@ -42,6 +42,7 @@ from agent.bargein.recording import EventLog
 from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, ShadowTap, ShadowWords
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
+from agent.preempt import vad_state_of
 from agent.turns import (
     EmptyTurnTimeout,
     EmptyTurnWatchdog,
@@ -153,7 +154,7 @@ def user_aggregator_params(
         user_turn_strategies=user_turn_strategies(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
             watchdog=watchdog, turn_analyzer=turn_analyzer, stt_in_flight=lambda: audio_in_flight(stt),
-            preempt=settings.preemptive_generation,
+            preempt=settings.preemptive_generation, vad_state=vad_state_of(vad_analyzer),
         ),
         user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],
         user_turn_stop_timeout=rule.quiet_s + rule.stt_wait_s + 2.0,

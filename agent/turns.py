@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADState
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -47,7 +48,7 @@ from pipecat.turns.user_stop import (
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from agent.bargein.strategy import TranscriptTurnStartStrategy
-from agent.preempt import PreemptiveSpeechTimeoutStopStrategy
+from agent.preempt import PreemptiveSpeechTimeoutStopStrategy, PreemptiveTurnAnalyzerStopStrategy
 
 INTERRUPTED_MARK = " [cut off here: the caller interrupted, so they did not hear the rest]"
 
@@ -263,6 +264,7 @@ def user_turn_strategies(
     turn_analyzer: BaseTurnAnalyzer | None = None,
     stt_in_flight: Callable[[], bool] = lambda: False,
     preempt: bool = False,
+    vad_state: Callable[[], VADState] | None = None,
 ) -> UserTurnStrategies:
     """Start and stop strategies for the caller's turns, the same in both modes.
 
@@ -278,18 +280,23 @@ def user_turn_strategies(
     A transcript that is the late tail of the turn Annie is answering (the STT still had the
     caller's audio, ``stt_in_flight``, when she began) does not interrupt her
     (:class:`~agent.bargein.strategy.TranscriptTurnStartStrategy`). With ``preempt``
-    (``PREEMPTIVE_GENERATION``) the timeout's answer starts ahead of it (:mod:`agent.preempt`).
+    (``PREEMPTIVE_GENERATION``) the answer starts ahead of the turn's end, as soon as the caller is
+    quiet (``vad_state``: the VAD's state, for the moment her voice falls; :mod:`agent.preempt`).
     """
     start = start or [
         VADUserTurnStartStrategy(enable_interruptions=True),
         TranscriptTurnStartStrategy(stt_in_flight=stt_in_flight),
     ]
+    if turn_analyzer is not None:
+        end = (PreemptiveTurnAnalyzerStopStrategy(turn_analyzer=turn_analyzer, vad_state=vad_state) if preempt
+               else TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer))
+    else:
+        end = (PreemptiveSpeechTimeoutStopStrategy(user_speech_timeout=speech_timeout_s, vad_state=vad_state) if preempt
+               else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s))
     return UserTurnStrategies(
         start=[meter, *start] if meter else start,
         stop=[
-            TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer) if turn_analyzer is not None
-            else PreemptiveSpeechTimeoutStopStrategy(user_speech_timeout=speech_timeout_s) if preempt
-            else SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=speech_timeout_s),
+            end,
             *([watchdog] if watchdog else []),
         ],
     )

@@ -1,21 +1,23 @@
-"""Voice-to-voice with preemptive generation on and off, through the agent's own pipeline.
+"""Voice-to-voice with preemptive generation and the turn end on and off, through the agent's own pipeline.
 
-Each variant is a call through :func:`agent.pipeline.build_call_pipeline` (pipecat's aggregators,
-the LLM service with its speculation gate, the Chatterbox TTS service, the simulated loudspeaker)
-against the two stand-in servers on 127.0.0.1, set to the NVIDIA + Daily reference agent's
-latencies: LLM first token 162 ms, TTS first audio 107 ms. The caller is a streaming STT shaped
-like the Nemotron engine and the VAD, as frames: VAD start, speech, VAD stop (Silero's 200 ms of
-silence after the last word), the final 20 ms later. Variants alternate turn by turn (one call
-each, open side by side), so the machine's noise falls on both alike.
+Each variant is a call through :func:`agent.pipeline.build_call_pipeline` (the real Silero VAD,
+smart-turn v3 where the turn end is ``smart``, pipecat's aggregators, the LLM service with its
+speculation gate, the Chatterbox TTS service, the simulated phone line) against the two stand-in
+servers on 127.0.0.1, set to the NVIDIA + Daily reference agent's latencies: LLM first token
+162 ms (then 15 ms a token), TTS first audio 107 ms. The caller is espeak-ng speech played into the
+line; the STT is a stand-in shaped like the Nemotron engine (a partial per 160 ms chunk 13 ms
+after it, the final 20 ms after the VAD stop: ``agent.demo.standins.streaming_stt``). The four
+variants (``TURN_END`` timeout/smart x ``PREEMPTIVE_GENERATION`` off/on) are open side by side and
+take turns, so the machine's noise falls on all alike.
 
-- complete utterances: voice-to-voice = the VAD's 200 ms + VAD stop -> first audible sample at
-  the loudspeaker; with its stages (hold, LLM server to its first token and to the end of its first
-  sentence, which is what the TTS starts on, TTS server) and our code's share, the rest: first
-  audible - turn end - the servers' time still to come at the turn end;
+- complete utterances: voice-to-voice = the caller's last sound -> Annie's first audible sample,
+  with its stages (VAD stop, turn end, LLM start, LLM server to its first sentence, which is what
+  the TTS starts on, TTS server) and our code's share: first audible - turn end - the servers'
+  time still to come at the turn end;
 - callers who pause 0.4-1.2 s mid-sentence: whether the turn ended in the pause (Annie cut in),
-  how often an answer started ahead was thrown away, and what that cost the LLM server.
+  and the answers started ahead and thrown away, with the LLM tokens they cost.
 
-Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--hold-ms 400]``; JSON and a PNG in
+Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--quick]``; JSON and a PNG in
 ``bench/results/``.
 """
 
@@ -32,33 +34,43 @@ from pathlib import Path
 
 import numpy as np
 from loguru import logger
-from pipecat.frames.frames import (
-    TranscriptionFrame,
-    UserStoppedSpeakingFrame,
-    VADUserStartedSpeakingFrame,
-    VADUserStoppedSpeakingFrame,
-)
+from pipecat.frames.frames import UserStoppedSpeakingFrame, VADUserStoppedSpeakingFrame
 
 from agent.config import AgentSettings
 from agent.demo.call import running_call
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
+from agent.demo.standins.streaming_stt import ScriptedStreamingSTT
 from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
-from agent.services import build_tts
+from agent.services import build_tts, build_turn_analyzer, build_vad
+from transports.rig.audio import synth_speech
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VAD_STOP_S = 0.2  # Silero's stop: silence after the last word before the VAD says so
-STT_FINAL_S = 0.02  # the streaming engine's final after the VAD stop
+RATE = 16000
 REPLY = "It is ten past three. Would you like me to call your daughter this afternoon?"
 COMPLETE = ["What time is it?", "Can you call my daughter for me?", "What is the weather like today?",
             "Please read me the news.", "Did the doctor call this morning?"]
 PAUSED = [("I was wondering if", "you could call my daughter."), ("So the doctor said that", "I should rest more."),
           ("Could you tell me", "what day it is today?"), ("And then my neighbour", "brought me some soup.")]
 PAUSES_S = (0.4, 0.6, 0.8, 1.0, 1.2)
-VARIANTS = {"hold": False, "hold+preempt": True}
+VARIANTS = {"timeout": ("timeout", False), "timeout+preempt": ("timeout", True),
+            "smart": ("smart", False), "smart+preempt": ("smart", True)}
+LOUD_RMS = 300.0
 
 
-def final(text: str) -> TranscriptionFrame:
-    return TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True)
+def speech(text: str) -> np.ndarray:
+    pcm = synth_speech(text, RATE, voice="en-us+f3").astype(np.float32)
+    loud = np.flatnonzero(np.abs(pcm) > 300)
+    pcm = pcm[loud[0] : loud[-1] + 1] if loud.size else pcm
+    return (pcm * (0.1 * 32768 / (np.sqrt(np.mean(pcm**2)) or 1))).astype(np.int16)
+
+
+def loud_frames(call, since: float) -> list[float]:
+    """Times of the caller's frames with her voice in them (the line's own record), since ``since``."""
+    out = []
+    for t, pcm in list(call.transport.caller.heard):
+        if t >= since and np.sqrt(np.mean(np.frombuffer(pcm, dtype=np.int16).astype(np.float64) ** 2)) > LOUD_RMS:
+            out.append(t)
+    return out
 
 
 def first_audible(call, after: float) -> float | None:
@@ -66,106 +78,132 @@ def first_audible(call, after: float) -> float | None:
     return min(times) if times else None
 
 
-async def utterance(call, text: str, speech_s: float = 0.6) -> float:
-    """VAD start, speech, VAD stop, the final; returns the VAD stop's time."""
-    await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
-    await asyncio.sleep(speech_s)
-    stop = await call.send(VADUserStoppedSpeakingFrame(stop_secs=VAD_STOP_S))
-    await asyncio.sleep(STT_FINAL_S)
-    await call.send(final(text))
-    return stop
+class Caller:
+    def __init__(self, name: str, call, stt: ScriptedStreamingSTT, frame_s: float = 0.02):
+        self.name, self.call, self.stt, self.frame_s = name, call, stt, frame_s
+
+    async def say(self, segments: list[tuple[str, np.ndarray]], gaps_s: list[float]) -> tuple[float, float]:
+        """Play the segments with silence between; returns (when the audio was queued, its length)."""
+        self.stt._segments.clear()
+        pcm = []
+        for i, (text, audio) in enumerate(segments):
+            self.stt.expect(text, len(audio) / RATE)
+            pcm.append(audio)
+            if i < len(gaps_s):
+                pcm.append(np.zeros(int(gaps_s[i] * RATE), dtype=np.int16))
+        audio = np.concatenate(pcm)
+        t = time.monotonic()
+        self.call.transport.say(audio)
+        return t, len(audio) / RATE
+
+    async def answer_after(self, t0: float, length_s: float) -> tuple[float, float]:
+        """Wait for the caller's audio to be played and Annie's answer; returns (end of speech, first audible)."""
+        await asyncio.sleep(length_s)
+        await self.call.wait_until(lambda: not self.call.transport.caller.speaking, 5, "the caller's audio")
+        end = max(loud_frames(self.call, t0)) + self.frame_s
+        await self.call.wait_until(lambda: first_audible(self.call, end) is not None, 15, "Annie to answer")
+        return end, first_audible(self.call, end)
 
 
-async def complete_turn(call, llm: LLMStandIn, tts: TTSStandIn, text: str) -> dict:
+async def complete_turn(caller: Caller, llm: LLMStandIn, tts: TTSStandIn, text: str, audio: np.ndarray) -> dict:
+    call = caller.call
     n_llm, n_tts = len(llm.requests), len(tts.requests)
-    stop = await utterance(call, text)
-    await call.wait_until(lambda: first_audible(call, stop) is not None, 10, "Annie to answer")
-    heard = first_audible(call, stop)
-    turn_end = min(t for t in call.log.times(UserStoppedSpeakingFrame) if t >= stop)
-    request = llm.requests[-1]
-    speech = next(r for r in tts.requests[n_tts:] if r.first_byte_at is not None)
-    # The TTS starts on a whole sentence: the LLM server's part ends with the first sentence's last token.
+    t0, length = await caller.say([(text, audio)], [])
+    end, heard = await caller.answer_after(t0, length)
+    stops = [t for t in call.log.times(VADUserStoppedSpeakingFrame) if t >= t0]
+    turn_end = min(t for t in call.log.times(UserStoppedSpeakingFrame) if t >= t0)
+    said = {m["content"] for m in call.call.context.get_messages() if m["role"] == "user"}
+    requests = llm.requests[n_llm:]
+    answered = [r for r in requests if r.messages[-1]["content"] in said]
+    request = answered[-1] if answered else requests[-1]
+    speech_req = next(r for r in tts.requests[n_tts:] if r.first_byte_at is not None)
     sentence_at = next(t for t, piece in request.pieces if any(c in piece for c in ".?!"))
     llm_left = max(0.0, sentence_at - max(turn_end, request.started_at))
-    tts_server = speech.first_byte_at - speech.started_at
+    tts_server = speech_req.first_byte_at - speech_req.started_at
+    thrown = [r for r in requests if r.messages[-1]["content"] not in said]
     await call.wait_silent(0.4, 20)
     return {
         "text": text,
-        "voice_to_voice_ms": 1000 * (VAD_STOP_S + heard - stop),
-        "hold_ms": 1000 * (turn_end - stop),
-        "llm_started_after_stop_ms": 1000 * (request.started_at - stop),
-        "llm_server_ms": 1000 * (request.first_token_at - request.started_at),
+        "voice_to_voice_ms": 1000 * (heard - end),
+        "vad_stop_ms": 1000 * (min(stops) - end) if stops else None,
+        "turn_end_ms": 1000 * (turn_end - end),
+        "llm_start_ms": 1000 * (request.started_at - end),
         "llm_first_sentence_ms": 1000 * (sentence_at - request.started_at),
         "tts_server_ms": 1000 * tts_server,
         "ours_ms": 1000 * (heard - turn_end - llm_left - tts_server),
-        "llm_requests": len(llm.requests) - n_llm,
+        "llm_requests": len(requests),
+        "thrown_away": len(thrown),
+        "tokens_thrown_away": sum(r.tokens_sent for r in thrown),
     }
 
 
-async def paused_turn(call, llm: LLMStandIn, first: str, second: str, pause_s: float) -> dict:
+async def paused_turn(caller: Caller, llm: LLMStandIn, parts: tuple[tuple[str, np.ndarray], ...], pause_s: float) -> dict:
+    call = caller.call
     n_llm = len(llm.requests)
-    stop = await utterance(call, first, speech_s=0.5)
-    # The caller's voice comes back ``pause_s`` after her last word: the VAD stop came 200 ms in.
-    await asyncio.sleep(max(0.0, pause_s - VAD_STOP_S - STT_FINAL_S))
-    resumed = time.monotonic()
-    ended = [t for t in call.log.times(UserStoppedSpeakingFrame) if t >= stop]
-    await utterance(call, second, speech_s=0.5)
-    await call.wait_until(lambda: first_audible(call, resumed) is not None, 10, "Annie to answer")
+    t0, length = await caller.say(list(parts), [pause_s])
+    end, _ = await caller.answer_after(t0, length)
+    loud = loud_frames(call, t0)
+    gaps = [(a, b) for a, b in zip(loud, loud[1:]) if b - a > 0.3]
+    resumed = gaps[0][1] if gaps else end
+    cut_in = any(t0 <= t < resumed for t in call.log.times(UserStoppedSpeakingFrame))
     await call.wait_silent(0.4, 20)
-    requests = llm.requests[n_llm:]
     said = {m["content"] for m in call.call.context.get_messages() if m["role"] == "user"}
-    # An answer started ahead and withdrawn was asked for words that never became a turn of their own.
+    requests = llm.requests[n_llm:]
     thrown = [r for r in requests if r.messages[-1]["content"] not in said]
-    return {"pause_s": pause_s, "cut_in": bool(ended), "llm_requests": len(requests),
-            "thrown_away": len(thrown), "tokens_thrown_away": sum(r.tokens_sent for r in thrown)}
-
-
-def settings_for(preempt: bool, hold_ms: int) -> AgentSettings:
-    return AgentSettings(stt_backend="whisper", preemptive_generation=preempt, user_speech_timeout_ms=hold_ms,
-                         chatterbox_streaming=True)
+    return {"pause_s": pause_s, "cut_in": cut_in, "llm_requests": len(requests), "thrown_away": len(thrown),
+            "tokens_thrown_away": sum(r.tokens_sent for r in thrown)}
 
 
 def stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
     return {"median": round(float(np.median(values)), 1), "p95": round(float(np.percentile(values, 95)), 1),
             "n": len(values)} if values else {"n": 0}
 
 
-async def run(turns: int, hold_ms: int, log=print) -> dict:
+async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) -> dict:
+    complete_audio = {text: speech(text) for text in COMPLETE}
+    paused_audio = [((a, speech(a)), (b, speech(b))) for a, b in PAUSED]
     async with AsyncExitStack() as stack:
         llm = await stack.enter_async_context(
             LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.162, token_delay_s=0.015, reply=lambda _m: REPLY)))
         tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.107)))
-        calls = {}
-        for name, preempt in VARIANTS.items():
-            settings = settings_for(preempt, hold_ms)
-            calls[name] = await stack.enter_async_context(
-                running_call(settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url)))
-        for call in calls.values():  # warm-up: connections, the stand-in's synthesis cache
-            await complete_turn(call, llm, tts, COMPLETE[0])
-        complete: dict[str, list[dict]] = {name: [] for name in calls}
+        callers: dict[str, Caller] = {}
+        for name, (turn_end, preempt) in VARIANTS.items():
+            settings = AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
+                                     user_speech_timeout_ms=hold_ms, chatterbox_streaming=True)
+            stt = ScriptedStreamingSTT()
+            call = await stack.enter_async_context(running_call(
+                settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url), stt=stt,
+                vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings)))
+            callers[name] = Caller(name, call, stt)
+        for caller in callers.values():  # warm-up: connections, the TTS stand-in's synthesis cache
+            await complete_turn(caller, llm, tts, COMPLETE[0], complete_audio[COMPLETE[0]])
+        complete: dict[str, list[dict]] = {name: [] for name in callers}
         for i in range(turns):
-            for name, call in calls.items():
-                complete[name].append(await complete_turn(call, llm, tts, COMPLETE[i % len(COMPLETE)]))
-            log(f"complete {i + 1}/{turns}: " + ", ".join(f"{n} {r[-1]['voice_to_voice_ms']:.0f} ms" for n, r in complete.items()))
-        paused: dict[str, list[dict]] = {name: [] for name in calls}
-        for first, second in PAUSED:
-            for pause in PAUSES_S:
-                for name, call in calls.items():
-                    paused[name].append(await paused_turn(call, llm, first, second, pause))
-            log(f"paused: {first} ... done")
+            text = COMPLETE[i % len(COMPLETE)]
+            for name, caller in callers.items():
+                complete[name].append(await complete_turn(caller, llm, tts, text, complete_audio[text]))
+            log(f"complete {i + 1}/{turns}: " + ", ".join(f"{n} {r[-1]['voice_to_voice_ms']:.0f}" for n, r in complete.items()))
+        paused: dict[str, list[dict]] = {name: [] for name in callers}
+        for parts in paused_audio:
+            for pause in pauses:
+                for name, caller in callers.items():
+                    paused[name].append(await paused_turn(caller, llm, parts, pause))
+            log(f"paused: {parts[0][0]} ... done")
     summary = {}
-    for name in calls:
-        rows = complete[name]
+    for name in callers:
+        rows, prow = complete[name], paused[name]
         summary[name] = {
-            **{k: stats([r[k] for r in rows]) for k in ("voice_to_voice_ms", "hold_ms", "llm_started_after_stop_ms",
-                                                         "llm_server_ms", "llm_first_sentence_ms", "tts_server_ms", "ours_ms")},
-            "cut_ins": {"count": sum(r["cut_in"] for r in paused[name]), "n": len(paused[name])},
-            "answers_thrown_away": {"count": sum(r["thrown_away"] for r in paused[name]), "n_turns": len(paused[name]),
-                                    "tokens": sum(r["tokens_thrown_away"] for r in paused[name])},
-            "llm_requests_per_paused_turn": stats([r["llm_requests"] for r in paused[name]]),
+            **{k: stats([r[k] for r in rows]) for k in ("voice_to_voice_ms", "vad_stop_ms", "turn_end_ms", "llm_start_ms",
+                                                         "llm_first_sentence_ms", "tts_server_ms", "ours_ms")},
+            "complete_thrown_away": {"count": sum(r["thrown_away"] for r in rows), "n_turns": len(rows),
+                                     "tokens": sum(r["tokens_thrown_away"] for r in rows)},
+            "cut_ins": {"count": sum(r["cut_in"] for r in prow), "n": len(prow)},
+            "paused_thrown_away": {"count": sum(r["thrown_away"] for r in prow), "n_turns": len(prow),
+                                   "tokens": sum(r["tokens_thrown_away"] for r in prow)},
         }
     return {"summary": summary, "complete": complete, "paused": paused, "hold_ms": hold_ms,
-            "servers": {"llm_first_token_ms": 162, "tts_first_audio_ms": 107, "vad_stop_ms": 200, "stt_final_ms": 20}}
+            "servers": {"llm_first_token_ms": 162, "llm_token_ms": 15, "tts_first_audio_ms": 107, "stt_final_ms": 20}}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -174,13 +212,13 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     names = list(result["complete"])
     ax.boxplot([[r["voice_to_voice_ms"] for r in result["complete"][n]] for n in names], tick_labels=names)
     ax.axhline(450, linestyle="--", color="grey", label="goal 450 ms")
     ax.axhline(508, linestyle=":", color="grey", label="reference agent 508 ms")
     ax.set_ylabel("voice-to-voice (ms)")
-    ax.set_title(f"Complete utterances, hold {result['hold_ms']} ms, reference server latencies")
+    ax.set_title(f"Complete utterances (hold {result['hold_ms']} ms), reference server latencies")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -189,23 +227,29 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="5 turns, pauses 0.4/0.8/1.2 s")
     parser.add_argument("--hold-ms", type=int, default=400)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    result = asyncio.run(run(args.turns, args.hold_ms, log=lambda s: print(s, file=sys.stderr)))
+    turns, pauses = (5, PAUSES_S[::2]) if args.quick else (args.turns, PAUSES_S)
+    result = asyncio.run(run(turns, pauses, args.hold_ms, log=lambda s: print(s, file=sys.stderr)))
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "voice_to_voice.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "voice_to_voice.png")
-    print(f"{'variant':<14} {'v2v p50':>8} {'p95':>6} {'hold':>6} {'LLM 1st sent.':>8} {'TTS srv':>8} {'ours p50':>9} {'ours p95':>9}  cut-ins  thrown away")
+    print(f"{'variant':<16} {'v2v p50':>7} {'p95':>5} {'VAD stop':>8} {'turn end':>8} {'LLM start':>9} "
+          f"{'ours p50':>8} {'p95':>4}  thrown(complete)  cut-ins  thrown(paused)")
     for name, s in result["summary"].items():
-        print(f"{name:<14} {s['voice_to_voice_ms']['median']:>8.0f} {s['voice_to_voice_ms']['p95']:>6.0f} "
-              f"{s['hold_ms']['median']:>6.0f} {s['llm_first_sentence_ms']['median']:>13.0f} {s['tts_server_ms']['median']:>8.0f} "
-              f"{s['ours_ms']['median']:>9.0f} {s['ours_ms']['p95']:>9.0f}  {s['cut_ins']['count']}/{s['cut_ins']['n']}"
-              f"  {s['answers_thrown_away']['count']}/{s['answers_thrown_away']['n_turns']}")
-    print(f"(n = {args.turns} complete utterances per variant; JSON and PNG in {args.out})")
+        print(f"{name:<16} {s['voice_to_voice_ms']['median']:>7.0f} {s['voice_to_voice_ms']['p95']:>5.0f} "
+              f"{s['vad_stop_ms']['median']:>8.0f} {s['turn_end_ms']['median']:>8.0f} {s['llm_start_ms']['median']:>9.0f} "
+              f"{s['ours_ms']['median']:>8.0f} {s['ours_ms']['p95']:>4.0f}  "
+              f"{s['complete_thrown_away']['count']:>7}/{s['complete_thrown_away']['n_turns']:<8} "
+              f"{s['cut_ins']['count']:>3}/{s['cut_ins']['n']:<4} {s['paused_thrown_away']['count']:>6}/{s['paused_thrown_away']['n_turns']}")
+    print(f"(ms after the caller's last sound; n = {turns} complete utterances and {len(PAUSED) * len(pauses)} "
+          f"paused sentences per variant; servers: LLM first token 162 ms + 15 ms/token, TTS first audio 107 ms; "
+          f"JSON and PNG in {args.out})")
     return 0
 
 

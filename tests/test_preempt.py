@@ -10,36 +10,43 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
-from pipecat.frames.frames import TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
+from pipecat.audio.vad.vad_analyzer import VADState
+from pipecat.frames.frames import (
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
 
-from agent.preempt import Act, Preemption
+from agent.preempt import Act, Preemption, PreemptiveSpeechTimeoutStopStrategy, vad_state_of
 from agent.demo.call import running_call
 from tests.doubles import ToneTTSService
 
 # --- the rule ------------------------------------------------------------------------------------
 
 RULE = [
-    ("quiet caller's final: answer ahead", [("final", "what time is it", True)], [Act.SPECULATE]),
-    ("a final while she still speaks: nothing yet", [("final", "what time is it", False)], [Act.NOTHING]),
-    ("the turn ends on those words: confirm", [("final", "what time is it", True), ("end", "what time is it")],
+    ("quiet caller: answer ahead", [("quiet", "what time is it")], [Act.SPECULATE]),
+    ("the turn ends on those words: confirm", [("quiet", "what time is it"), ("end", "what time is it")],
      [Act.SPECULATE, Act.CONFIRM]),
-    ("punctuation and case aside", [("final", "what time is it", True), ("end", "What time is it?")],
-     [Act.SPECULATE, Act.CONFIRM]),
+    ("punctuation and case aside (a partial, then its final)",
+     [("quiet", "what time is it"), ("quiet", "What time is it?"), ("end", "What time is it?")],
+     [Act.SPECULATE, Act.NOTHING, Act.CONFIRM]),
     ("she goes on: withdraw, and the turn's end answers anew",
-     [("final", "call my daughter", True), ("voice",), ("final", "call my daughter and my son", True),
+     [("quiet", "call my daughter"), ("voice",), ("quiet", "call my daughter and my son"),
       ("end", "call my daughter and my son")],
      [Act.SPECULATE, Act.WITHDRAW, Act.SPECULATE, Act.CONFIRM]),
-    ("more words with no voice between: answer the new words",
-     [("final", "call my daughter", True), ("final", "call my daughter please", True), ("end", "call my daughter please")],
+    ("the final has a word the partial lacked: answer the final's words",
+     [("quiet", "call my daughter"), ("quiet", "call my daughter please"), ("end", "call my daughter please")],
      [Act.SPECULATE, Act.RESPECULATE, Act.CONFIRM]),
-    ("the same words again: keep the answer", [("final", "hello", True), ("final", "Hello.", True)],
-     [Act.SPECULATE, Act.NOTHING]),
-    ("the turn ends on other words: withdraw and answer", [("final", "call my daughter", True), ("end", "call my son")],
+    ("the turn ends on other words: withdraw and answer", [("quiet", "call my daughter"), ("end", "call my son")],
      [Act.SPECULATE, Act.WITHDRAW_AND_ANSWER]),
     ("nothing in flight: the turn's end answers as usual", [("end", "what time is it")], [Act.ANSWER]),
-    ("the turn reset another way: withdraw", [("final", "what time is it", True), ("reset",)], [Act.SPECULATE, Act.WITHDRAW]),
-    ("no words, no answer", [("final", "  ", True), ("voice",), ("reset",)], [Act.NOTHING, Act.NOTHING, Act.NOTHING]),
+    ("the turn reset another way: withdraw", [("quiet", "what time is it"), ("reset",)], [Act.SPECULATE, Act.WITHDRAW]),
+    ("no words, no answer", [("quiet", "  "), ("voice",), ("reset",)], [Act.NOTHING, Act.NOTHING, Act.NOTHING]),
+    ("her voice back with nothing in flight: nothing", [("voice",)], [Act.NOTHING]),
 ]
 
 
@@ -48,8 +55,8 @@ def test_the_rule(events, acts):
     rule = Preemption()
     got = []
     for kind, *arg in events:
-        if kind == "final":
-            got.append(rule.final(arg[0], caller_quiet=arg[1]))
+        if kind == "quiet":
+            got.append(rule.quiet(arg[0]))
         elif kind == "end":
             got.append(rule.turn_ended(arg[0]))
         else:
@@ -153,3 +160,83 @@ async def test_words_that_change_in_the_hold_are_answered_as_they_ended(make_set
         assert llm.requests[1].started_at - stop < HOLD_S - 0.1, "the new words were answered ahead too"
         assert [t.strip() for t in tts.voiced] == ["Heard Call my daughter please."]
         assert user_messages(call) == ["Call my daughter please"]
+
+
+# --- the quiet onset: the VAD's state at each audio frame ----------------------------------------
+
+
+class VADStates:
+    def __init__(self):
+        self.state = VADState.QUIET
+
+    def __call__(self) -> VADState:
+        return self.state
+
+
+def strategy_with_events(states: VADStates):
+    strategy = PreemptiveSpeechTimeoutStopStrategy(user_speech_timeout=0.4, vad_state=states)
+    events: list[tuple[str, str | None]] = []
+
+    @strategy.event_handler("on_user_turn_inference_triggered")
+    async def _triggered(_s, speculation):
+        events.append(("speculate", speculation.text if speculation else None))
+
+    @strategy.event_handler("on_user_turn_speculation_cancelled")
+    async def _cancelled(_s):
+        events.append(("withdraw", None))
+
+    return strategy, events
+
+
+def audio() -> InputAudioRawFrame:
+    return InputAudioRawFrame(audio=bytes(640), sample_rate=16000, num_channels=1)
+
+
+async def test_the_answer_starts_when_her_voice_falls_and_is_withdrawn_when_it_rises():
+    states = VADStates()
+    strategy, events = strategy_with_events(states)
+    await strategy.process_frame(VADUserStartedSpeakingFrame(start_secs=0.2))
+    states.state = VADState.SPEAKING
+    await strategy.process_frame(InterimTranscriptionFrame(text="call my", user_id="c", timestamp=""))
+    await strategy.process_frame(audio())
+    assert events == []
+    states.state = VADState.STOPPING  # her voice fell: the words so far are answered
+    await strategy.process_frame(audio())
+    await strategy.process_frame(audio())
+    assert events == [("speculate", "call my")]
+    states.state = VADState.SPEAKING  # a breath: she goes on
+    await strategy.process_frame(audio())
+    await strategy.process_frame(InterimTranscriptionFrame(text="call my daughter", user_id="c", timestamp=""))
+    assert events[1:] == [("withdraw", None)]
+    states.state = VADState.STOPPING
+    await strategy.process_frame(audio())
+    assert events[2:] == [("speculate", "call my daughter")]
+    # The STT's last chunk brings a word after her voice fell: the answer follows the words.
+    await strategy.process_frame(InterimTranscriptionFrame(text="call my daughter please", user_id="c", timestamp=""))
+    assert events[3:] == [("withdraw", None), ("speculate", "call my daughter please")]
+    await strategy.process_frame(InterimTranscriptionFrame(text="Call my daughter, please.", user_id="c", timestamp=""))
+    assert len(events) == 5, "the same words again: the answer stands"
+    assert (strategy.speculated, strategy.withdrawn) == (3, 2)
+
+
+def test_the_vad_state_is_read_from_a_real_silero_analyzer():
+    """``vad_state_of`` reads pipecat's private ``_vad_state``: this fails if a pipecat release
+    renames it, instead of preemption silently losing its quiet onset."""
+    from pipecat.audio.vad.silero import SileroVADAnalyzer
+    from pipecat.audio.vad.vad_analyzer import VADParams
+
+    from transports.rig.audio import synth_speech
+
+    vad = SileroVADAnalyzer(params=VADParams(stop_secs=0.2))
+    state = vad_state_of(vad)  # as the pipeline takes it: before the VAD has its sample rate
+    assert state is not None and state() == VADState.QUIET
+    vad.set_sample_rate(16000)
+    pcm = synth_speech("What time is it please?", 16000)
+    pcm = np.concatenate([pcm, np.zeros(16000, dtype=np.int16)])
+    seen = []
+    for i in range(0, len(pcm) - 320, 320):
+        asyncio.run(vad.analyze_audio(pcm[i : i + 320].tobytes()))
+        if not seen or seen[-1] != state():
+            seen.append(state())
+    assert VADState.SPEAKING in seen and VADState.STOPPING in seen
+    assert seen.index(VADState.STOPPING) > seen.index(VADState.SPEAKING) and seen[-1] == VADState.QUIET

@@ -109,6 +109,8 @@ async def running_call(
     tts: FrameProcessor,
     stt: FrameProcessor | None = None,
     stt_streams_partials: bool | None = None,
+    vad_analyzer=None,
+    turn_analyzer=None,
 ):
     """Start the call pipeline, yield a :class:`CallHarness`, then cancel it cleanly."""
     transport = SimulatedPhoneTransport()
@@ -119,7 +121,8 @@ async def running_call(
         stt=stt or IdentityFilter(),
         llm=build_llm(settings, base_url=llm_base_url),
         tts=tts,
-        vad_analyzer=None,
+        vad_analyzer=vad_analyzer,
+        turn_analyzer=turn_analyzer,
         observers=[log],
         stt_streams_partials=stt_streams_partials,
     )
