@@ -229,6 +229,11 @@ def build_call_pipeline(
     """
     if stt_streams_partials is None:
         stt_streams_partials = bool(getattr(stt, "streams_partials", False))
+    if settings.preemptive_generation:
+        logger.info("preemptive generation: the answer starts when the caller's voice falls, on her words so far"
+                    if stt_streams_partials else
+                    f"preemptive generation: the STT (STT_BACKEND={settings.stt_backend}) gives no partial transcripts; "
+                    "answers start ahead of the turn's end on its finals only")
     start = pause_first_strategy(settings, transport.output(), stt_streams_partials, decision_log,
                                  gate=speaker_encoder is not None, stt=stt)
     if start is not None and vad_analyzer is not None:

@@ -9,6 +9,7 @@ Nemotron engine gives it).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -240,3 +241,33 @@ def test_the_vad_state_is_read_from_a_real_silero_analyzer():
             seen.append(state())
     assert VADState.SPEAKING in seen and VADState.STOPPING in seen
     assert seen.index(VADState.STOPPING) > seen.index(VADState.SPEAKING) and seen[-1] == VADState.QUIET
+
+
+async def test_barge_in_during_an_answer_started_ahead_behaves_like_any_other(make_settings):
+    """The answer started ahead plays; the caller's real words over it pause and then commit, as
+    for any answer: the playback stops, and her words are answered."""
+    from pipecat.frames.frames import InterruptionFrame
+
+    from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
+
+    async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.05, token_delay_s=0.02)) as llm:
+        llm.queue_reply("Once upon a time there was a village by the sea. The fishermen sailed at dawn. The end.")
+        llm.queue_reply("All right, I stopped.")
+        tts = ToneTTSService(ms_per_char=60)
+        settings = make_settings(preemptive_generation=True, enable_barge_in=True, user_speech_timeout_ms=int(HOLD_S * 1000))
+        async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
+            stop = await says(call, "Tell me a story.")
+            await call.wait_speaking(5)
+            assert llm.requests[0].started_at - stop < 0.3, "the story was started ahead"
+            await asyncio.sleep(0.8)
+            onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+            await call.wait_until(lambda: call.loudspeaker.pauses, 1, "the pause")
+            await call.send(InterimTranscriptionFrame(text="stop please", user_id="caller", timestamp=""))
+            await call.wait_until(lambda: [t for t in call.log.times(InterruptionFrame) if t >= onset], 2, "the commit")
+            await asyncio.sleep(0.3)
+            assert call.audible_since(time.monotonic() - 0.25) == 0.0, "the story stopped"
+            await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+            await asyncio.sleep(0.015)
+            await call.send(final("Stop please."))
+            await call.wait_until(lambda: any("stopped" in t for t in tts.voiced), 5, "the answer to her words")
+            assert user_messages(call)[-1] == "Stop please."
