@@ -63,7 +63,7 @@ class AgentSettings(BaseSettings):
     # Start the LLM as soon as the caller is quiet (her voice falling, or a final), while the turn is
     # still open; the answer plays at the turn's end if the words did not change, and is dropped
     # unheard if she goes on (agent.preempt). Either TURN_END.
-    preemptive_generation: bool = False
+    preemptive_generation: bool = True
     # A turn that no transcript ends (the STT heard nothing, or failed) closes after this much
     # quiet (pipecat's watchdog); the request to repeat follows. Keep it above the STT's slowest final.
     user_turn_stop_timeout_ms: int = Field(5000, ge=500, le=30000)
