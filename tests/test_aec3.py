@@ -274,10 +274,14 @@ async def test_pause_resume_and_flush_keep_the_reference_in_step(line_rig):
     fed = timeline([(t, np.frombuffer(pcm, dtype=np.int16)) for t, pcm in canceller.fed], IN_RATE, started)
     lag_before = reference_lag(fed, played.recording, started, started + 3.0, started + 5.0)
     for when, what in ((resumed, "resume"), (replied, "flush and a new reply")):
-        # The reference AEC3 got is still what the earpiece played, as far behind as before.
+        # The reference AEC3 got is still what the earpiece played, as far behind as before: within
+        # one of AEC3's 10 ms frames (it tracks a delay that small itself). What this guards against
+        # is a jump by the paused or dropped audio. Measured (4 runs, 2-core box): the lag moves
+        # -3.3 to -5.1 ms at the resume (the sink's buffer refills after the flush), +0.1 to +2.0 ms
+        # at the flush and new reply; the old bound of 5 ms failed one run in four under load.
         lag = reference_lag(fed, played.recording, started, when, when + 1.0)
         print(f"reference behind the earpiece: {lag_before:.1f} ms before, {lag:.1f} ms after the {what}")
-        assert lag == pytest.approx(lag_before, abs=5.0), f"the reference moved at the {what}"
+        assert lag == pytest.approx(lag_before, abs=10.0), f"the reference moved at the {what}"
         blocks = [(when + echo_at + k * 0.1, when + echo_at + (k + 1) * 0.1) for k in range(10)]
         echo = np.array([level_db(raw_between(rec, a, b)) for a, b in blocks])
         gain = np.array([erle(canceller, rec, a, b) for a, b in blocks])
