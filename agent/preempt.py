@@ -120,6 +120,9 @@ class PreemptiveStop:
         self._partial = ""  # the latest partial since the last final
         self._speaking = False  # between the VAD's start and stop
         self._falling = False  # the VAD's speech probability fell (STOPPING) since it last rose
+        # A caller turn is open: sounds while none is (a backchannel over Annie that pause-first
+        # barge-in resumes on) start no answer.
+        self._in_turn = False
         self.speculated = 0  # answers started ahead, confirmed and withdrawn (logs, the bench)
         self.confirmed = 0
         self.withdrawn = 0
@@ -172,10 +175,12 @@ class PreemptiveStop:
 
     async def handle_user_turn_started(self):
         await self._turn_boundary()
+        self._in_turn = True
         await super().handle_user_turn_started()
 
     async def handle_user_turn_stopped(self):
         await self._turn_boundary()
+        self._in_turn = False
         await super().handle_user_turn_stopped()
 
     async def _turn_boundary(self) -> None:
@@ -186,6 +191,9 @@ class PreemptiveStop:
         if act is Act.WITHDRAW:
             await self._withdraw("the caller went on, or the turn ended another way")
         elif act in (Act.SPECULATE, Act.RESPECULATE):
+            if not self._in_turn:
+                self.preemption.reset()
+                return
             if act is Act.RESPECULATE:
                 await self._withdraw("the words changed")
             self.speculated += 1

@@ -197,6 +197,7 @@ async def test_the_answer_starts_when_her_voice_falls_and_is_withdrawn_when_it_r
     states = VADStates()
     strategy, events = strategy_with_events(states)
     await strategy.process_frame(VADUserStartedSpeakingFrame(start_secs=0.2))
+    await strategy.handle_user_turn_started()
     states.state = VADState.SPEAKING
     await strategy.process_frame(InterimTranscriptionFrame(text="call my", user_id="c", timestamp=""))
     await strategy.process_frame(audio())
@@ -218,6 +219,26 @@ async def test_the_answer_starts_when_her_voice_falls_and_is_withdrawn_when_it_r
     await strategy.process_frame(InterimTranscriptionFrame(text="Call my daughter, please.", user_id="c", timestamp=""))
     assert len(events) == 5, "the same words again: the answer stands"
     assert (strategy.speculated, strategy.withdrawn) == (3, 2)
+
+
+async def test_no_answer_starts_while_no_caller_turn_is_open():
+    """Pause-first barge-in opens the caller's turn only when it commits: a backchannel over Annie
+    ("mm-hm", her voice falling) starts nothing, and the turn's own quiet onset still does."""
+    states = VADStates()
+    strategy, events = strategy_with_events(states)
+    await strategy.process_frame(VADUserStartedSpeakingFrame(start_secs=0.2))
+    states.state = VADState.SPEAKING
+    await strategy.process_frame(InterimTranscriptionFrame(text="mm-hm", user_id="c", timestamp=""))
+    states.state = VADState.STOPPING
+    await strategy.process_frame(audio())
+    assert events == [] and strategy.preemption.words is None
+    await strategy.process_frame(VADUserStartedSpeakingFrame(start_secs=0.2))
+    await strategy.handle_user_turn_started()  # her real words commit: the turn opens
+    states.state = VADState.SPEAKING
+    await strategy.process_frame(InterimTranscriptionFrame(text="stop please", user_id="c", timestamp=""))
+    states.state = VADState.STOPPING
+    await strategy.process_frame(audio())
+    assert events == [("speculate", "stop please")]
 
 
 def test_the_vad_state_is_read_from_a_real_silero_analyzer():
