@@ -195,7 +195,10 @@ def test_double_talk_keeps_the_callers_words(rig, bot_speech, caller_speech, whi
     )
     assert heard_db > solo_db - 12, "the canceller suppressed the caller along with the echo"
     assert heard_db > echo_db + 15
-    assert len(found) >= 4, f"caller's words lost: {text!r}"
+    # Judge the canceller, not Whisper tiny: at least 3 of the 5 words, and at most one fewer than
+    # Whisper finds on the raw mic. Measured: 3/5 after and 3/5 raw in a fresh-clone run ("call my
+    # board to marry"), 3/5 after and 4/5 raw in a run alone; the level checks above judge suppression.
+    assert len(found) >= max(3, len(raw_found) - 1), f"caller's words lost: {text!r} (raw mic: {len(raw_found)}/5)"
 
 
 def test_source_outage_and_daemon_restart(rig):
