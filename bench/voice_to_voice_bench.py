@@ -84,7 +84,7 @@ class Caller:
 
     async def say(self, segments: list[tuple[str, np.ndarray]], gaps_s: list[float]) -> tuple[float, float]:
         """Play the segments with silence between; returns (when the audio was queued, its length)."""
-        self.stt._segments.clear()
+        self.stt.clear()
         pcm = []
         for i, (text, audio) in enumerate(segments):
             self.stt.expect(text, len(audio) / RATE)

@@ -44,6 +44,10 @@ class ScriptedStreamingSTT(FrameProcessor):
         """The next VAD segment's words, and how long its voice lasts."""
         self._segments.append((text, voice_s))
 
+    def clear(self) -> None:
+        """Forget the segments still expected (a turn the VAD split or muted differently)."""
+        self._segments.clear()
+
     @property
     def audio_in_flight(self) -> bool:
         return self._pending > 0
