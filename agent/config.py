@@ -64,6 +64,9 @@ class AgentSettings(BaseSettings):
     # still open; the answer plays at the turn's end if the words did not change, and is dropped
     # unheard if she goes on (agent.preempt). Either TURN_END.
     preemptive_generation: bool = True
+    # With preemptive generation: the held answer's first sentence is also synthesized ahead (its
+    # audio buffered, played only if the answer is); costs one TTS request per withdrawn answer.
+    preemptive_tts: bool = True
     # A turn that no transcript ends (the STT heard nothing, or failed) closes after this much
     # quiet (pipecat's watchdog); the request to repeat follows. Keep it above the STT's slowest final.
     user_turn_stop_timeout_ms: int = Field(5000, ge=500, le=30000)

@@ -86,6 +86,7 @@ def build_llm(settings: AgentSettings, base_url: str | None = None) -> GemmaLLMS
         temperature=settings.llm_temperature,
         max_tokens=settings.llm_max_tokens,
         timeout_s=settings.llm_timeout_s,
+        prefetch_first_sentence=settings.preemptive_generation and settings.preemptive_tts,
     )
 
 

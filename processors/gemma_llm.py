@@ -6,6 +6,9 @@ interruption cancels it. On top of it this service:
 - sends no ``developer`` messages (Gemma's chat template knows only user and model turns);
 - bounds how long a completion may stall (connect and between-token timeouts), with one retry
   for a connection that failed before any token;
+- while pipecat's speculation gate holds an answer started ahead of the caller's turn end
+  (preemptive generation), sends its first sentence to the TTS to be synthesized ahead
+  (:mod:`processors.prefetch`); it is played only if the answer is released;
 - when a completion fails (server down, HTTP error, stall, connection dropped mid-stream) it
   logs the failure, reports an ``ErrorFrame`` upstream as pipecat does, and streams a short
   apology downstream in place of the answer, so the caller is never left in silence. The call
@@ -19,9 +22,11 @@ import asyncio
 import httpx
 from loguru import logger
 from openai import AsyncOpenAI
-from pipecat.frames.frames import ErrorFrame, Frame, LLMContextFrame, LLMTextFrame
+from pipecat.frames.frames import ErrorFrame, Frame, LLMContextFrame, LLMFullResponseEndFrame, LLMTextFrame
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.llm import OpenAILLMService
+
+from processors.prefetch import FirstSentence, TTSPrefetchFrame
 
 
 _SENTENCE_ENDS = (".", "!", "?", "…")
@@ -43,6 +48,7 @@ class GemmaLLMService(OpenAILLMService):
         temperature: float = 0.6,
         max_tokens: int = 200,
         timeout_s: float = 8.0,
+        prefetch_first_sentence: bool = True,
         **kwargs,
     ):
         self._timeout_s = timeout_s
@@ -50,6 +56,8 @@ class GemmaLLMService(OpenAILLMService):
         self._in_completion = False
         self._apologised = False
         self._answer_tail = ""  # the end of this completion's text so far
+        self._prefetch_first_sentence = prefetch_first_sentence
+        self._first_sentence = FirstSentence()
         self._warm_up_task: asyncio.Task | None = None
         super().__init__(
             api_key=api_key,
@@ -77,6 +85,7 @@ class GemmaLLMService(OpenAILLMService):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, LLMContextFrame):
             self._in_completion, self._apologised, self._answer_tail = True, False, ""
+            self._first_sentence = FirstSentence()
             try:
                 await super().process_frame(frame, direction)
             finally:
@@ -98,7 +107,20 @@ class GemmaLLMService(OpenAILLMService):
     async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
         if isinstance(frame, LLMTextFrame) and self._in_completion:
             self._answer_tail = (self._answer_tail + frame.text)[-80:]
+            if self._held_ahead():
+                await self._prefetch(await self._first_sentence.feed(frame.text))
+        elif isinstance(frame, LLMFullResponseEndFrame) and self._held_ahead():
+            await self._prefetch(self._first_sentence.flush())
         await super().push_frame(frame, direction)
+
+    def _held_ahead(self) -> bool:
+        """Whether this answer is one started ahead of the turn's end, held until it is confirmed."""
+        return self._prefetch_first_sentence and self._speculation_gate.is_speculating
+
+    async def _prefetch(self, sentence: str | None) -> None:
+        if sentence:
+            # A system frame: it passes the gate at once, ahead of the held answer.
+            await super().push_frame(TTSPrefetchFrame(text=sentence))
 
     async def start(self, frame):
         await super().start(frame)

@@ -21,6 +21,7 @@ from pipecat.frames.frames import ErrorFrame, InterruptionFrame, TTSSpeakFrame, 
 from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions, TTSStandInProcess, split_sentences, synthesize
 from processors.chatterbox.smoke import TTSProbe, open_tcp_connections, run_smoke_test
 from processors.chatterbox.tts import ChatterboxTTSService
+from processors.prefetch import FirstSentence, TTSPrefetchFrame, sentence_key
 
 SHORT = "Hello there. How are you today?"
 LONG = (
@@ -183,6 +184,96 @@ async def test_interrupt_hook_closes_the_request_even_if_nothing_cancels_the_tas
         assert await probe.sink.wait_for(lambda: probe.tts.requests_in_flight == 0, 5)
         await probe.send(InterruptionFrame())
     assert probe.errors() == []
+
+
+# -- a sentence synthesized ahead (preemptive generation) -------------------------------------
+
+
+async def test_a_prefetched_sentence_plays_from_its_own_request(server):
+    """Synthesized ahead, asked for later: one request, its audio exact, nothing pushed before."""
+    server.options.first_byte_delay_s = 0.3
+    async with TTSProbe(make_tts(server.url)) as probe:
+        await probe.send(TTSPrefetchFrame(text="Hello  there."))
+        await server.wait_for(lambda: server.requests and server.requests[0].finished_at is not None, 5)
+        assert probe.audio() == [], "nothing of a prefetch is pushed before it is asked for"
+        asked = time.monotonic()
+        context_id = await speak_and_wait(probe, "Hello there.")
+        first_audio = probe.audio(context_id)[0].at
+    assert [r.body["input"] for r in server.requests] == ["Hello  there."]
+    assert audio_bytes(probe, context_id) == synthesize("Hello there.")
+    assert first_audio - asked < server.options.first_byte_delay_s, "played from the buffer, not a new request"
+    assert probe.tts.prefetches == {"started": 1, "played": 1, "dropped": 0}
+    assert probe.errors() == []
+
+
+async def test_an_llm_answer_asks_for_the_prefetched_first_sentence(server):
+    """The sentence the LLM side cuts (processors.prefetch.FirstSentence) is the TTS's own."""
+    from pipecat.frames.frames import LLMFullResponseEndFrame, LLMFullResponseStartFrame, LLMTextFrame
+
+    tokens = ["Dr. ", "Smith ", "is ", "in ", "at ", "3.30 ", "today. ", "Shall ", "I ", "call?"]
+    first = FirstSentence()
+    sentence = next(s for s in [await first.feed(t) for t in tokens] if s)
+    async with TTSProbe(make_tts(server.url)) as probe:
+        await probe.send(TTSPrefetchFrame(text=sentence))
+        await probe.send(LLMFullResponseStartFrame())
+        for token in tokens:
+            await probe.send(LLMTextFrame(token))
+        await probe.send(LLMFullResponseEndFrame())
+        assert await probe.sink.wait_for(lambda: bool(probe.sink.frames(TTSStoppedFrame)), 20)
+    assert [r.body["input"] for r in server.requests] == ["Dr. Smith is in at 3.30 today.", "Shall I call?"]
+    assert probe.tts.prefetches["played"] == 1
+
+
+async def test_a_withdrawn_answer_drops_its_prefetch_and_closes_the_request(server):
+    from pipecat.frames.frames import EagerEndOfTurnCancelFrame
+
+    server.options.realtime_factor = 1.0  # slow: the request is still open when it is withdrawn
+    async with TTSProbe(make_tts(server.url)) as probe:
+        await probe.send(TTSPrefetchFrame(text=LONG))
+        await server.wait_for(lambda: server.requests and server.requests[0].first_byte_at is not None, 5)
+        await probe.send(EagerEndOfTurnCancelFrame())
+        await server.wait_for(lambda: server.requests[0].disconnected_at is not None, 5)
+        context_id = await speak_and_wait(probe, SHORT)
+    assert not server.requests[0].completed
+    assert [r.body["input"] for r in server.requests] == [LONG, SHORT]
+    assert probe.audio() == probe.audio(context_id), "nothing of the withdrawn answer was pushed"
+    assert probe.tts.prefetches == {"started": 1, "played": 0, "dropped": 1}
+
+
+async def test_a_prefetch_is_used_only_for_its_own_sentence_and_only_while_fresh(server):
+    async with TTSProbe(make_tts(server.url, prefetch_ttl_s=0.5)) as probe:
+        await probe.send(TTSPrefetchFrame(text="Hello there."))
+        await speak_and_wait(probe, "How are you today?")  # another sentence: its own request
+        assert probe.tts.prefetches == {"started": 1, "played": 0, "dropped": 0}
+        await asyncio.sleep(0.6)
+        context_id = await speak_and_wait(probe, "Hello there.")  # too late: a fresh request
+    assert [r.body["input"] for r in server.requests] == ["Hello there.", "How are you today?", "Hello there."]
+    assert audio_bytes(probe, context_id) == synthesize("Hello there.")
+    assert probe.tts.prefetches == {"started": 1, "played": 0, "dropped": 1}
+
+
+async def test_a_failed_prefetch_is_retried_when_its_sentence_is_asked_for(server):
+    server.fault_once("http_500")
+    async with TTSProbe(make_tts(server.url)) as probe:
+        await probe.send(TTSPrefetchFrame(text="Hello there."))
+        await server.wait_for(lambda: bool(server.requests), 5)
+        await asyncio.sleep(0.2)  # the 500 is in the prefetch's buffer before its sentence is asked for
+        context_id = await speak_and_wait(probe, "Hello there.")
+    assert [r.status for r in server.requests] == [500, 200]
+    assert audio_bytes(probe, context_id) == synthesize("Hello there.")
+    assert probe.errors() == []
+
+
+def test_first_sentence_is_cut_once_and_a_one_sentence_answer_at_its_end():
+    async def cut(tokens: list[str]) -> list[str | None]:
+        first = FirstSentence()
+        return [await first.feed(t) for t in tokens] + [first.flush()]
+
+    assert asyncio.run(cut(["Hello ", "there. ", "How ", "are ", "you? ", "Fine."])) == \
+        [None, None, "Hello there.", None, None, None, None]
+    assert asyncio.run(cut(["It ", "is ", "three."])) == [None, None, None, "It is three."]
+    assert asyncio.run(cut([" "])) == [None, None]
+    assert sentence_key(" Hello\n  there. ") == "Hello there."
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -163,6 +163,58 @@ async def test_words_that_change_in_the_hold_are_answered_as_they_ended(make_set
         assert user_messages(call) == ["Call my daughter please"]
 
 
+# --- the first sentence synthesized ahead (the real Chatterbox service, the TTS stand-in) ---------
+
+TTS_FIRST_BYTE_S = 0.4  # the stand-in server's time to first audio: what synthesizing ahead saves
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["tts-ahead", "tts-after-the-turn"])
+async def test_the_first_sentence_is_synthesized_in_the_hold_and_heard_only_after_it(make_settings, llm, ahead):
+    from pipecat.frames.frames import UserStoppedSpeakingFrame
+
+    from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
+    from processors.chatterbox.tts import ChatterboxTTSService
+
+    async with TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=TTS_FIRST_BYTE_S)) as server:
+        tts = ChatterboxTTSService(base_url=server.url, voice="default")
+        settings = make_settings(preemptive_generation=True, preemptive_tts=ahead,
+                                 user_speech_timeout_ms=int(HOLD_S * 1000))
+        async with running_call(settings, llm_base_url=llm.base_url, tts=tts) as call:
+            await says(call, "What time is it?")
+            heard = await call.wait_speaking(5)
+            turn_end = call.log.times(UserStoppedSpeakingFrame)[-1]
+        assert [r.body["input"] for r in server.requests] == ["Heard What time is it."], "one request, once"
+        assert heard > turn_end, "nothing was heard before the turn ended"
+        if ahead:
+            assert server.requests[0].started_at < turn_end, "the sentence was synthesized in the hold"
+            assert heard - turn_end < TTS_FIRST_BYTE_S - 0.1, "the server's time to first audio was not waited for"
+            assert tts.prefetches == {"started": 1, "played": 1, "dropped": 0}
+        else:
+            assert server.requests[0].started_at > turn_end
+            assert heard - turn_end > TTS_FIRST_BYTE_S
+            assert tts.prefetches["started"] == 0
+
+
+async def test_a_caller_who_goes_on_never_hears_the_sentence_synthesized_ahead(make_settings, llm):
+    from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
+    from processors.chatterbox.tts import ChatterboxTTSService
+
+    async with TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.05, realtime_factor=1.0)) as server:
+        tts = ChatterboxTTSService(base_url=server.url, voice="default")
+        async with running_call(settings_for(make_settings, True), llm_base_url=llm.base_url, tts=tts) as call:
+            await says(call, "Call my daughter")
+            await server.wait_for(lambda: bool(server.requests) and server.requests[0].first_byte_at is not None, 5)
+            assert call.audible_since(0) == 0.0, "nothing of the early answer was played"
+            await says(call, "and tell her I'm fine.")
+            await call.wait_speaking(5)
+            await call.wait_silent(0.5, 10)
+        first, *rest = server.requests
+        assert first.body["input"] == "Heard Call my daughter." and first.disconnected_at is not None
+        assert [r.body["input"] for r in rest] == ["Heard Call my daughter and tell her I'm fine."]
+        assert tts.prefetches == {"started": 2, "played": 1, "dropped": 1}
+        assert [m["role"] for m in call.call.context.get_messages()] == ["user", "assistant"]
+
+
 # --- the quiet onset: the VAD's state at each audio frame ----------------------------------------
 
 

@@ -13,6 +13,12 @@ connection, so the server sees the client go away. Every utterance is also tagge
 context id: once that context is interrupted, nothing more of it is yielded, whatever task drives
 the generator. The next utterance opens a fresh connection or a clean keep-alive one.
 
+A sentence synthesized ahead (:class:`processors.prefetch.TTSPrefetchFrame`, sent by the LLM
+service while preemptive generation holds an answer) starts its request at once and buffers the
+audio; nothing of it is pushed until :meth:`run_tts` is asked for the same sentence, which then
+plays from the buffer. A withdrawal (``EagerEndOfTurnCancelFrame``), an interruption, a newer
+prefetch or ``prefetch_ttl_s`` without use drops it and closes its request.
+
 Errors never escape :meth:`run_tts`: connection refused, timeouts (no audio within
 ``first_byte_timeout_s`` included) and 5xx are retried once when no audio has been played yet,
 then become a non-fatal ``ErrorFrame`` (logged); 4xx are not retried; audio that is not 16-bit
@@ -22,6 +28,7 @@ mono PCM WAV is dropped with a warning.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -30,13 +37,24 @@ from typing import Any
 import httpx
 from loguru import logger
 from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
-from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame, TTSAudioRawFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EagerEndOfTurnCancelFrame,
+    EndFrame,
+    ErrorFrame,
+    Frame,
+    InterruptionFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from processors.chatterbox.wav import PcmChunk, WavFormatError, WavStreamParser
+from processors.prefetch import TTSPrefetchFrame, sentence_key
 from processors.retry import Retries, ServiceRequestError
 
 SPEECH_PATH = "/v1/audio/speech"
@@ -73,6 +91,7 @@ class ChatterboxTTSService(TTSService):
         read_timeout_s: float = 10.0,
         max_retries: int = 1,
         retry_backoff_s: float = 0.2,
+        prefetch_ttl_s: float = 10.0,
         extra_params: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -89,6 +108,8 @@ class ChatterboxTTSService(TTSService):
             max_retries: Retries of a failed request before any audio played (5xx, timeouts,
                 connection errors; never 4xx).
             retry_backoff_s: Pause before a retry.
+            prefetch_ttl_s: A sentence synthesized ahead and not asked for within this long is
+                dropped.
             extra_params: More JSON fields for every request (``cfg_weight``, ``temperature``).
             **kwargs: Passed to ``TTSService``.
         """
@@ -96,6 +117,8 @@ class ChatterboxTTSService(TTSService):
             raise ValueError(f"ChatterboxTTSService base_url must be an http(s) URL, got {base_url!r}")
         if first_byte_timeout_s <= 0 or read_timeout_s <= 0:
             raise ValueError("ChatterboxTTSService timeouts must be positive")
+        if prefetch_ttl_s <= 0:
+            raise ValueError("ChatterboxTTSService prefetch_ttl_s must be positive")
         if max_retries < 0:
             raise ValueError("ChatterboxTTSService max_retries must be 0 or more")
         kwargs.setdefault("push_start_frame", True)
@@ -119,7 +142,10 @@ class ChatterboxTTSService(TTSService):
         self._extra_params = dict(extra_params or {})
         self._client: httpx.AsyncClient | None = None
         self._interrupted: deque[str] = deque(maxlen=64)
-        self._in_flight: dict[str, httpx.Response] = {}
+        self._in_flight: dict[str, httpx.Response | _Prefetch] = {}
+        self._prefetch_ttl_s = prefetch_ttl_s
+        self._prefetch: _Prefetch | None = None
+        self.prefetches = {"started": 0, "played": 0, "dropped": 0}  # counts for logs and the bench
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -141,14 +167,17 @@ class ChatterboxTTSService(TTSService):
         await self.check_health()
 
     async def stop(self, frame: EndFrame) -> None:
+        self._drop_prefetch("the call ended")
         await super().stop(frame)
         await self._close_client()
 
     async def cancel(self, frame: CancelFrame) -> None:
+        self._drop_prefetch("the call ended")
         await super().cancel(frame)
         await self._close_client()
 
     async def cleanup(self) -> None:
+        self._drop_prefetch("the call ended")
         await super().cleanup()
         await self._close_client()
 
@@ -193,6 +222,72 @@ class ChatterboxTTSService(TTSService):
         # Any other answer means something is listening; servers without /health answer 404.
         logger.debug(f"{self}: Chatterbox server at {self._base_url} is up")
         return True
+
+    # -- frames --------------------------------------------------------------------------------
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSPrefetchFrame):
+            self._start_prefetch(frame.text)
+        elif isinstance(frame, EagerEndOfTurnCancelFrame):
+            self._drop_prefetch("the answer was withdrawn")
+        elif isinstance(frame, InterruptionFrame):
+            self._drop_prefetch("interrupted")
+
+    # -- a sentence synthesized ahead ----------------------------------------------------------
+
+    def _start_prefetch(self, text: str) -> None:
+        self._drop_prefetch("a newer one replaced it")
+        if self._client is None or not sentence_key(text):
+            return
+        prefetch = _Prefetch(sentence_key(text), expires=time.monotonic() + self._prefetch_ttl_s)
+        prefetch.task = self.create_task(self._run_prefetch(prefetch, text), "tts_prefetch")
+        self._prefetch = prefetch
+        self.prefetches["started"] += 1
+        logger.debug(f"{self}: synthesizing the held answer's first sentence ahead ({len(text)} chars)")
+
+    def _drop_prefetch(self, why: str) -> None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            prefetch.close()
+            self.prefetches["dropped"] += 1
+            logger.debug(f"{self}: sentence synthesized ahead dropped: {why}")
+
+    def _take_prefetch(self, text: str) -> _Prefetch | None:
+        """The prefetch of this very sentence, if one is alive; it is then this request's."""
+        prefetch = self._prefetch
+        if prefetch is None:
+            return None
+        if time.monotonic() > prefetch.expires:
+            self._drop_prefetch(f"not asked for within {self._prefetch_ttl_s:g} s")
+            return None
+        if prefetch.key != sentence_key(text):
+            return None  # another sentence (e.g. the end of an earlier answer): keep it for its own
+        self._prefetch = None
+        self.prefetches["played"] += 1
+        return prefetch
+
+    async def _run_prefetch(self, prefetch: _Prefetch, text: str) -> None:
+        """Send the request and buffer what comes back; failures are kept for the reader."""
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(self._first_byte_timeout_s):
+                response = await self._send(text)
+            async for data in response.aiter_raw():
+                prefetch.put(data)
+            prefetch.put(None)
+        except TimeoutError:
+            prefetch.put(ChatterboxRequestError(
+                f"no answer within {self._first_byte_timeout_s:g} s", retryable=True,
+                category=ErrorCategory.SERVER,
+            ))
+        except httpx.HTTPError as e:
+            prefetch.put(_classify(e))
+        except ChatterboxRequestError as e:
+            prefetch.put(e)
+        finally:
+            if response is not None:
+                await response.aclose()
 
     # -- interruption ------------------------------------------------------------------------
 
@@ -257,11 +352,16 @@ class ChatterboxTTSService(TTSService):
         decoder = _PcmDecoder(self.sample_rate)
         response: httpx.Response | None = None
         reads: AsyncGenerator[bytes, None] | None = None
+        prefetch = self._take_prefetch(text)
         try:
             async with asyncio.timeout(self._first_byte_timeout_s):
-                response = await self._send(text)
-                self._in_flight[context_id] = response
-                reads = response.aiter_raw()
+                if prefetch is not None:
+                    self._in_flight[context_id] = prefetch
+                    reads = prefetch.reads()
+                else:
+                    response = await self._send(text)
+                    self._in_flight[context_id] = response
+                    reads = response.aiter_raw()
                 first = await self._first_audio(reads, decoder)
             for audio in first:
                 if self._is_cancelled(context_id):
@@ -320,6 +420,36 @@ class ChatterboxTTSService(TTSService):
 
     def _frame(self, audio: bytes, context_id: str) -> TTSAudioRawFrame:
         return TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+
+
+class _Prefetch:
+    """One sentence's request started ahead: its raw answer, buffered until it is asked for."""
+
+    def __init__(self, key: str, *, expires: float):
+        self.key = key
+        self.expires = expires
+        self.task: asyncio.Task | None = None
+        self._chunks: asyncio.Queue[bytes | ChatterboxRequestError | None] = asyncio.Queue()
+
+    def put(self, item: bytes | ChatterboxRequestError | None) -> None:
+        self._chunks.put_nowait(item)
+
+    async def reads(self) -> AsyncGenerator[bytes, None]:
+        """The answer's bytes as they came and come; its failure raised here, where it is read."""
+        try:
+            while (item := await self._chunks.get()) is not None:
+                if isinstance(item, ChatterboxRequestError):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # leaving its ``async with`` closes the response
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _classify(error: httpx.HTTPError) -> ChatterboxRequestError:
