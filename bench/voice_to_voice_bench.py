@@ -6,9 +6,10 @@ speculation gate, the Chatterbox TTS service, the simulated phone line) against 
 servers on 127.0.0.1, set to the NVIDIA + Daily reference agent's latencies: LLM first token
 162 ms (then 15 ms a token), TTS first audio 107 ms. The caller is espeak-ng speech played into the
 line; the STT is a stand-in shaped like the Nemotron engine (a partial per 160 ms chunk 13 ms
-after it, the final 20 ms after the VAD stop: ``agent.demo.standins.streaming_stt``). The four
-variants (``TURN_END`` timeout/smart x ``PREEMPTIVE_GENERATION`` off/on) are open side by side and
-take turns, so the machine's noise falls on all alike.
+after it, the final 20 ms after the VAD stop: ``agent.demo.standins.streaming_stt``). The six
+variants (``TURN_END`` timeout/smart x ``PREEMPTIVE_GENERATION`` off, on with the LLM only
+(``PREEMPTIVE_TTS=0``), on with the first sentence's speech synthesized ahead too, the default)
+are open side by side and take turns, so the machine's noise falls on all alike.
 
 - complete utterances: voice-to-voice = the caller's last sound -> Annie's first audible sample,
   with its stages (VAD stop, turn end, LLM start, LLM server to its first sentence, which is what
@@ -17,7 +18,7 @@ take turns, so the machine's noise falls on all alike.
 - callers who pause 0.4-1.2 s mid-sentence: whether the turn ended in the pause (Annie cut in),
   and the answers started ahead and thrown away, with the LLM tokens they cost.
 
-Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--quick]``; JSON and a PNG in
+Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--pauses 0.4,0.8,1.2] [--quick]``; JSON and a PNG in
 ``bench/results/``.
 """
 
@@ -52,8 +53,11 @@ COMPLETE = ["What time is it?", "Can you call my daughter for me?", "What is the
 PAUSED = [("I was wondering if", "you could call my daughter."), ("So the doctor said that", "I should rest more."),
           ("Could you tell me", "what day it is today?"), ("And then my neighbour", "brought me some soup.")]
 PAUSES_S = (0.4, 0.6, 0.8, 1.0, 1.2)
-VARIANTS = {"timeout": ("timeout", False), "timeout+preempt": ("timeout", True),
-            "smart": ("smart", False), "smart+preempt": ("smart", True)}
+# name: (TURN_END, PREEMPTIVE_GENERATION, PREEMPTIVE_TTS)
+VARIANTS = {"timeout": ("timeout", False, False), "timeout+llm": ("timeout", True, False),
+            "timeout+llm+tts": ("timeout", True, True), "smart": ("smart", False, False),
+            "smart+llm": ("smart", True, False), "smart+llm+tts": ("smart", True, True)}
+FIRST_SENTENCE = REPLY[: REPLY.index(".") + 1]
 LOUD_RMS = 300.0
 
 
@@ -116,10 +120,16 @@ async def complete_turn(caller: Caller, llm: LLMStandIn, tts: TTSStandIn, text: 
     requests = llm.requests[n_llm:]
     answered = [r for r in requests if r.messages[-1]["content"] in said]
     request = answered[-1] if answered else requests[-1]
-    speech_req = next(r for r in tts.requests[n_tts:] if r.first_byte_at is not None)
+    # The request whose audio was heard: the last one for the first sentence started before it.
+    speech_req = [r for r in tts.requests[n_tts:] if r.body["input"] == FIRST_SENTENCE
+                  and r.first_byte_at is not None and r.started_at < heard][-1]
     sentence_at = next(t for t, piece in request.pieces if any(c in piece for c in ".?!"))
     llm_left = max(0.0, sentence_at - max(turn_end, request.started_at))
     tts_server = speech_req.first_byte_at - speech_req.started_at
+    # The servers' time still to come when the turn ended: the LLM to its first sentence, then the
+    # TTS; for a sentence synthesized ahead, whatever of the TTS's answer had not come yet.
+    servers_left = (max(0.0, speech_req.first_byte_at - turn_end) if speech_req.started_at < turn_end
+                    else llm_left + tts_server)
     thrown = [r for r in requests if r.messages[-1]["content"] not in said]
     await call.wait_silent(0.4, 20)
     return {
@@ -130,7 +140,8 @@ async def complete_turn(caller: Caller, llm: LLMStandIn, tts: TTSStandIn, text: 
         "llm_start_ms": 1000 * (request.started_at - end),
         "llm_first_sentence_ms": 1000 * (sentence_at - request.started_at),
         "tts_server_ms": 1000 * tts_server,
-        "ours_ms": 1000 * (heard - turn_end - llm_left - tts_server),
+        "tts_ahead": speech_req.started_at < turn_end,
+        "ours_ms": 1000 * (heard - turn_end - servers_left),
         "llm_requests": len(requests),
         "thrown_away": len(thrown),
         "tokens_thrown_away": sum(r.tokens_sent for r in thrown),
@@ -168,9 +179,10 @@ async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) ->
             LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.162, token_delay_s=0.015, reply=lambda _m: REPLY)))
         tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.107)))
         callers: dict[str, Caller] = {}
-        for name, (turn_end, preempt) in VARIANTS.items():
+        for name, (turn_end, preempt, tts_ahead) in VARIANTS.items():
             settings = AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
-                                     user_speech_timeout_ms=hold_ms, chatterbox_streaming=True)
+                                     preemptive_tts=tts_ahead, user_speech_timeout_ms=hold_ms,
+                                     chatterbox_streaming=True)
             stt = ScriptedStreamingSTT()
             call = await stack.enter_async_context(running_call(
                 settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url), stt=stt,
@@ -196,6 +208,7 @@ async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) ->
         summary[name] = {
             **{k: stats([r[k] for r in rows]) for k in ("voice_to_voice_ms", "vad_stop_ms", "turn_end_ms", "llm_start_ms",
                                                          "llm_first_sentence_ms", "tts_server_ms", "ours_ms")},
+            "tts_ahead": {"count": sum(r["tts_ahead"] for r in rows), "n_turns": len(rows)},
             "complete_thrown_away": {"count": sum(r["thrown_away"] for r in rows), "n_turns": len(rows),
                                      "tokens": sum(r["tokens_thrown_away"] for r in rows)},
             "cut_ins": {"count": sum(r["cut_in"] for r in prow), "n": len(prow)},
@@ -212,7 +225,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     names = list(result["complete"])
     ax.boxplot([[r["voice_to_voice_ms"] for r in result["complete"][n]] for n in names], tick_labels=names)
     ax.axhline(450, linestyle="--", color="grey", label="goal 450 ms")
@@ -228,23 +241,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="5 turns, pauses 0.4/0.8/1.2 s")
+    parser.add_argument("--pauses", default=",".join(f"{p:g}" for p in PAUSES_S),
+                        help="the mid-sentence pauses to try, in seconds (comma-separated)")
     parser.add_argument("--hold-ms", type=int, default=400)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    turns, pauses = (5, PAUSES_S[::2]) if args.quick else (args.turns, PAUSES_S)
+    pauses = tuple(float(p) for p in args.pauses.split(",") if p.strip())
+    turns, pauses = (5, PAUSES_S[::2]) if args.quick else (args.turns, pauses)
     result = asyncio.run(run(turns, pauses, args.hold_ms, log=lambda s: print(s, file=sys.stderr)))
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "voice_to_voice.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "voice_to_voice.png")
     print(f"{'variant':<16} {'v2v p50':>7} {'p95':>5} {'VAD stop':>8} {'turn end':>8} {'LLM start':>9} "
-          f"{'ours p50':>8} {'p95':>4}  thrown(complete)  cut-ins  thrown(paused)")
+          f"{'ours p50':>8} {'p95':>4}  TTS ahead  thrown(complete)  cut-ins  thrown(paused)")
     for name, s in result["summary"].items():
         print(f"{name:<16} {s['voice_to_voice_ms']['median']:>7.0f} {s['voice_to_voice_ms']['p95']:>5.0f} "
               f"{s['vad_stop_ms']['median']:>8.0f} {s['turn_end_ms']['median']:>8.0f} {s['llm_start_ms']['median']:>9.0f} "
               f"{s['ours_ms']['median']:>8.0f} {s['ours_ms']['p95']:>4.0f}  "
+              f"{s['tts_ahead']['count']:>5}/{s['tts_ahead']['n_turns']:<4} "
               f"{s['complete_thrown_away']['count']:>7}/{s['complete_thrown_away']['n_turns']:<8} "
               f"{s['cut_ins']['count']:>3}/{s['cut_ins']['n']:<4} {s['paused_thrown_away']['count']:>6}/{s['paused_thrown_away']['n_turns']}")
     print(f"(ms after the caller's last sound; n = {turns} complete utterances and {len(PAUSED) * len(pauses)} "

@@ -40,20 +40,15 @@ from pipecat.frames.frames import (
     UserMuteStartedFrame,
     UserMuteStoppedFrame,
 )
-from pipecat.processors.filters.identity_filter import IdentityFilter
 from pipecat.processors.frame_processor import FrameProcessor
-from pipecat.transports.base_transport import BaseTransport
-from pipecat.workers.runner import WorkerRunner
 
 from agent.config import AgentSettings
-from agent.pipeline import build_call_pipeline
-from agent.services import build_llm, build_tts
+from agent.services import build_tts
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
 from agent.status import CallStatus, StatusObserver
-from agent.demo.call import CallHarness, FrameLog
+from agent.demo.call import CallHarness, running_call
 from tests.doubles import ToneTTSService
-from transports.rig.simulated import SimulatedPhoneTransport
 
 REPO = Path(__file__).resolve().parent.parent
 BOTH_MODES = pytest.mark.parametrize("barge_in", [False, True], ids=["half-duplex", "barge-in"])
@@ -146,54 +141,17 @@ class FaultCall(CallHarness):
 
 
 @asynccontextmanager
-async def fault_call(
-    settings: AgentSettings,
-    *,
-    llm_base_url: str,
-    tts: FrameProcessor,
-    stt: FrameProcessor | None = None,
-    vad_analyzer=None,
-    transport: BaseTransport | None = None,
-    stt_streams_partials: bool | None = None,
-    frame_log: FrameLog | None = None,
-):
-    """Run the assembled call pipeline; yield a :class:`FaultCall`; cancel it cleanly after."""
-    transport = transport or SimulatedPhoneTransport()
-    log = frame_log or FrameLog()
+async def fault_call(settings: AgentSettings, *, llm_base_url: str, tts: FrameProcessor, **kwargs):
+    """:func:`agent.demo.call.running_call` plus what the operator sees: a :class:`FaultCall` with
+    the status endpoint's state and the WARNING-and-above log lines. ``kwargs`` as running_call's."""
     status = CallStatus.from_settings(settings, model_loaded=True)
-    call = build_call_pipeline(
-        settings,
-        transport=transport,
-        stt=stt or IdentityFilter(),
-        llm=build_llm(settings, base_url=llm_base_url),
-        tts=tts,
-        vad_analyzer=vad_analyzer,
-        observers=[log, StatusObserver(status)],
-        stt_streams_partials=stt_streams_partials,
-    )
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING")
-    started = asyncio.Event()
-
-    async def on_started(_worker, _frame) -> None:
-        started.set()
-
-    call.worker.add_event_handler("on_pipeline_started", on_started)
-    runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
-    await runner.add_workers(call.worker)
-    task = asyncio.create_task(runner.run())
-    harness = FaultCall(call, transport, log, tts, status, lines)
     try:
-        # Until StartFrame has reached the end of the pipeline (every processor started), or the
-        # call ended by itself (the check after the test reports that).
-        waiter = asyncio.ensure_future(started.wait())
-        await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        yield harness
-        assert not task.done(), f"the call ended by itself: {task}"
+        async with running_call(settings, llm_base_url=llm_base_url, tts=tts,
+                                observers=[StatusObserver(status)], **kwargs) as call:
+            yield FaultCall(call.call, call.transport, call.log, tts, status, lines)
     finally:
-        await call.worker.cancel(reason="test over")
-        await asyncio.wait_for(task, 15)
         logger.remove(sink)
 
 
@@ -308,7 +266,6 @@ async def test_llm_killed_mid_stream_then_down_for_a_turn_then_back(make_setting
 
             # Back on the same port: the next turn is answered normally.
             await server.start_async()
-            back = time.monotonic()
             latency = await call.assert_next_turn_answered("now can you hear me")
             await call.wait_until(lambda: "I heard you say: now can you hear me." in tts.requests, 10, "the answer")
             await call.settle()

@@ -111,10 +111,19 @@ async def running_call(
     stt_streams_partials: bool | None = None,
     vad_analyzer=None,
     turn_analyzer=None,
+    transport=None,
+    frame_log: FrameLog | None = None,
+    observers: list | None = None,
 ):
-    """Start the call pipeline, yield a :class:`CallHarness`, then cancel it cleanly."""
-    transport = SimulatedPhoneTransport()
-    log = FrameLog()
+    """Start the call pipeline, yield a :class:`CallHarness`, then cancel it cleanly.
+
+    ``transport``: the simulated line unless given (a PulseAudio transport, in the fault tests).
+    ``observers``: more pipeline observers beside the frame log (the status observer).
+    It yields once the ``StartFrame`` has reached the end of the pipeline (every processor
+    started); a call that ended by itself before the caller is done fails the ``with`` block.
+    """
+    transport = transport or SimulatedPhoneTransport()
+    log = frame_log or FrameLog()
     call = build_call_pipeline(
         settings,
         transport=transport,
@@ -123,16 +132,25 @@ async def running_call(
         tts=tts,
         vad_analyzer=vad_analyzer,
         turn_analyzer=turn_analyzer,
-        observers=[log],
+        observers=[log, *(observers or [])],
         stt_streams_partials=stt_streams_partials,
     )
+    started = asyncio.Event()
+
+    async def on_started(_worker, _frame) -> None:
+        started.set()
+
+    call.worker.add_event_handler("on_pipeline_started", on_started)
     runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
     await runner.add_workers(call.worker)
     task = asyncio.create_task(runner.run())
     harness = CallHarness(call, transport, log, tts)
     try:
-        await asyncio.sleep(0.3)  # let StartFrame reach every processor
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
         yield harness
+        assert not task.done(), f"the call ended by itself: {task}"
     finally:
         await call.worker.cancel(reason="test over")
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 15)
