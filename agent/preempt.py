@@ -20,8 +20,10 @@ The machinery is pipecat's (1.14): the speculative inference runs on a provision
 context, and the LLM service's ``SpeculationGate`` holds its output until the turn's end confirms
 it (``UserStoppedSpeakingFrame``) or drops it (``EagerEndOfTurnCancelFrame``). What is ours is when
 to speculate: :class:`Preemption` is the rule (pure, tables in ``tests/test_preempt.py``);
-:class:`PreemptiveStop` carries it out on either turn end. The TTS is not preempted: it starts on
-the released text.
+:class:`PreemptiveStop` carries it out on either turn end. The held answer's first sentence is
+also synthesized ahead (``PREEMPTIVE_TTS``, on by default): the LLM service sends it past the gate
+to the TTS, which buffers the audio and plays it only when the released answer asks for that
+sentence (:mod:`processors.prefetch`); a withdrawal drops it.
 """
 
 from __future__ import annotations

@@ -15,10 +15,14 @@ are open side by side and take turns, so the machine's noise falls on all alike.
   with its stages (VAD stop, turn end, LLM start, LLM server to its first sentence, which is what
   the TTS starts on, TTS server) and our code's share: first audible - turn end - the servers'
   time still to come at the turn end;
+- with ``--servers local``, the demo's real local servers instead (llama.cpp with SmolLM2-135M,
+  Piper on the CPU: ``agent.demo.servers``): complete utterances only, voice-to-voice with the
+  stages the pipeline's frames show (VAD stop, turn end, LLM start) and whether the heard speech
+  was synthesized ahead; the servers' own stages are not recorded there;
 - callers who pause 0.4-1.2 s mid-sentence: whether the turn ended in the pause (Annie cut in),
   and the answers started ahead and thrown away, with the LLM tokens they cost.
 
-Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--pauses 0.4,0.8,1.2] [--quick]``; JSON and a PNG in
+Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--pauses 0.4,0.8,1.2] [--quick] [--servers local]``; JSON and a PNG in
 ``bench/results/``.
 """
 
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from loguru import logger
-from pipecat.frames.frames import UserStoppedSpeakingFrame, VADUserStoppedSpeakingFrame
+from pipecat.frames.frames import LLMContextFrame, UserStoppedSpeakingFrame, VADUserStoppedSpeakingFrame
 
 from agent.config import AgentSettings
 from agent.demo.call import running_call
@@ -109,6 +113,28 @@ class Caller:
         return end, first_audible(self.call, end)
 
 
+async def local_turn(caller: Caller, text: str, audio: np.ndarray) -> dict:
+    """A complete utterance against real servers: what the pipeline's own frames show."""
+    call = caller.call
+    played_before = call.tts.prefetches["played"]
+    t0, length = await caller.say([(text, audio)], [])
+    end, heard = await caller.answer_after(t0, length)
+    stops = [t for t in call.log.times(VADUserStoppedSpeakingFrame) if t >= t0]
+    turn_end = min(t for t in call.log.times(UserStoppedSpeakingFrame) if t >= t0)
+    starts = [t for t in call.log.times(LLMContextFrame) if t >= t0 and t < heard]
+    await call.wait_silent(0.6, 60)
+    return {
+        "text": text,
+        "voice_to_voice_ms": 1000 * (heard - end),
+        "vad_stop_ms": 1000 * (min(stops) - end) if stops else None,
+        "turn_end_ms": 1000 * (turn_end - end),
+        "llm_start_ms": 1000 * (starts[-1] - end) if starts else None,
+        "after_turn_end_ms": 1000 * (heard - turn_end),
+        "tts_ahead": call.tts.prefetches["played"] > played_before,
+        "llm_requests": len(starts),
+    }
+
+
 async def complete_turn(caller: Caller, llm: LLMStandIn, tts: TTSStandIn, text: str, audio: np.ndarray) -> dict:
     call = caller.call
     n_llm, n_tts = len(llm.requests), len(tts.requests)
@@ -171,6 +197,42 @@ def stats(values: list[float]) -> dict:
             "n": len(values)} if values else {"n": 0}
 
 
+async def run_local(turns: int, hold_ms: int, log=print) -> dict:
+    """The timeout variants against llama.cpp and Piper (the demo's local servers)."""
+    from agent.demo.servers import start_backends
+
+    complete_audio = {text: speech(text) for text in COMPLETE}
+    async with AsyncExitStack() as stack:
+        backends = await start_backends(stack, set(), llm_url="", tts_url="", scripted_reply=lambda _m: REPLY)
+        log(f"LLM: {backends.llm_label}; TTS: {backends.tts_label}")
+        callers: dict[str, Caller] = {}
+        for name, (turn_end, preempt, tts_ahead) in VARIANTS.items():
+            if turn_end != "timeout":
+                continue  # smart-turn's figures do not depend on the servers; the simulated run has them
+            settings = AgentSettings(**{**backends.overrides, "stt_backend": "whisper", "turn_end": turn_end,
+                                        "preemptive_generation": preempt, "preemptive_tts": tts_ahead,
+                                        "user_speech_timeout_ms": hold_ms, "chatterbox_streaming": True})
+            stt = ScriptedStreamingSTT()
+            call = await stack.enter_async_context(running_call(
+                settings, llm_base_url=backends.llm_url, tts=build_tts(settings, base_url=backends.tts_url),
+                stt=stt, vad_analyzer=build_vad(settings)))
+            callers[name] = Caller(name, call, stt)
+        for caller in callers.values():
+            await local_turn(caller, COMPLETE[0], complete_audio[COMPLETE[0]])
+        complete: dict[str, list[dict]] = {name: [] for name in callers}
+        for i in range(turns):
+            text = COMPLETE[i % len(COMPLETE)]
+            for name, caller in callers.items():
+                complete[name].append(await local_turn(caller, text, complete_audio[text]))
+            log(f"complete {i + 1}/{turns}: " + ", ".join(f"{n} {r[-1]['voice_to_voice_ms']:.0f}" for n, r in complete.items()))
+        labels = {"llm": backends.llm_label, "tts": backends.tts_label}
+    summary = {name: {**{k: stats([r[k] for r in rows]) for k in ("voice_to_voice_ms", "vad_stop_ms", "turn_end_ms",
+                                                                   "llm_start_ms", "after_turn_end_ms")},
+                      "tts_ahead": {"count": sum(r["tts_ahead"] for r in rows), "n_turns": len(rows)}}
+               for name, rows in complete.items()}
+    return {"summary": summary, "complete": complete, "hold_ms": hold_ms, "servers": labels}
+
+
 async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) -> dict:
     complete_audio = {text: speech(text) for text in COMPLETE}
     paused_audio = [((a, speech(a)), (b, speech(b))) for a, b in PAUSED]
@@ -231,7 +293,9 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(450, linestyle="--", color="grey", label="goal 450 ms")
     ax.axhline(508, linestyle=":", color="grey", label="reference agent 508 ms")
     ax.set_ylabel("voice-to-voice (ms)")
-    ax.set_title(f"Complete utterances (hold {result['hold_ms']} ms), reference server latencies")
+    servers = ("reference server latencies" if "llm_first_token_ms" in result["servers"]
+               else "local servers (llama.cpp SmolLM2-135M, Piper), 2-core CPU")
+    ax.set_title(f"Complete utterances (hold {result['hold_ms']} ms), {servers}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -244,17 +308,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pauses", default=",".join(f"{p:g}" for p in PAUSES_S),
                         help="the mid-sentence pauses to try, in seconds (comma-separated)")
     parser.add_argument("--hold-ms", type=int, default=400)
+    parser.add_argument("--servers", choices=("reference", "local"), default="reference",
+                        help="stand-ins at the reference agent's latencies, or llama.cpp and Piper on this machine")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     pauses = tuple(float(p) for p in args.pauses.split(",") if p.strip())
     turns, pauses = (5, PAUSES_S[::2]) if args.quick else (args.turns, pauses)
-    result = asyncio.run(run(turns, pauses, args.hold_ms, log=lambda s: print(s, file=sys.stderr)))
+    say = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    local = args.servers == "local"
+    result = asyncio.run(run_local(turns, args.hold_ms, log=say) if local else run(turns, pauses, args.hold_ms, log=say))
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "voice_to_voice.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "voice_to_voice.png")
+    stem = "voice_to_voice_local" if local else "voice_to_voice"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / f"{stem}.png")
+    if local:
+        print(f"{'variant':<16} {'v2v p50':>7} {'p95':>5} {'VAD stop':>8} {'turn end':>8} {'LLM start':>9} "
+              f"{'after turn end p50':>18} {'p95':>5}  TTS ahead")
+        for name, s in result["summary"].items():
+            print(f"{name:<16} {s['voice_to_voice_ms']['median']:>7.0f} {s['voice_to_voice_ms']['p95']:>5.0f} "
+                  f"{s['vad_stop_ms']['median']:>8.0f} {s['turn_end_ms']['median']:>8.0f} {s['llm_start_ms']['median']:>9.0f} "
+                  f"{s['after_turn_end_ms']['median']:>18.0f} {s['after_turn_end_ms']['p95']:>5.0f}  "
+                  f"{s['tts_ahead']['count']:>5}/{s['tts_ahead']['n_turns']}")
+        print(f"(ms after the caller's last sound; n = {turns} complete utterances per variant; servers: "
+              f"{result['servers']['llm']}, {result['servers']['tts']}; JSON and PNG in {args.out})")
+        return 0
     print(f"{'variant':<16} {'v2v p50':>7} {'p95':>5} {'VAD stop':>8} {'turn end':>8} {'LLM start':>9} "
           f"{'ours p50':>8} {'p95':>4}  TTS ahead  thrown(complete)  cut-ins  thrown(paused)")
     for name, s in result["summary"].items():
