@@ -209,7 +209,10 @@ async def run_local(turns: int, hold_ms: int, log=print) -> dict:
         for name, (turn_end, preempt, tts_ahead) in VARIANTS.items():
             if turn_end != "timeout":
                 continue  # smart-turn's figures do not depend on the servers; the simulated run has them
-            settings = AgentSettings(**{**backends.overrides, "stt_backend": "whisper", "turn_end": turn_end,
+            # Greedy decoding and short answers: every call hears the same answers (a sentence's
+            # length sets Piper's time to first audio), and a turn does not wait for a long one.
+            settings = AgentSettings(**{**backends.overrides, "llm_temperature": 0.0, "llm_max_tokens": 40,
+                                        "stt_backend": "whisper", "turn_end": turn_end,
                                         "preemptive_generation": preempt, "preemptive_tts": tts_ahead,
                                         "user_speech_timeout_ms": hold_ms, "chatterbox_streaming": True})
             stt = ScriptedStreamingSTT()
