@@ -344,3 +344,45 @@ async def test_barge_in_during_an_answer_started_ahead_behaves_like_any_other(ma
             await call.send(final("Stop please."))
             await call.wait_until(lambda: any("stopped" in t for t in tts.voiced), 5, "the answer to her words")
             assert user_messages(call)[-1] == "Stop please."
+
+
+# --- an unfinished sentence is held (smart-turn v3 on real audio) --------------------------------
+
+
+@pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng not installed (the caller's voice)")
+@pytest.mark.parametrize("turn_end", ["smart", "timeout"])
+async def test_an_unfinished_sentence_is_held_by_smart_turn(make_settings, llm, turn_end):
+    """"So the doctor said that ... (1.2 s) ... I should rest more.": with TURN_END=smart the turn
+    does not end in the pause (smart-turn hears an unfinished clause) and the whole sentence is
+    answered once; the 400 ms timeout ends it in the pause, which is what smart-turn is for (and
+    shows this test can fail)."""
+    from pipecat.frames.frames import UserStoppedSpeakingFrame
+
+    from agent.demo.standins.streaming_stt import ScriptedStreamingSTT
+    from agent.services import build_turn_analyzer, build_vad
+    from transports.rig.audio import synth_speech
+
+    def voice(text: str) -> np.ndarray:
+        pcm = synth_speech(text, 16000, voice="en-us+f3")
+        loud = np.flatnonzero(np.abs(pcm) > 300)
+        return pcm[loud[0] : loud[-1] + 1]
+
+    head, tail = voice("So the doctor said that"), voice("I should rest more.")
+    settings = make_settings(turn_end=turn_end, preemptive_generation=True, user_speech_timeout_ms=400)
+    stt = ScriptedStreamingSTT()
+    stt.expect("So the doctor said that", len(head) / 16000)
+    stt.expect("I should rest more.", len(tail) / 16000)
+    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(ms_per_char=20), stt=stt,
+                            vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings)) as call:
+        start = time.monotonic()
+        length = call.transport.say(np.concatenate([head, np.zeros(int(1.2 * 16000), np.int16), tail]))
+        resumed = start + (len(head) / 16000) + 1.2
+        await asyncio.sleep(length)
+        await call.wait_speaking(10)
+        ended_in_pause = [t for t in call.log.times(UserStoppedSpeakingFrame) if start <= t < resumed]
+        if turn_end == "timeout":
+            assert ended_in_pause, "the fixed hold ends the turn in a 1.2 s pause"
+            return
+        assert ended_in_pause == [], "smart-turn held the unfinished clause"
+        await call.wait_silent(0.5, 10)
+        assert user_messages(call) == ["So the doctor said that I should rest more."]
