@@ -276,15 +276,8 @@ class ChatterboxTTSService(TTSService):
             async for data in response.aiter_raw():
                 prefetch.put(data)
             prefetch.put(None)
-        except TimeoutError:
-            prefetch.put(ChatterboxRequestError(
-                f"no answer within {self._first_byte_timeout_s:g} s", retryable=True,
-                category=ErrorCategory.SERVER,
-            ))
-        except httpx.HTTPError as e:
-            prefetch.put(_classify(e))
-        except ChatterboxRequestError as e:
-            prefetch.put(e)
+        except (TimeoutError, httpx.HTTPError, ChatterboxRequestError) as e:
+            prefetch.put(self._request_error(e))
         finally:
             if response is not None:
                 await response.aclose()
@@ -376,13 +369,8 @@ class ChatterboxTTSService(TTSService):
                 if self._is_cancelled(context_id):
                     return
                 yield self._frame(audio, context_id)
-        except TimeoutError as e:
-            raise ChatterboxRequestError(
-                f"no audio within {self._first_byte_timeout_s:g} s", retryable=True,
-                category=ErrorCategory.SERVER,
-            ) from e
-        except httpx.HTTPError as e:
-            raise _classify(e) from e
+        except (TimeoutError, httpx.HTTPError) as e:
+            raise self._request_error(e) from e
         finally:
             self._in_flight.pop(context_id, None)
             if reads is not None:
@@ -391,6 +379,17 @@ class ChatterboxTTSService(TTSService):
                 await response.aclose()
             for warning in decoder.take_warnings():
                 logger.warning(f"{self}: malformed audio from the Chatterbox server: {warning}")
+
+    def _request_error(self, error: Exception) -> ChatterboxRequestError:
+        """A failed request as a ChatterboxRequestError (for the retry logic and the ErrorFrame)."""
+        if isinstance(error, ChatterboxRequestError):
+            return error
+        if isinstance(error, TimeoutError):
+            return ChatterboxRequestError(
+                f"no audio within {self._first_byte_timeout_s:g} s", retryable=True, category=ErrorCategory.SERVER
+            )
+        assert isinstance(error, httpx.HTTPError)
+        return _classify(error)
 
     async def _send(self, text: str) -> httpx.Response:
         assert self._client is not None
