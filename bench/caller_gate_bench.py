@@ -84,18 +84,99 @@ def annie_voice() -> callable | None:
     return lambda text: soxr.resample(np.frombuffer(piper.speak(text), dtype=np.int16), 24000, RATE)
 
 
-def run(seconds_list: list[float], band_kind: str, callers: list[str], log=print) -> dict:
+class SynthVoices:
+    """Callers, the TV and other voices as espeak-ng variants speaking the sentences above."""
+
+    def __init__(self, band_kind: str, callers: list[str]):
+        self.band_kind, self.callers, self.others, self.tests = band_kind, callers, OTHERS, len(TEST)
+        self._said: dict[tuple[str, str], np.ndarray] = {}
+
+    def _say(self, text: str, v: str) -> np.ndarray:
+        if (text, v) not in self._said:
+            self._said[(text, v)] = band(at_db(synth_speech(text, RATE, voice=v).astype(np.float32), -24), self.band_kind)
+        return self._said[(text, v)]
+
+    def enrol(self, caller: str) -> list[np.ndarray]:
+        return [self._say(text, caller) for text in ENROL]
+
+    def test(self, caller: str, i: int) -> np.ndarray:
+        return self._say(TEST[i], caller)
+
+    def tv(self, caller: str, i: int) -> np.ndarray:
+        others = [v for v in self.others if v != caller]
+        return self._say(TV[i % len(TV)], others[i % len(others)])
+
+    def other(self, caller: str, i: int) -> np.ndarray:
+        others = [v for v in self.others if v != caller]
+        return self._say(TEST[i], others[(i + 1) % len(others)])
+
+
+class CorpusVoices:
+    """Real recordings: ``DIR/<speaker>/*.flac|wav`` (LibriSpeech's layout), one speaker a folder.
+
+    Each speaker is a caller in turn, enrolled from her first three recordings; her other
+    recordings are her test stretches, and the TV and the second voice are the other speakers'
+    recordings, same sex first where ``DIR/SPEAKERS.TXT`` (LibriSpeech's) says who is who, so
+    the hard case is measured. Levels as above (-24 dBFS), through the same band."""
+
+    def __init__(self, root: Path, band_kind: str, tests: int = 4):
+        import soundfile
+
+        self.band_kind, self.tests = band_kind, tests
+        self.files: dict[str, list[Path]] = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in (".flac", ".wav"))
+            if len(files) >= 3 + tests:
+                self.files[folder.name] = files
+        if len(self.files) < 3:
+            raise SystemExit(f"--voices {root}: need at least 3 speaker folders with {3 + tests} recordings each")
+        self.sex = _librispeech_sexes(root / "SPEAKERS.TXT")
+        self.callers = self.others = list(self.files)
+        self._read = soundfile.read
+        self._cache: dict[Path, np.ndarray] = {}
+
+    def _load(self, path: Path) -> np.ndarray:
+        if path not in self._cache:
+            pcm, rate = self._read(path, dtype="float32", always_2d=True)
+            pcm = pcm[:, 0] if rate == RATE else soxr.resample(pcm[:, 0], rate, RATE)
+            self._cache[path] = band(at_db(pcm, -24), self.band_kind)
+        return self._cache[path]
+
+    def _others(self, caller: str) -> list[str]:
+        same = [s for s in self.files if s != caller and self.sex.get(s) == self.sex.get(caller)]
+        return same + [s for s in self.files if s != caller and s not in same]
+
+    def enrol(self, caller: str) -> list[np.ndarray]:
+        return [self._load(f) for f in self.files[caller][:3]]
+
+    def test(self, caller: str, i: int) -> np.ndarray:
+        return self._load(self.files[caller][3 + i])
+
+    def tv(self, caller: str, i: int) -> np.ndarray:
+        other = self._others(caller)[i % len(self._others(caller))]
+        return self._load(self.files[other][-1 - i % 2])
+
+    def other(self, caller: str, i: int) -> np.ndarray:
+        other = self._others(caller)[(i + 1) % len(self._others(caller))]
+        return self._load(self.files[other][3 + i])
+
+
+def _librispeech_sexes(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    sexes = {}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) >= 2 and not line.startswith(";"):
+            sexes[parts[0]] = parts[1]
+    return sexes
+
+
+def run(seconds_list: list[float], voices, offset: float = 0.1, log=print) -> dict:
     encoder = SpeakerEncoder()
     params = GateParams()
     annie = annie_voice()
-    say = {}
-
-    def voice(text: str, v: str) -> np.ndarray:
-        key = (text, v)
-        if key not in say:
-            say[key] = band(at_db(synth_speech(text, RATE, voice=v).astype(np.float32), -24), band_kind)
-        return say[key]
-
+    band_kind = voices.band_kind
     annie_enrol = [band(at_db(annie(t).astype(np.float32), -24), band_kind) for t in ENROL[:2]] if annie else []
     scores: dict[str, dict[str, list[float]]] = {}
     verdicts: dict[str, dict[str, dict[str, int]]] = {}
@@ -103,32 +184,30 @@ def run(seconds_list: list[float], band_kind: str, callers: list[str], log=print
         s_key = f"{seconds:g}s"
         scores[s_key] = {k: [] for k in ("caller", "caller+tv", "tv", "other voice", "annie echo")}
         verdicts[s_key] = {k: {v.value: 0 for v in Verdict} for k in scores[s_key]}
-        for caller in callers:
+        for caller in voices.callers:
             gate = CallerGate(params)
-            for text in ENROL:
-                pcm = voice(text, caller)
+            for pcm in voices.enrol(caller):
                 gate.enroll_caller(encoder.embed(pcm), len(pcm) / RATE)
             for pcm in annie_enrol:
                 gate.enroll_annie(encoder.embed(pcm), len(pcm) / RATE)
-            others = [v for v in OTHERS if v != caller]
 
             def score(kind: str, pcm: np.ndarray) -> None:
-                scored = gate.verdict(encoder.embed(stretch(pcm, seconds)))
+                scored = gate.verdict(encoder.embed(stretch(pcm, seconds, offset)))
                 if scored.caller is not None:
                     scores[s_key][kind].append(scored.caller)
                 verdicts[s_key][kind][scored.verdict.value] += 1
 
-            for i, text in enumerate(TEST):
-                own = voice(text, caller)
+            for i in range(voices.tests):
+                own = voices.test(caller, i)
                 score("caller", own)
-                tv = voice(TV[i % len(TV)], others[i % len(others)])
+                tv = voices.tv(caller, i)
                 for snr in (20, 10, 5, 0):
                     n = min(len(own), len(tv))
                     score("caller+tv", own[:n] + tv[:n] * 10 ** (-snr / 20))
                 score("tv", tv)
-                score("other voice", voice(text, others[(i + 1) % len(others)]))
+                score("other voice", voices.other(caller, i))
                 if annie:
-                    score("annie echo", band(at_db(annie(text).astype(np.float32), -40), band_kind))
+                    score("annie echo", band(at_db(annie(TEST[i % len(TEST)]).astype(np.float32), -40), band_kind))
         log(f"{s_key}: " + ", ".join(f"{k} {np.median(v):.2f}" for k, v in scores[s_key].items() if v))
     summary = {}
     for s_key, by_kind in scores.items():
@@ -140,7 +219,8 @@ def run(seconds_list: list[float], band_kind: str, callers: list[str], log=print
                            "p95": round(float(np.percentile(v, 95)), 3)} for k, v in by_kind.items() if v},
             "verdicts": verdicts[s_key],
         }
-    return {"band": band_kind, "callers": callers, "others": OTHERS, "annie": "Piper en_US-joe-medium" if annie else None,
+    return {"band": band_kind, "callers": voices.callers, "others": voices.others,
+            "annie": "Piper en_US-joe-medium" if annie else None, "offset_s": offset,
             "params": params.__dict__, "summary": summary, "raw": scores}
 
 
@@ -170,17 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", default="0.6,1.0,1.5", help="stretch lengths to score (comma-separated)")
     parser.add_argument("--band", choices=("wide", "narrow"), default="wide")
     parser.add_argument("--quick", action="store_true", help="one caller, one length")
+    parser.add_argument("--voices", type=Path, help="real recordings instead of espeak-ng: DIR/<speaker>/*.flac|wav"
+                        " (LibriSpeech's layout; DIR/SPEAKERS.TXT, if there, pairs each caller with same-sex others)")
+    parser.add_argument("--offset", type=float, default=0.1, help="where in each test recording the stretch starts (s)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     seconds = [0.6] if args.quick else [float(s) for s in args.seconds.split(",")]
     callers = CALLERS[:1] if args.quick else CALLERS
     started = time.monotonic()
-    result = run(seconds, args.band, callers)
+    voices = CorpusVoices(args.voices, args.band) if args.voices else SynthVoices(args.band, callers)
+    if args.voices and args.quick:
+        voices.callers = voices.callers[:1]
+    result = run(seconds, voices, args.offset)
     result.update(machine={"python": sys.version.split()[0], "platform": platform.platform()},
                   wall_s=round(time.monotonic() - started, 1),
                   command="python -m bench.caller_gate_bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"caller_gate_{args.band}"
+    stem = f"caller_gate_{args.band}" + ("_" + args.voices.name if args.voices else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     try:
         plot(result, args.out / f"{stem}.png")

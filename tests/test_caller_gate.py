@@ -234,3 +234,27 @@ def test_an_encoder_that_cannot_load_stops_start_up_with_one_sentence(tmp_path, 
         build_speaker_encoder(make_settings(enable_barge_in=True, caller_gate=True))
     assert build_speaker_encoder(make_settings(enable_barge_in=True)) is None  # off by default
     assert build_speaker_encoder(make_settings(enable_barge_in=False, caller_gate=True)) is None
+
+
+@needs_espeak
+def test_the_gate_bench_reads_a_folder_of_real_recordings(encoder, tmp_path):
+    """``bench.caller_gate_bench --voices DIR`` (LibriSpeech's layout, SPEAKERS.TXT for the sexes):
+    each speaker is the caller in turn, the others (same sex first) are the TV and the second voice."""
+    import json
+
+    import soundfile
+
+    from bench import caller_gate_bench
+
+    speakers = {"11": ("en-us+f3", "F"), "22": ("en-gb+f2", "F"), "33": ("en-us+m1", "M")}
+    for name, (voice, _) in speakers.items():
+        (tmp_path / name).mkdir()
+        for i, text in enumerate(SENTENCES[:5] + SENTENCES[:2]):
+            soundfile.write(tmp_path / name / f"{name}-{i}.wav", speech(text, voice), 16000)
+    (tmp_path / "SPEAKERS.TXT").write_text(";ID | SEX\n" + "\n".join(f"{n} | {s} | test" for n, (_, s) in speakers.items()))
+    voices = caller_gate_bench.CorpusVoices(tmp_path, "wide")
+    assert voices.callers == ["11", "22", "33"] and voices._others("11") == ["22", "33"]
+    assert caller_gate_bench.main(["--voices", str(tmp_path), "--quick", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / f"caller_gate_wide_{tmp_path.name}.json").read_text())
+    scores = result["summary"]["0.6s"]["scores"]
+    assert scores["caller"]["n"] == 4 and scores["other voice"]["n"] == 4 and scores["caller+tv"]["n"] == 16

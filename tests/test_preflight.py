@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from agent.preflight import GATES, run_gate, run_gates
@@ -246,10 +248,15 @@ async def test_aec_gate_measures_the_echo_with_each_canceller(on_phone_line, mak
     print(result.line())
     d = result.details
     assert d["canceller"] == "aec3" and set(d["attenuation_by_canceller_db"]) == {"pulse", "aec3", "off"}
-    # 250 ms of line, plus the echo-cancel module's own sink latency. The rig calibrates its echo
-    # bridge once, at start: on a quiet machine the gate measured 248-257 ms (8 runs, old and new
-    # bridge alike); with benches running on both cores, 231 and 234 ms (the calibration erred).
-    assert d["echo_delay_ms"] is not None and 220 <= d["echo_delay_ms"] <= 330
+    # The gate's delay against the rig's own measurement of its echo path, made now (earpiece to raw
+    # mic, median of three). The path is meant to be 250 ms, but it wanders once other streams
+    # connect to the earpiece's monitor: on a quiet machine 238-290 ms after the gate (6 runs),
+    # while the gate agreed with it within 11 ms in 6 runs (a fresh-clone run that judged the gate
+    # against 250 ms failed on 218). The gate's path adds the echo-cancel module's own latency.
+    rig_ms = float(np.median([on_phone_line.measure_echo_path()[0] for _ in range(3)]))
+    print(f"the rig's echo path now: {rig_ms:.1f} ms; the gate: {d['echo_delay_ms']} ms")
+    assert 200 <= rig_ms <= 320
+    assert d["echo_delay_ms"] is not None and rig_ms - 25 <= d["echo_delay_ms"] <= rig_ms + 30
     att = d["attenuation_by_canceller_db"]
     assert att["off"] == pytest.approx(6.0, abs=3.0)  # the line's return loss, nothing more
     assert att["aec3"] >= att["off"] + 20 and result.verdict == "PASS"
