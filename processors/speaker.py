@@ -6,12 +6,14 @@ weights (a 3-layer LSTM over 40 mel bands, 256 dimensions; ~0.1 s of CPU per sec
 ``CALLER_GATE_MODEL`` names other weights of the same architecture in a local file. Nothing is
 downloaded. The model is warmed up at load (its mel code compiles on first use).
 
-Measured here on synthesized voices (espeak-ng variants, Piper): on whole sentences the same
-voice scores 0.90-0.93 against its enrolment, other voices 0.54-0.69, Annie's (Piper) 0.42-0.48.
-On the stretches a barge-in decision has it does not separate them: median 0.55 (caller) against
-0.52-0.54 (others) at 0.6 s, equal error rate 0.44; 0.34 at 1.0 s; 0.25 at 1.5 s
-(``python -m bench.caller_gate_bench``, 4 callers, 16 stretches each kind). Hence the gate is off
-by default, and ``CALLER_GATE_MODEL`` is the way to a stronger encoder.
+Every stretch is brought to -30 dBFS first, as resemblyzer's own preprocessing does (the level
+the encoder was trained at): without it a stretch shorter than the encoder's 1.6 s window, zero-
+padded, scored by its level as much as by its voice. On real voices (LibriSpeech test-other, 10
+speakers) that took the equal error rate at 0.6 s stretches from 0.36 to 0.19 and at 1.0 s from
+0.31 to 0.12; on espeak-ng voices from 0.41 to 0.23 and 0.33 to 0.19 (``python -m
+bench.caller_gate_bench [--voices DIR] [--band narrow]``; bench/README.md). Through the narrow
+phone band the voices score closer together (0.28 / 0.24 on real voices): there the gate mostly
+says "unsure". ``CALLER_GATE_MODEL`` is the way to a stronger encoder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from processors.errors import SetupError
 SAMPLE_RATE = 16000
 MIN_SECONDS = 0.3  # shorter stretches give no embedding (the gate is then unsure)
 MIN_LEVEL_DBFS = -55.0  # quieter than this is silence, not a voice
+TARGET_DBFS = -30.0  # every stretch is brought to this level first (the encoder's training level)
 
 
 class SpeakerEncoder:
@@ -43,6 +46,9 @@ class SpeakerEncoder:
             ) from e
         if weights is not None and not Path(weights).is_file():
             raise SetupError(f"CALLER_GATE_MODEL points to {str(weights)!r}, which is not a file of encoder weights.")
+        from resemblyzer.audio import normalize_volume
+
+        self._normalize = normalize_volume
         try:
             self._encoder = VoiceEncoder(device, verbose=False, weights_fpath=weights)
         except Exception as e:  # noqa: BLE001 - any load failure is the setting's fault
@@ -58,6 +64,10 @@ class SpeakerEncoder:
         rms = float(np.sqrt(np.mean(audio**2)))
         if rms <= 0 or 20 * np.log10(rms) < MIN_LEVEL_DBFS:
             return None
-        embedding = self._encoder.embed_utterance(np.clip(audio, -1.0, 1.0))
+        # At the level the encoder was trained at (resemblyzer's own preprocessing normalizes every
+        # utterance to -30 dBFS): a stretch shorter than its 1.6 s window is zero-padded, and at
+        # another level the padding weighs differently, so the same voice at two levels (a caller
+        # at -24 dBFS, her echo-cancelled words over Annie lower) scored as two voices.
+        embedding = self._encoder.embed_utterance(np.clip(self._normalize(audio, TARGET_DBFS), -1.0, 1.0))
         norm = float(np.linalg.norm(embedding))
         return embedding / norm if np.isfinite(norm) and norm > 0 else None

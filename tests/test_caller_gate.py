@@ -44,7 +44,7 @@ def enrolled_gate() -> CallerGate:
     [
         (unit(3, near=CALLER, cos=0.9), Verdict.CALLER),  # her voice
         (unit(4, near=CALLER, cos=0.65), Verdict.UNSURE),  # a short stretch of it: the rules decide
-        (unit(5, near=CALLER, cos=0.5), Verdict.NOT_CALLER),  # the TV, another person
+        (unit(5, near=CALLER, cos=0.45), Verdict.NOT_CALLER),  # the TV, another person
         (unit(6, near=ANNIE, cos=0.95), Verdict.NOT_CALLER),  # Annie's echo
         (None, Verdict.UNSURE),  # silence, or too short to embed
         (np.full(DIM, np.nan), Verdict.UNSURE),

@@ -34,7 +34,7 @@ class Verdict(Enum):
 class GateParams:
     min_enroll_s: float = 3.0  # CALLER_GATE_MIN_ENROLL_MS
     caller_min: float = 0.75  # CALLER_GATE_CALLER_MIN
-    not_caller_max: float = 0.55  # CALLER_GATE_NOT_CALLER_MAX
+    not_caller_max: float = 0.50  # CALLER_GATE_NOT_CALLER_MAX
     annie_margin: float = 0.15  # fixed: a sound this much nearer Annie's voice is her echo
     refine_weight: float = 0.2  # fixed: how much one later turn moves the caller's enrolment
 
