@@ -476,9 +476,10 @@ class PulseRig:
             if line.has_echo:
                 self._warm_up(self.SPEAKER_MONITOR, self.RAW_MIC)
                 self._bridge.room_on = False  # the burst alone on the line while measuring
-                # One measurement errs by up to ~15 ms (each recording's start is estimated from when
-                # its blocks were read: 233-260 ms for a 250 ms line over 18 measurements); the median
-                # of three takes out the outliers that left the line ~30 ms short.
+                # One measurement varies by ~15 ms either way (each recording's start is estimated
+                # from when its blocks were read: 233-260 ms for a 250 ms line over 18 measurements);
+                # the median of three is steadier. The path itself can still move later, when other
+                # streams connect to the earpiece's monitor (238-290 ms after the echo gate's run).
                 delay_ms = float(np.median([self.measure_echo_path()[0] for _ in range(CALIBRATION_MEASUREMENTS)]))
                 self._bridge.calibrate(delay_ms)
                 self._bridge.wait_calibrated()
