@@ -153,12 +153,12 @@ class CorpusVoices:
         return self._load(self.files[caller][3 + i])
 
     def tv(self, caller: str, i: int) -> np.ndarray:
-        other = self._others(caller)[i % len(self._others(caller))]
-        return self._load(self.files[other][-1 - i % 2])
+        others = self._others(caller)
+        return self._load(self.files[others[i % len(others)]][-1 - i % 2])
 
     def other(self, caller: str, i: int) -> np.ndarray:
-        other = self._others(caller)[(i + 1) % len(self._others(caller))]
-        return self._load(self.files[other][3 + i])
+        others = self._others(caller)
+        return self._load(self.files[others[(i + 1) % len(others)]][3 + i])
 
 
 def _librispeech_sexes(path: Path) -> dict[str, str]:
