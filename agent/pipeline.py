@@ -70,6 +70,7 @@ class CallPipeline:
     assistant_aggregator: LLMAssistantAggregator
     pause_first: PauseThenDecideStartStrategy | None = None
     shadow: ShadowLog | None = None
+    caller_gate: CallerVoiceTap | None = None  # the caller-voice gate's tap, when it is on
 
 
 def pause_first_strategy(
@@ -277,4 +278,5 @@ def build_call_pipeline(
         observers=observers or [],
     )
     logger.debug(f"call pipeline assembled (barge-in {'on' if settings.enable_barge_in else 'off'})")
-    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg, start, shadow)
+    return CallPipeline(pipeline, worker, context, user_agg, assistant_agg, start, shadow,
+                        caller_gate=caller_tap[0] if caller_tap else None)

@@ -57,9 +57,10 @@ from pipecat.workers.runner import WorkerRunner
 from agent.bargein.recording import EventLog
 from agent.config import load_settings
 from agent.pipeline import build_call_pipeline
-from agent.services import build_llm, build_stt, build_tts, build_vad
+from agent.services import build_llm, build_speaker_encoder, build_stt, build_tts, build_vad
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
-from bench.bargein_metrics import PassAnalysis, summarize
+from bench import bargein_audio as audio
+from bench.bargein_metrics import PassAnalysis, gate_record, summarize
 from agent.demo.frames import FrameTimes
 from bench.bargein_probe import whisper_stt
 from bench.bargein_script import CallerScript, Plan, scripted_reply
@@ -71,6 +72,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LEGACY_PASSES = ("rig-cancel", "rig-pause", "sim-pause", "sim-cancel")
 CANCELLERS = ("pulse", "aec3", "off")
 DEFAULT_CANCELLERS = ("pulse", "aec3")
+GATE_SUFFIX = "+gate"  # a phone-line pass with the caller-voice gate on (CALLER_GATE=1)
 FULL_PLANS = {
     "rig-cancel": Plan(questions=3, interruptions=10, backchannels=6, bursts=3, noise_per_snr=1, echo_block_s=60,
                        budget_s=290),
@@ -91,6 +93,12 @@ QUICK_PLAN = Plan(questions=1, interruptions=1, backchannels=1, bursts=1, noise_
 # questions and 150 s, a pass whose answers dragged on under echo pauses ran out of time before
 # its events.)
 QUICK_LINE_PLAN = dataclasses.replace(QUICK_PLAN, questions=0, echo_block_s=30, budget_s=180)
+# With the caller-voice gate measured (``--gate``, both twins of a line): two minutes of echo only,
+# and twice the room noise, at each SNR (the gate's goal is about TV and a second voice); the
+# caller's two questions (and the warm-up) enrol her voice before the first event.
+GATE_LINE_PLAN = Plan(questions=2, interruptions=8, backchannels=8, bursts=2, noise_per_snr=2, echo_block_s=120,
+                      budget_s=600)
+QUICK_GATE_PLAN = dataclasses.replace(QUICK_LINE_PLAN, questions=2, noise_per_snr=1, snrs=(5.0,), budget_s=240)
 LLM_TIMING = LLMStandInOptions(first_token_delay_s=0.15, token_delay_s=0.02, reply=scripted_reply)
 
 
@@ -168,23 +176,31 @@ def record_pauses(output) -> list[tuple[float, float | None]]:
 def open_pass_line(name: str, out_rate: int):
     """The line a pass runs on: ``<preset>/<canceller>``, ``rig-*`` or ``sim-*``."""
     if "/" in name:
-        preset_name, canceller = name.split("/")
+        preset_name, canceller = base_name(name).split("/")
         return RigLine(out_rate, caller_bus=True, line=preset(preset_name), canceller=canceller)
     return RigLine(out_rate, caller_bus=True) if name.startswith("rig") else SimLine(out_rate)
 
 
-def pass_names(passes: str | None, presets: str, cancellers: str) -> list[str]:
-    """The passes to run: ``--passes`` as given, else every preset with every canceller."""
+def pass_names(passes: str | None, presets: str, cancellers: str, gate: str = "off") -> list[str]:
+    """The passes to run: ``--passes`` as given, else every preset with every canceller, each with
+    the caller-voice gate off and/or on (``gate``: ``off``, ``on`` or ``off,on``; on adds ``+gate``)."""
     if passes:
         return [p.strip() for p in passes.split(",") if p.strip()]
-    return [f"{p.strip()}/{c.strip()}" for p in presets.split(",") if p.strip() for c in cancellers.split(",") if c.strip()]
+    suffixes = ["" if g.strip() == "off" else GATE_SUFFIX for g in gate.split(",") if g.strip()]
+    return [f"{p.strip()}/{c.strip()}{g}" for p in presets.split(",") if p.strip()
+            for c in cancellers.split(",") if c.strip() for g in suffixes]
+
+
+def base_name(name: str) -> str:
+    """A pass's name without the gate's suffix: ``handset/aec3+gate`` -> ``handset/aec3``."""
+    return name.removesuffix(GATE_SUFFIX)
 
 
 def check_pass(name: str) -> str | None:
     """Why a pass name is unknown, or None."""
     if "/" not in name:
         return None if name in LEGACY_PASSES else f"unknown pass {name}; choose from {', '.join(LEGACY_PASSES)} or PRESET/CANCELLER"
-    preset_name, _, canceller = name.partition("/")
+    preset_name, _, canceller = base_name(name).partition("/")
     if preset_name not in PRESETS:
         return f"unknown line preset {preset_name}; choose from {', '.join(PRESETS)}"
     if canceller not in CANCELLERS:
@@ -192,8 +208,11 @@ def check_pass(name: str) -> str | None:
     return None
 
 
-async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print, record_dir: Path | None = None) -> dict:
+async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=print, record_dir: Path | None = None,
+                   caller_voice: int | None = None) -> dict:
+    """One call. ``caller_voice``: one caller's voice throughout (else a new voice per utterance)."""
     pause_first = "/" in name or name.endswith("-pause")
+    gate = name.endswith(GATE_SUFFIX)
     out_rate = 24000
     line = await asyncio.to_thread(open_pass_line, name, out_rate)
     try:
@@ -203,6 +222,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         settings = load_settings(
             stt_backend="nemotron" if nemotron else "whisper", enable_barge_in=True, barge_in_pause_first=pause_first,
             llm_model="stand-in", chatterbox_first_byte_timeout_s=15.0, audio_out_sample_rate=out_rate,
+            caller_gate=gate,
         )
         times = FrameTimes()
         decision_log = EventLog() if record_dir is not None and pause_first else None
@@ -210,7 +230,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
             settings, transport=line.transport, stt=(stt := build_stt(settings) if nemotron else whisper_stt(partials=pause_first)),
             llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=(vad := build_vad(settings)), observers=[times], stt_streams_partials=pause_first,
-            decision_log=decision_log,
+            decision_log=decision_log, speaker_encoder=build_speaker_encoder(settings),
         )
         if pause_first and call.pause_first is None:
             raise RuntimeError("pause-then-decide did not engage on this line")
@@ -219,7 +239,8 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         await runner.add_workers(call.worker)
         t0 = time.monotonic()
         task = asyncio.create_task(runner.run())
-        script = CallerScript(line, times, call.pause_first, np.random.default_rng(seed), log=log, pauses=pauses_seen)
+        script = CallerScript(line, times, call.pause_first, np.random.default_rng(seed), log=log, pauses=pauses_seen,
+                              caller_voice=caller_voice)
         try:
             await script.run(plan, deadline=t0 + plan.budget_s)
             await asyncio.sleep(1.0)
@@ -259,25 +280,32 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                 "duration_s": t_end - t0, "events": records,
                 "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.by_kind.items() if k != "tts_audio"},
                 "whisper_no_speech": analysis.no_speech_scores(getattr(stt, "scores", [])),
+                "caller_voice": None if caller_voice is None else audio.CALLER_VOICES[caller_voice][0],
+                "caller_gate": gate_record(call.caller_gate, records, t0) if gate else None,
                 "summary": summarize(records, analysis.echo_only())}
     finally:
         await asyncio.to_thread(line.close)
 
 
 async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale: float = 1.0, log=print,
-              record_dir: Path | None = None) -> dict:
+              record_dir: Path | None = None, one_caller: bool = False) -> dict:
+    """Run the passes in turn. A pass and its ``+gate`` twin share a seed (the same events) and,
+    with ``one_caller``, one caller's voice (a different one per line)."""
+    bases = list(dict.fromkeys(base_name(n) for n in passes))
     results: dict = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                                  "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
                      "passes": [], "skipped": {}}
     async with AsyncExitStack() as stack:
         backends = await start_backends(stack, tts)
         results["llm"], results["tts"] = backends.llm_label, backends.tts_label
-        for i, name in enumerate(passes):
+        for name in passes:
             if not name.startswith("sim") and (why := rig_unusable_reason()):
                 results["skipped"][name] = why
                 log(f"{name}: skipped ({why})")
                 continue
-            if quick:
+            if "/" in name and one_caller:
+                plan = QUICK_GATE_PLAN if quick else GATE_LINE_PLAN
+            elif quick:
                 plan = QUICK_LINE_PLAN if "/" in name else QUICK_PLAN
             else:
                 plan = FULL_PLANS.get(name, LINE_PLAN)
@@ -285,7 +313,9 @@ async def run(passes: list[str], quick: bool, tts: str, seed: int, budget_scale:
             log(f"{name}: running")
             started = time.monotonic()
             try:
-                results["passes"].append(await run_pass(name, plan, backends, seed + i, log, record_dir))
+                k = bases.index(base_name(name))
+                voice = audio.GATE_CALLERS[k % len(audio.GATE_CALLERS)] if one_caller else None
+                results["passes"].append(await run_pass(name, plan, backends, seed + k, log, record_dir, voice))
             except Exception as e:  # noqa: BLE001 - one broken line must not lose the other passes
                 logger.exception(f"{name} failed")
                 results["skipped"][name] = f"failed: {type(e).__name__}: {e}"
@@ -299,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated: PRESET/CANCELLER or the old {', '.join(LEGACY_PASSES)} (default: --presets x --cancellers)")
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help=f"line presets, from {', '.join(PRESETS)}")
     parser.add_argument("--cancellers", default=",".join(DEFAULT_CANCELLERS), help=f"from {', '.join(CANCELLERS)}")
+    parser.add_argument("--gate", default="off", choices=("off", "on", "off,on"),
+                        help="the caller-voice gate (CALLER_GATE) on the phone-line passes: off, on, or both side by "
+                             "side ('+gate' passes); with it on, one caller's voice per line and the gate's plan "
+                             "(2 min of echo, 24 room-noise events)")
     parser.add_argument("--quick", action="store_true", help="one event of each kind (smoke run)")
     parser.add_argument("--tts", choices=("auto", "piper", "espeak"), default="auto")
     parser.add_argument("--seed", type=int, default=7)
@@ -310,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write what the barge-in decision saw and did, per pause pass, as DIR/<pass>.jsonl "
                              "(holds the scripted caller's words; replay with agent.bargein.recording)")
     args = parser.parse_args(argv)
-    passes = pass_names(args.passes, args.presets, args.cancellers)
+    passes = pass_names(args.passes, args.presets, args.cancellers, args.gate)
     problems = [why for p in passes if (why := check_pass(p))]
     if problems:
         parser.error("; ".join(problems))
@@ -320,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     results = asyncio.run(run(passes, args.quick, args.tts, args.seed, args.budget_scale,
-                              log=lambda m: print(m, flush=True), record_dir=args.record_dir))
+                              log=lambda m: print(m, flush=True), record_dir=args.record_dir,
+                              one_caller=args.gate != "off" or any(p.endswith(GATE_SUFFIX) for p in passes)))
     results["wall_s"] = time.monotonic() - started
     results["command"] = "python -m bench.bargein_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = write_report(results, args.out)

@@ -256,6 +256,31 @@ def _find_even(haystack: bytes, needle: bytes, start: int = 0) -> int:
     return pos
 
 
+def gate_record(tap, records: list[dict], t0: float) -> dict:
+    """The caller-voice gate's verdicts in one pass, each put to the event whose sound it scored
+    (from 0.3 s before the event's onset to 1.5 s after its end; else ``echo``: nobody spoke, so it
+    scored Annie's echo), with the counts per source."""
+    if tap is None:
+        return {"enrolled_s": 0.0, "verdicts": [], "by_source": {}}
+    scored = []
+    for t, v in zip(tap.verdict_times, tap.verdicts):
+        at = t - t0
+        ev = next((r for r in records if r["onset"] - 0.3 <= at <= r["end"] + 1.5), None)
+        source = "echo" if ev is None else ev["kind"] if ev["group"] in ("noise", "burst") else ev["group"]
+        scored.append({"t": round(at, 3), "source": source, "verdict": v.verdict.value,
+                       "caller": None if v.caller is None else round(v.caller, 3),
+                       "annie": None if v.annie is None else round(v.annie, 3)})
+    by_source: dict[str, dict] = {}
+    for r in scored:
+        d = by_source.setdefault(r["source"], {"caller": 0, "not_caller": 0, "unsure": 0, "caller_scores": []})
+        d[r["verdict"]] += 1
+        if r["caller"] is not None:
+            d["caller_scores"].append(r["caller"])
+    for d in by_source.values():
+        d["caller_score_median"] = float(np.median(d["caller_scores"])) if d["caller_scores"] else None
+    return {"enrolled_s": round(tap.gate.caller_seconds, 2), "verdicts": scored, "by_source": by_source}
+
+
 def summarize(records: list[dict], echo: dict) -> dict:
     by = lambda g: [r for r in records if r["group"] == g]  # noqa: E731
     inter = [r for r in by("interruption") if r["annie_speaking"]]

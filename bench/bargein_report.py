@@ -61,6 +61,13 @@ def targets(p: dict) -> list[tuple[str, str, str]]:
 ANNIE_DBFS = -17.0  # Piper's level at the sink, for the echo-against-caller figure
 
 
+def _verdicts(p: dict, sources: tuple[str, ...]) -> str:
+    if not p.get("caller_gate"):
+        return "-"
+    by = p["caller_gate"]["by_source"]
+    return " / ".join(str(sum(by.get(src, {}).get(v, 0) for src in sources)) for v in ("caller", "not_caller", "unsure"))
+
+
 def side_by_side(results: dict) -> list[str]:
     """One table per line preset: the metrics of issue 19, one column per canceller."""
     by_preset: dict[str, list[dict]] = {}
@@ -75,7 +82,7 @@ def side_by_side(results: dict) -> list[str]:
         out += ["", f"### Line `{name}`: echo {model['echo_delay_ms']:.0f} ms, "
                 + ("no echo" if erl is None else f"{erl:g} dB below Annie (about {vs:+.0f} dB against the caller)")
                 + f", {model['band']}, caller {model['caller_dbfs']:g} dBFS, room {model['room']}", "",
-                "| metric | " + " | ".join(p["canceller"] for p in passes) + " |",
+                "| metric | " + " | ".join(p["canceller"] + (" + gate" if p.get("caller_gate") else "") for p in passes) + " |",
                 "|---|" + "---|" * len(passes)]
         rows: dict[str, list[str]] = {}
 
@@ -109,6 +116,17 @@ def side_by_side(results: dict) -> list[str]:
             went_on.append(_rate(sum(g["kept_talking"] for g in groups), sum(g["events"] for g in groups)))
         add("backchannels, bursts and room noise: Annie went on", went_on)
         add("interruptions wrongly resumed", [f"{s['wrongly_resumed']} of {s['interruptions']}" for s in ss])
+        add("backchannels: Annie went on", [_rate(s["backchannel"]["kept_talking"], s["backchannel"]["events"]) for s in ss])
+        voices = [[d for d in s["noise_by_snr"] if d["kind"] in ("tv", "second_voice") and d["snr_db"] >= 5] for s in ss]
+        add("TV and second voice >= 5 dB below the caller: stopped Annie",
+            [_rate(sum(d["false_barge_ins"] for d in v), sum(d["events"] for d in v)) for v in voices])
+        if any(p.get("caller_gate") for p in passes):
+            add("caller's voice (enrolled s)", [f"{p.get('caller_voice') or 'one per utterance'}"
+                                                + (f" ({p['caller_gate']['enrolled_s']:g} s)" if p.get("caller_gate") else "")
+                                                for p in passes])
+            for label, sources in (("interruptions and backchannels", ("interruption", "backchannel")),
+                                   ("TV, second voice, babble", ("tv", "second_voice", "babble")), ("echo only", ("echo",))):
+                add(f"gate on {label}: caller / not caller / unsure", [_verdicts(p, sources) for p in passes])
         out += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows.items()]
     if out:
         out = ["## Phone lines, canceller against canceller (pause first)", "",

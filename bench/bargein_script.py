@@ -106,8 +106,11 @@ class Plan:
 
 class CallerScript:
     def __init__(self, line, times: FrameTimes, pause_first, rng: np.random.Generator, log=print,
-                 pauses: list[tuple[float, float | None]] | None = None):
+                 pauses: list[tuple[float, float | None]] | None = None, caller_voice: int | None = None):
         self.line = line
+        # One caller's voice for the whole call (the caller-voice gate enrols her), or a new voice
+        # for every utterance (None: the decision must not depend on whose voice it is).
+        self.caller_voice = caller_voice
         self.times = times
         self.pause_first = pause_first
         self.pauses = pauses if pauses is not None else []
@@ -148,8 +151,11 @@ class CallerScript:
 
     async def _say(self, text: str, kind: str) -> tuple[float, float]:
         self._n += 1
-        pcm = await asyncio.to_thread(audio.speech, text, self._n)
+        pcm = await asyncio.to_thread(audio.speech, text, self._voice())
         return await self._play(pcm, kind)
+
+    def _voice(self) -> int:
+        return self._n if self.caller_voice is None else self.caller_voice
 
     # -- the call ---------------------------------------------------------------------------
     async def run(self, plan: Plan, deadline: float) -> None:
@@ -170,7 +176,7 @@ class CallerScript:
         await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
         await asyncio.sleep(0.8)
         start, end = await self._say(text, "question")
-        self.events.append(Event("question", "question", start, end, text=text, voice=self._n, warmup=warmup))
+        self.events.append(Event("question", "question", start, end, text=text, voice=self._voice(), warmup=warmup))
         await self._wait(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
         await asyncio.sleep(0.3)
         await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
@@ -210,10 +216,10 @@ class CallerScript:
         text = None
         if group == "interruption":
             text = audio.INTERRUPTIONS[self._n % len(audio.INTERRUPTIONS)]
-            pcm = await asyncio.to_thread(audio.speech, text, self._n, level)
+            pcm = await asyncio.to_thread(audio.speech, text, self._voice(), level)
         elif group == "backchannel":
             text = audio.BACKCHANNELS[self._n % len(audio.BACKCHANNELS)]
-            pcm = await asyncio.to_thread(audio.speech, text, self._n, level)
+            pcm = await asyncio.to_thread(audio.speech, text, self._voice(), level)
         elif group == "burst":
             pcm = audio.burst(kind, self.rng, level + 6.0)
         else:
@@ -221,7 +227,7 @@ class CallerScript:
         decided = len(self.pause_first.decisions) if self.pause_first else 0
         speaking = self.annie_speaking()
         start, end = await self._play(pcm, group)
-        ev = Event(kind, group, start, end, text=text, voice=self._n, level_dbfs=level, snr_db=snr,
+        ev = Event(kind, group, start, end, text=text, voice=self._voice(), level_dbfs=level, snr_db=snr,
                    annie_speaking=speaking)
         self.events.append(ev)
         if group == "interruption":

@@ -81,3 +81,34 @@ async def test_quick_benchmark_scores_every_kind_of_event(tmp_path):
     assert [t["target"] for t in saved["passes"][0]["targets"]][:3] == [
         "stop latency p95 <= 200 ms", ">= 98 % of interruptions stop Annie", "0 stale chunks"]
     assert "| stop latency p95 <= 200 ms |" in (tmp_path / "bargein_results.md").read_text()
+
+
+def test_gate_passes_come_in_twins_that_name_their_line():
+    from bench.bargein_bench import base_name, check_pass, pass_names
+
+    names = pass_names(None, "handset,speakerphone", "aec3", "off,on")
+    assert names == ["handset/aec3", "handset/aec3+gate", "speakerphone/aec3", "speakerphone/aec3+gate"]
+    assert pass_names(None, "handset", "aec3") == ["handset/aec3"]
+    assert all(check_pass(n) is None for n in names)
+    assert base_name("handset/aec3+gate") == "handset/aec3"
+    assert "unknown canceller" in check_pass("handset/nope+gate")
+
+
+def test_gate_verdicts_are_put_to_the_sound_they_scored():
+    from agent.bargein.gate import CallerGate, Scored, Verdict
+    from agent.bargein.gate_taps import CallerVoiceTap, GateWorker
+    from bench.bargein_metrics import gate_record
+
+    tap = CallerVoiceTap(GateWorker(encoder=None, gate=CallerGate()), strategy=None)
+    t0 = 100.0
+    for at, scored in ((5.2, Scored(Verdict.CALLER, 0.81, 0.1)), (9.0, Scored(Verdict.NOT_CALLER, 0.2, 0.3)),
+                       (30.0, Scored(Verdict.NOT_CALLER, 0.3, 0.7)), (40.0, Scored(Verdict.UNSURE))):
+        tap.verdicts.append(scored)
+        tap.verdict_times.append(t0 + at)
+    records = [{"kind": "interruption", "group": "interruption", "onset": 5.0, "end": 6.5},
+               {"kind": "tv", "group": "noise", "onset": 8.8, "end": 11.3}]
+    rec = gate_record(tap, records, t0)
+    assert [v["source"] for v in rec["verdicts"]] == ["interruption", "tv", "echo", "echo"]
+    assert rec["by_source"]["echo"]["not_caller"] == 1 and rec["by_source"]["echo"]["unsure"] == 1
+    assert rec["by_source"]["interruption"]["caller_score_median"] == pytest.approx(0.81)
+    assert gate_record(None, records, t0)["verdicts"] == []

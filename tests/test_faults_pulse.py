@@ -182,7 +182,11 @@ async def test_source_and_sink_vanish_and_return(settings, rig, voices, llm_serv
     for reply in REPLIES:
         llm_server.queue_reply(reply)
     async with fault_call(settings, llm_base_url=llm_server.base_url, **pipeline_parts) as call:
+        began = time.monotonic()
         assert_heard_in_full(await ask(call, rig, llm_server, voices["weather"], "weather"))
+        # Whatever the call still had in hand from before the outage is answered before it, so
+        # that a request during the outage can only come from what was said into the dead line.
+        await call.wait_idle(llm_server)
         requests = len(llm_server.requests)
 
         await asyncio.to_thread(rig.unload_echo_cancel)
@@ -193,7 +197,10 @@ async def test_source_and_sink_vanish_and_return(settings, rig, voices, llm_serv
         await asyncio.to_thread(rig.load_echo_cancel)
         back = time.monotonic()
         await call.wait_until(lambda: first_capture_after(call, back) is not None, 10, "capture to resume")
-        assert len(llm_server.requests) == requests, "something was answered while the line was dead"
+        extra = [(round(r.started_at - began, 2), [m["content"] for m in r.messages if m["role"] == "user"][-1:])
+                 for r in llm_server.requests[requests:]]
+        assert not extra, (f"something was answered while the line was dead (outage {gone - began:.2f}-"
+                           f"{back - began:.2f} s): (s, words) {extra}; turn events: {turn_timeline(call, began)}")
 
         answer = await ask(call, rig, llm_server, voices["story"], "story")
         assert "doctor" not in last_user_text(llm_server), "speech from the outage leaked into the next turn"

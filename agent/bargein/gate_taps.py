@@ -14,6 +14,7 @@ unchanged. Scores go to the log at DEBUG (numbers only).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +37,7 @@ from agent.bargein.gate import CallerGate, Scored, Verdict
 
 RATE = 16000
 MAX_UTTERANCE_S = 10.0  # a longer utterance keeps its first ten seconds
+KEPT_VERDICTS = 256  # the latest verdicts, with their times, for a bench or a report
 
 
 class GateWorker:
@@ -70,7 +72,12 @@ class CallerVoiceTap(FrameProcessor):
         self._deciding = False  # the utterance began while Annie spoke
         self._scored = False
         self._bot_speaking = False
-        self.verdicts: list[Scored] = []
+        self.verdicts: deque[Scored] = deque(maxlen=KEPT_VERDICTS)
+        self.verdict_times: deque[float] = deque(maxlen=KEPT_VERDICTS)  # time.monotonic() of each
+
+    @property
+    def gate(self) -> CallerGate:
+        return self._worker.gate
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -114,6 +121,7 @@ class CallerVoiceTap(FrameProcessor):
         pcm = np.frombuffer(bytes(self._utterance or b""), dtype=np.int16)
         scored = self._worker.gate.verdict(await self._worker.embed(pcm))
         self.verdicts.append(scored)
+        self.verdict_times.append(time.monotonic())
         logger.debug(f"caller gate: {scored.verdict.value} (caller {scored.caller}, Annie {scored.annie}, "
                      f"{len(pcm) / RATE:.2f} s)")
         if scored.verdict is Verdict.NOT_CALLER:
