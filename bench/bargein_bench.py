@@ -32,7 +32,9 @@ SNRs. Afterwards the caller and ear channels are segmented with Silero VAD and s
 
 Usage: ``python -m bench.bargein_bench`` (3 presets x 2 cancellers, each with 5 minutes of
 echo-only speech: about 60 minutes on 2 cores); ``--quick`` for a smoke run (about 2.5 minutes a
-pass); ``--presets``/``--cancellers`` to choose; ``--passes rig-pause,sim-pause`` for the old ones. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
+pass); ``--presets``/``--cancellers`` to choose; ``--passes rig-pause,sim-pause`` for the old ones;
+``--gate off,on`` runs each phone-line pass with the caller-voice gate off and on (``<pass>+gate``),
+the same events and one caller's voice a line, and records the gate's verdicts per event. Writes ``bench/results/bargein_results.json``, ``bargein_results.md``,
 ``bargein_latency.png`` and ``bargein_snr.png``. The STT is the streaming Nemotron engine when
 ``STT_MODEL_PATH`` names a ``.nemo`` model, else Whisper tiny.en with re-run partials.
 """
