@@ -80,11 +80,11 @@ class SpeakerEncoder:
 
 def _one_torch_thread() -> None:
     """Run the encoder's torch work on this thread alone. Under torch's OpenMP backend the number
-    of intra-op threads belongs to the calling thread, so this binds only the gate's worker: with
-    torch's default (one per core), every embedding took both cores of a 2-core box from the audio
-    threads, and the echo canceller, finding its reference and the mic out of step, judged the
-    handset line echo-free and passed the echo through (the barge-in bench's handset line, AEC3:
-    ERLE 0.4-3.8 dB with the gate on against 22.9-24.8 dB off, 5-11 false pauses in a minute)."""
+    of intra-op threads belongs to the calling thread, so this binds only the gate's worker, which
+    otherwise took every core (two on the dev box) from the audio threads for each embedding. Done
+    because with the gate on, AEC3 lost the handset line's echo in the barge-in bench (ERLE 0.4 and
+    3.8 dB against 22.9-24.8 off); with one thread a quick run kept it (24.3 dB) but the full run
+    lost it again (0.4 dB), so CPU is not the whole cause (bench/results/2026-12-06-caller-gate-lines.md)."""
     import torch
 
     if torch.get_num_threads() != 1:
