@@ -256,7 +256,11 @@ class Aec3Canceller:
 
     def _note_presence(self, fed: np.ndarray, mic: np.ndarray) -> None:
         was_free = self.presence.echo_free
-        if self.presence.add(fed, mic) is None or was_free == self.presence.echo_free:
+        found = self.presence.add(fed, mic)
+        if found is not None:  # one 2 s window of Annie's speech judged (numbers only)
+            logger.debug(f"{self}: echo presence: peak ratio {self.presence.last_ratio:.1f} "
+                         f"({'echo' if found else 'none'}; {self.presence.absent} windows without in a row)")
+        if found is None or was_free == self.presence.echo_free:
             return
         if self.presence.echo_free:
             logger.info(f"{self}: no echo of Annie on this line for {ABSENT_WINDOWS * WINDOW_S:.0f} s of her speech; "
