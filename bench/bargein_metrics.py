@@ -87,14 +87,21 @@ class PassAnalysis:
         return s.end if s is not None else ev.end
 
     def event_record(self, ev: Event) -> dict:
-        onset = self.onset(ev)
+        heard_from = self.onset(ev)
         window_end = ev.end + 2.0
+        # What the call did about this sound: from when it reached the line (nothing earlier answers it).
+        since = min(heard_from - 0.05, ev.start)
+        committed = self.times.first("interruption", since, window_end)
+        paused = next((p for p, _ in self.pauses if since <= p < window_end), None)
+        # The call's VAD (a lower start threshold, 10 ms steps) can hear the sound a little before
+        # the bench's Silero (32 ms windows at 0.5) does; its pause then ended Annie's segment just
+        # before that onset, and she would count as silent when cut in on. The first reaction
+        # bounds the onset. (Her segment's end is known to one Silero window: the slack.)
+        onset = min([heard_from] + [t for t in (paused, committed) if t is not None])
         rec = {"kind": ev.kind, "group": ev.group, "text": ev.text, "voice": ev.voice, "level_dbfs": ev.level_dbfs,
                "snr_db": ev.snr_db, "onset": onset - self.t0, "end": ev.end - self.t0, "warmup": ev.warmup}
-        annie = seg.covering(self.annie_segs, onset)
+        annie = seg.covering(self.annie_segs, onset, slack_s=seg.WINDOW / seg.RATE)
         rec["annie_speaking"] = bool(annie is not None and annie.start < onset - 0.05)
-        committed = self.times.first("interruption", onset - 0.05, window_end)
-        paused = next((p for p, _ in self.pauses if onset - 0.05 <= p < window_end), None)
         rec["committed_ms"] = None if committed is None else 1000 * (committed - onset)
         rec["paused_ms"] = None if paused is None else 1000 * (paused - onset)
         rec["decisions"] = [d for d, _ in ev.decisions]

@@ -208,26 +208,30 @@ class CallerScript:
     async def event(self, kind: str, group: str, snr: float | None) -> None:
         if not await self.ensure_speaking():
             return
-        await asyncio.sleep(float(self.rng.uniform(0.6, 2.0)))
-        if not await self.ensure_speaking():
-            return
+        wait = float(self.rng.uniform(0.6, 2.0))
+        # The sound is made before the wait, not after the last look at Annie: on a loaded machine
+        # synthesis took long enough for her story to end between that look and the sound.
         self._n += 1
+        voice = self._voice()
         level = audio.CALLER_LEVEL_DBFS + float(self.rng.choice([-6.0, -3.0, 0.0, 3.0]))
         text = None
         if group == "interruption":
             text = audio.INTERRUPTIONS[self._n % len(audio.INTERRUPTIONS)]
-            pcm = await asyncio.to_thread(audio.speech, text, self._voice(), level)
+            pcm = await asyncio.to_thread(audio.speech, text, voice, level)
         elif group == "backchannel":
             text = audio.BACKCHANNELS[self._n % len(audio.BACKCHANNELS)]
-            pcm = await asyncio.to_thread(audio.speech, text, self._voice(), level)
+            pcm = await asyncio.to_thread(audio.speech, text, voice, level)
         elif group == "burst":
             pcm = audio.burst(kind, self.rng, level + 6.0)
         else:
             pcm = await asyncio.to_thread(audio.room_noise, kind, self.rng, snr)
+        await asyncio.sleep(wait)
+        if not await self.ensure_speaking():
+            return
         decided = len(self.pause_first.decisions) if self.pause_first else 0
         speaking = self.annie_speaking()
         start, end = await self._play(pcm, group)
-        ev = Event(kind, group, start, end, text=text, voice=self._voice(), level_dbfs=level, snr_db=snr,
+        ev = Event(kind, group, start, end, text=text, voice=voice, level_dbfs=level, snr_db=snr,
                    annie_speaking=speaking)
         self.events.append(ev)
         if group == "interruption":

@@ -335,17 +335,20 @@ class CallScript:
         log = self.log
         interrupted = await _wait(lambda: any(t >= onset for t in log.barge_ins), 10)
         cut = next((t for t in log.barge_ins if t >= onset), time.monotonic())
-        # Annie's next start of speech after the barge-in (an answer, or a request to repeat).
-        started = await _wait(lambda: self._next_reply(cut) is not None, ANSWER_TIMEOUT_S)
-        reply_at = self._next_reply(cut) or time.monotonic()
         # The answer: the LLM's words after the caller's were heard, then audible at the ear. A
         # request to repeat ("Sorry, I didn't catch that") is not an answer.
         heard = await _wait(lambda: self._heard_at(KEYWORDS[2], onset) is not None, ANSWER_TIMEOUT_S)
         heard_at = self._heard_at(KEYWORDS[2], onset) or time.monotonic()
         answered = heard and await _wait(lambda: log.first("llm_text", heard_at) is not None, ANSWER_TIMEOUT_S)
-        answer_at = log.first("llm_text", heard_at) or time.monotonic()
+        answer_at = log.first("llm_text", heard_at) if answered else None
+        # Annie's next start of speech after the barge-in (an answer, or a request to repeat).
+        started = await _wait(lambda: self._reply_start(cut, answer_at) is not None, ANSWER_TIMEOUT_S)
+        reply_at = self._reply_start(cut, answer_at) or time.monotonic()
         replied = answered and await _wait(lambda: self._audible_after(answer_at), 10)
         await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
+        if started and not any(t.bot_started is not None and t.bot_started > cut for t in log.turns):
+            print("\nnote: the output announced no start of speech (BotStartedSpeakingFrame) for Annie's reply; "
+                  "it is timed from its first synthesized audio", flush=True)
         story_after_cut = self.line.sink_loud_seconds(cut + STOP_GRACE_S, reply_at - 0.05) if started else 1.0
         self._report_stop(onset, cut, self.line.sink_last_loud(before=reply_at - 0.05))
         return {
@@ -370,9 +373,15 @@ class CallScript:
             print(f"\nbarge-in: {noticed}; Annie fell silent at the caller's ear {(quiet_at - cut) * 1000:.0f} ms "
                   f"later ({(quiet_at - onset) * 1000:.0f} ms after the first word)", flush=True)
 
-    def _next_reply(self, after: float) -> float | None:
-        starts = [t.bot_started for t in self.log.turns if t.bot_started is not None and t.bot_started > after]
-        return min(starts) if starts else None
+    def _reply_start(self, cut: float, answer_at: float | None) -> float | None:
+        """When Annie's reply can first have reached the ear: her next start of speech after the
+        barge-in, or, should the output announce none, the answer's first synthesized audio (it
+        cannot play earlier). A CI run once saw the answer play with no BotStartedSpeakingFrame:
+        the check then waited 90 s and judged the answer itself as the story going on."""
+        starts = [t.bot_started for t in self.log.turns if t.bot_started is not None and t.bot_started > cut]
+        synthesized = self.log.first("tts_audio", answer_at) if answer_at is not None else None
+        candidates = starts + ([synthesized] if synthesized is not None else [])
+        return min(candidates) if candidates else None
 
     async def _judge_half_duplex(self, asked_2: float, onset: float) -> dict[str, bool]:
         await _wait(lambda: self._silent_for(2.0), ANSWER_TIMEOUT_S * 2)
