@@ -10,8 +10,10 @@ The whole path's delay is the model's. The rig measures the bridge's own latency
 and takes it off the model's delay line. Then every half second the bridge checks its playback
 against the wall clock: an underrun (a starved thread: PulseAudio played silence in its stead,
 so every later echo would come that much later) beyond :data:`DRIFT_TOLERANCE_MS` is taken back
-from the delay line. A line asking for less delay than the bridge's own (about 20-40 ms here) gets the
-bridge's, with a warning.
+from the delay line, and what the delay line cannot give back (a stall longer than the line's
+delay: the bridge then reads only as fast as it plays, so the rest waits in the recording) is read
+past. A line asking for less delay than the bridge's own (about 20-40 ms here) gets the bridge's,
+with a warning.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class EchoBridge:
         self._baseline: int | None = None  # least (wall clock - samples written), samples
         self._shift = 0  # samples to add to (or, negative, drop from) the delay line, set by calibrate
         self._suspect: int | None = None  # a lag seen at the last check, not yet taken back
+        self._drain = 0  # recorded samples to read past (a lag longer than the delay line)
+        self.drained = 0  # samples read past so far
         self._lock = threading.Lock()
         self._rec: PulseStream | None = None
         self._play: PulseStream | None = None
@@ -123,7 +127,13 @@ class EchoBridge:
         if shift > 0:
             self._held = np.concatenate([np.zeros(shift), self._held])
         else:
-            self._held = self._held[min(-shift, len(self._held)):]
+            take = min(-shift, len(self._held))
+            self._held = self._held[take:]
+            # More than the delay line holds: the rest waits in the recording (the bridge read
+            # nothing while it was starved, and since then reads only as fast as it plays), so it
+            # is read past. Without this, a stall longer than the line's delay (the caller-voice
+            # gate's encoder loading) left a 200 ms handset echo at 760 ms for the whole call.
+            self._drain += -shift - take
 
     def _check_drift(self, lag_min: float) -> None:
         """``lag_min``: the least (wall clock - samples written) over the last check, in samples.
@@ -156,6 +166,16 @@ class EchoBridge:
         self.corrections += 1
         logger.debug(f"rig line echo path: {drift * 1000 / self.rate:.0f} ms of underrun taken back")
 
+    def _read_past_lag(self) -> None:
+        """Read past the recording's backlog that the delay line could not take back, as far as it
+        is there now (what is not there was not a backlog: forget it)."""
+        while self._drain >= self._block:
+            if self._rec.read(self._block * 2, timeout=0) is None:
+                self._drain = 0
+                return
+            self._drain -= self._block
+            self.drained += self._block
+
     def _room_block(self, n: int) -> np.ndarray:
         assert self._room is not None
         idx = (self._room_pos + np.arange(n)) % len(self._room)
@@ -184,6 +204,7 @@ class EchoBridge:
                     out = out + self._room_block(len(out))
                 self._play.write(to_int16(out).tobytes())
                 written += len(out)
+                self._read_past_lag()
                 lag_min = min(lag_min, (time.monotonic() - t0) * self.rate - written)
                 blocks += 1
                 if blocks % CHECK_EVERY_BLOCKS == 0:
