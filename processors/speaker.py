@@ -81,10 +81,10 @@ class SpeakerEncoder:
 def _one_torch_thread() -> None:
     """Run the encoder's torch work on this thread alone. Under torch's OpenMP backend the number
     of intra-op threads belongs to the calling thread, so this binds only the gate's worker, which
-    otherwise took every core (two on the dev box) from the audio threads for each embedding. Done
-    because with the gate on, AEC3 lost the handset line's echo in the barge-in bench (ERLE 0.4 and
-    3.8 dB against 22.9-24.8 off); with one thread a quick run kept it (24.3 dB) but the full run
-    lost it again (0.4 dB), so CPU is not the whole cause (bench/results/2026-12-06-caller-gate-lines.md)."""
+    otherwise took every core (two on the dev box) from the audio threads for each embedding.
+    (AEC3 losing the handset line's echo in the barge-in bench with the gate on was not this: the
+    rig's echo bridge, starved while the encoder loaded, had moved the echo to 760 ms; fixed in
+    ``transports/rig/echo_bridge.py``.)"""
     import torch
 
     if torch.get_num_threads() != 1:
