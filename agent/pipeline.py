@@ -43,6 +43,7 @@ from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, Shadow
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
 from agent.config import AgentSettings
 from agent.preempt import vad_state_of
+from agent.turn_hold import HoldRule
 from agent.turns import (
     EmptyTurnTimeout,
     EmptyTurnWatchdog,
@@ -139,7 +140,7 @@ def user_aggregator_params(
     meter: TurnSpeechMeter | None = None,
     stt: object | None = None,
     mute: HalfDuplexMuteStrategy | None = None,
-    turn_analyzer: BaseTurnAnalyzer | None = None,
+    turn_analyzer: BaseTurnAnalyzer | object | None = None,
 ) -> LLMUserAggregatorParams:
     """Turn-taking for the caller: VAD, when a turn starts and ends, and the half-duplex mute.
 
@@ -154,7 +155,8 @@ def user_aggregator_params(
         vad_analyzer=vad_analyzer,
         user_turn_strategies=user_turn_strategies(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
-            watchdog=watchdog, turn_analyzer=turn_analyzer, stt_in_flight=lambda: audio_in_flight(stt),
+            watchdog=watchdog, turn_analyzer=turn_analyzer, hold=HoldRule.from_settings(settings),
+            stt_in_flight=lambda: audio_in_flight(stt),
             preempt=settings.preemptive_generation, vad_state=vad_state_of(vad_analyzer),
         ),
         user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],
@@ -216,7 +218,7 @@ def build_call_pipeline(
     shadow_vad: VADAnalyzer | None = None,
     shadow_events: bool = False,
     speaker_encoder: object | None = None,
-    turn_analyzer: BaseTurnAnalyzer | None = None,
+    turn_analyzer: BaseTurnAnalyzer | object | None = None,
 ) -> CallPipeline:
     """Wire the services into one pipeline and a worker that runs until told to stop.
 
@@ -226,7 +228,8 @@ def build_call_pipeline(
     decision saw and did (benchmarks; it holds the caller's words). ``shadow_vad``: with
     ``BARGE_IN_SHADOW``, the shadow's own VAD (``shadow_events`` keeps its events for a replay).
     ``speaker_encoder``: the caller-voice gate's (barge-in with pause first). ``turn_analyzer``:
-    smart-turn, with ``TURN_END=smart`` (``agent.services.build_turn_analyzer``).
+    smart-turn with ``TURN_END=smart``, the end-of-turn model with ``TURN_END=adaptive``
+    (``agent.services.build_turn_analyzer``).
     """
     if stt_streams_partials is None:
         stt_streams_partials = bool(getattr(stt, "streams_partials", False))

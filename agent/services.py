@@ -32,7 +32,7 @@ class CallServices:
     vad_analyzer: VADAnalyzer
     shadow_vad: VADAnalyzer | None = None  # barge-in shadow mode's own VAD
     speaker_encoder: object | None = None  # the caller-voice gate's (processors.speaker.SpeakerEncoder)
-    turn_analyzer: object | None = None  # smart-turn, with TURN_END=smart
+    turn_analyzer: object | None = None  # smart-turn (TURN_END=smart) or the end-of-turn model (adaptive)
 
 
 def build_vad(settings: AgentSettings) -> VADAnalyzer:
@@ -148,7 +148,14 @@ def build_services(settings: AgentSettings) -> CallServices:
 
 
 def build_turn_analyzer(settings: AgentSettings) -> object | None:
-    """Smart-turn v3 (its ONNX model ships in the pipecat wheel) when ``TURN_END=smart``."""
+    """What ends the caller's turn besides the timeout: smart-turn v3 (its ONNX model ships in the
+    pipecat wheel) with ``TURN_END=smart``; the end-of-turn language model with ``TURN_END=adaptive``
+    (:mod:`agent.turn_hold`)."""
+    if settings.turn_end == "adaptive":
+        from processors.eou import EndOfTurnModel
+
+        logger.info("adaptive turn hold: loading the end-of-turn language model")
+        return EndOfTurnModel(settings.turn_eou_model)
     if settings.turn_end != "smart":
         return None
     from pipecat.audio.turn.smart_turn.base_smart_turn import SmartTurnParams

