@@ -6,10 +6,11 @@ speculation gate, the Chatterbox TTS service, the simulated phone line) against 
 servers on 127.0.0.1, set to the NVIDIA + Daily reference agent's latencies: LLM first token
 162 ms (then 15 ms a token), TTS first audio 107 ms. The caller is espeak-ng speech played into the
 line; the STT is a stand-in shaped like the Nemotron engine (a partial per 160 ms chunk 13 ms
-after it, the final 20 ms after the VAD stop: ``agent.demo.standins.streaming_stt``). The six
+after it, the final 20 ms after the VAD stop: ``agent.demo.standins.streaming_stt``). The
 variants (``TURN_END`` timeout/smart x ``PREEMPTIVE_GENERATION`` off, on with the LLM only
-(``PREEMPTIVE_TTS=0``), on with the first sentence's speech synthesized ahead too, the default)
-are open side by side and take turns, so the machine's noise falls on all alike.
+(``PREEMPTIVE_TTS=0``), on with the first sentence's speech synthesized ahead too, the default;
+``TURN_END=adaptive``, the end-of-turn model's hold, without and with both ahead; ``--variants``
+picks some) are open side by side and take turns, so the machine's noise falls on all alike.
 
 - complete utterances: voice-to-voice = the caller's last sound -> Annie's first audible sample,
   with its stages (VAD stop, turn end, LLM start, LLM server to its first sentence, which is what
@@ -20,10 +21,13 @@ are open side by side and take turns, so the machine's noise falls on all alike.
   stages the pipeline's frames show (VAD stop, turn end, LLM start) and whether the heard speech
   was synthesized ahead; the servers' own stages are not recorded there;
 - callers who pause 0.4-1.2 s mid-sentence: whether the turn ended in the pause (Annie cut in),
-  and the answers started ahead and thrown away, with the LLM tokens they cost.
+  and the answers started ahead and thrown away, with the LLM tokens they cost;
+- with ``--line PRESET``, the same on the PulseAudio rig through a phone line preset (AEC3 in the
+  agent; the caller's end from her clean channel, Annie's first audio at the earpiece), one
+  variant after the other.
 
-Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--pauses 0.4,0.8,1.2] [--quick] [--servers local]``; JSON and a PNG in
-``bench/results/``.
+Usage: ``python -m bench.voice_to_voice_bench [--turns 20] [--pauses 0.4,0.8,1.2] [--quick] [--servers local]
+[--line handset] [--variants a,b]``; JSON and a PNG in ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ PAUSES_S = (0.4, 0.6, 0.8, 1.0, 1.2)
 # name: (TURN_END, PREEMPTIVE_GENERATION, PREEMPTIVE_TTS)
 VARIANTS = {"timeout": ("timeout", False, False), "timeout+llm": ("timeout", True, False),
             "timeout+llm+tts": ("timeout", True, True), "smart": ("smart", False, False),
-            "smart+llm": ("smart", True, False), "smart+llm+tts": ("smart", True, True)}
+            "smart+llm": ("smart", True, False), "smart+llm+tts": ("smart", True, True),
+            "adaptive": ("adaptive", False, False), "adaptive+llm+tts": ("adaptive", True, True)}
 FIRST_SENTENCE = REPLY[: REPLY.index(".") + 1]
+REFERENCE_SERVERS = {"llm_first_token_ms": 162, "llm_token_ms": 15, "tts_first_audio_ms": 107, "stt_final_ms": 20}
 LOUD_RMS = 300.0
 
 
@@ -112,6 +118,69 @@ class Caller:
         await self.call.wait_until(lambda: first_audible(self.call, end) is not None, 15, "Annie to answer")
         return end, first_audible(self.call, end)
 
+    def loud_times(self, since: float) -> list[float]:
+        return loud_frames(self.call, since)
+
+    async def wait_silent(self, quiet_s: float, timeout: float) -> None:
+        await self.call.wait_silent(quiet_s, timeout)
+
+
+class RigCaller(Caller):
+    """The caller on a PulseAudio rig line (``transports.rig.line.RigLine``, a line preset, AEC3):
+    her voice plays into the rig's microphone through the line model, Annie is heard at the
+    earpiece; both recorded on one ``time.monotonic()`` timeline. Her channel is the clean bus
+    before the microphone (its end is a loopback latency earlier than the mic's, so voice-to-voice
+    errs long)."""
+
+    def __init__(self, name: str, call, stt: ScriptedStreamingSTT, line):
+        super().__init__(name, call, stt, frame_s=0.01)
+        self.line = line
+
+    async def say(self, segments: list[tuple[str, np.ndarray]], gaps_s: list[float]) -> tuple[float, float]:
+        self.stt.clear()
+        pcm = []
+        for i, (text, audio) in enumerate(segments):
+            self.stt.expect(text, len(audio) / RATE)
+            pcm.append(audio)
+            if i < len(gaps_s):
+                pcm.append(np.zeros(int(gaps_s[i] * RATE), dtype=np.int16))
+        t = time.monotonic()
+        return t, self.line.say(np.concatenate(pcm))
+
+    def _loud(self, t0: float, track: int) -> np.ndarray:
+        """Start times of the loud 10 ms blocks of the caller's channel (0) or the ear (1) since ``t0``."""
+        from transports.rig.line import _loud_blocks
+
+        pcm = self.line.channels(t0, time.monotonic())[track]
+        return t0 + np.flatnonzero(_loud_blocks(pcm, RATE)) * 0.01
+
+    async def answer_after(self, t0: float, length_s: float) -> tuple[float, float]:
+        await asyncio.sleep(length_s)
+        await self.call.wait_until(lambda: not self.line.caller_busy(), 5, "the caller's audio")
+        await asyncio.sleep(0.1)  # the bus's recorder is a block or two behind
+        end = float(self._loud(t0, 0).max()) + self.frame_s
+        deadline = time.monotonic() + 15
+        while not (heard := self._loud(end, 1)).size:  # each look copies the recording: not too often
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out after 15 s waiting for Annie to answer at the earpiece")
+            await asyncio.sleep(0.05)
+        return end, float(heard.min())
+
+    def loud_times(self, since: float) -> list[float]:
+        return [float(t) for t in self._loud(since, 0)]
+
+    async def wait_silent(self, quiet_s: float, timeout: float) -> None:
+        """Until nothing was loud at the earpiece for ``quiet_s``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            last = self.line.sink_last_loud()
+            if last is None or now - last >= quiet_s:
+                return
+            if now > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for Annie to fall silent at the earpiece")
+            await asyncio.sleep(0.05)
+
 
 async def local_turn(caller: Caller, text: str, audio: np.ndarray) -> dict:
     """A complete utterance against real servers: what the pipeline's own frames show."""
@@ -122,7 +191,7 @@ async def local_turn(caller: Caller, text: str, audio: np.ndarray) -> dict:
     stops = [t for t in call.log.times(VADUserStoppedSpeakingFrame) if t >= t0]
     turn_end = min(t for t in call.log.times(UserStoppedSpeakingFrame) if t >= t0)
     starts = [t for t in call.log.times(LLMContextFrame) if t >= t0 and t < heard]
-    await call.wait_silent(0.6, 60)
+    await caller.wait_silent(0.6, 60)
     return {
         "text": text,
         "voice_to_voice_ms": 1000 * (heard - end),
@@ -157,7 +226,7 @@ async def complete_turn(caller: Caller, llm: LLMStandIn, tts: TTSStandIn, text: 
     servers_left = (max(0.0, speech_req.first_byte_at - turn_end) if speech_req.started_at < turn_end
                     else llm_left + tts_server)
     thrown = [r for r in requests if r.messages[-1]["content"] not in said]
-    await call.wait_silent(0.4, 20)
+    await caller.wait_silent(0.4, 20)
     return {
         "text": text,
         "voice_to_voice_ms": 1000 * (heard - end),
@@ -179,11 +248,11 @@ async def paused_turn(caller: Caller, llm: LLMStandIn, parts: tuple[tuple[str, n
     n_llm = len(llm.requests)
     t0, length = await caller.say(list(parts), [pause_s])
     end, _ = await caller.answer_after(t0, length)
-    loud = loud_frames(call, t0)
+    loud = caller.loud_times(t0)
     gaps = [(a, b) for a, b in zip(loud, loud[1:]) if b - a > 0.3]
     resumed = gaps[0][1] if gaps else end
     cut_in = any(t0 <= t < resumed for t in call.log.times(UserStoppedSpeakingFrame))
-    await call.wait_silent(0.4, 20)
+    await caller.wait_silent(0.4, 20)
     said = {m["content"] for m in call.call.context.get_messages() if m["role"] == "user"}
     requests = llm.requests[n_llm:]
     thrown = [r for r in requests if r.messages[-1]["content"] not in said]
@@ -197,8 +266,8 @@ def stats(values: list[float]) -> dict:
             "n": len(values)} if values else {"n": 0}
 
 
-async def run_local(turns: int, hold_ms: int, log=print) -> dict:
-    """The timeout variants against llama.cpp and Piper (the demo's local servers)."""
+async def run_local(turns: int, hold_ms: int, variants: dict, log=print) -> dict:
+    """The timeout and adaptive variants against llama.cpp and Piper (the demo's local servers)."""
     from agent.demo.servers import start_backends
 
     complete_audio = {text: speech(text) for text in COMPLETE}
@@ -206,8 +275,8 @@ async def run_local(turns: int, hold_ms: int, log=print) -> dict:
         backends = await start_backends(stack, set(), llm_url="", tts_url="", scripted_reply=lambda _m: REPLY)
         log(f"LLM: {backends.llm_label}; TTS: {backends.tts_label}")
         callers: dict[str, Caller] = {}
-        for name, (turn_end, preempt, tts_ahead) in VARIANTS.items():
-            if turn_end != "timeout":
+        for name, (turn_end, preempt, tts_ahead) in variants.items():
+            if turn_end == "smart":
                 continue  # smart-turn's figures do not depend on the servers; the simulated run has them
             # Greedy decoding and short answers: every call hears the same answers (a sentence's
             # length sets Piper's time to first audio), and a turn does not wait for a long one.
@@ -218,7 +287,7 @@ async def run_local(turns: int, hold_ms: int, log=print) -> dict:
             stt = ScriptedStreamingSTT()
             call = await stack.enter_async_context(running_call(
                 settings, llm_base_url=backends.llm_url, tts=build_tts(settings, base_url=backends.tts_url),
-                stt=stt, vad_analyzer=build_vad(settings)))
+                stt=stt, vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings)))
             callers[name] = Caller(name, call, stt)
         for caller in callers.values():
             await local_turn(caller, COMPLETE[0], complete_audio[COMPLETE[0]])
@@ -236,7 +305,7 @@ async def run_local(turns: int, hold_ms: int, log=print) -> dict:
     return {"summary": summary, "complete": complete, "hold_ms": hold_ms, "servers": labels}
 
 
-async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) -> dict:
+async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, variants: dict, log=print) -> dict:
     complete_audio = {text: speech(text) for text in COMPLETE}
     paused_audio = [((a, speech(a)), (b, speech(b))) for a, b in PAUSED]
     async with AsyncExitStack() as stack:
@@ -244,7 +313,7 @@ async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) ->
             LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.162, token_delay_s=0.015, reply=lambda _m: REPLY)))
         tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.107)))
         callers: dict[str, Caller] = {}
-        for name, (turn_end, preempt, tts_ahead) in VARIANTS.items():
+        for name, (turn_end, preempt, tts_ahead) in variants.items():
             settings = AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
                                      preemptive_tts=tts_ahead, user_speech_timeout_ms=hold_ms,
                                      chatterbox_streaming=True)
@@ -267,8 +336,13 @@ async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) ->
                 for name, caller in callers.items():
                     paused[name].append(await paused_turn(caller, llm, parts, pause))
             log(f"paused: {parts[0][0]} ... done")
+    return {"summary": summarize(complete, paused), "complete": complete, "paused": paused, "hold_ms": hold_ms,
+            "servers": REFERENCE_SERVERS}
+
+
+def summarize(complete: dict[str, list[dict]], paused: dict[str, list[dict]]) -> dict:
     summary = {}
-    for name in callers:
+    for name in complete:
         rows, prow = complete[name], paused[name]
         summary[name] = {
             **{k: stats([r[k] for r in rows]) for k in ("voice_to_voice_ms", "vad_stop_ms", "turn_end_ms", "llm_start_ms",
@@ -280,8 +354,49 @@ async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, log=print) ->
             "paused_thrown_away": {"count": sum(r["thrown_away"] for r in prow), "n_turns": len(prow),
                                    "tokens": sum(r["tokens_thrown_away"] for r in prow)},
         }
-    return {"summary": summary, "complete": complete, "paused": paused, "hold_ms": hold_ms,
-            "servers": {"llm_first_token_ms": 162, "llm_token_ms": 15, "tts_first_audio_ms": 107, "stt_final_ms": 20}}
+    return summary
+
+
+async def run_rig(turns: int, pauses: tuple[float, ...], hold_ms: int, variants: dict, preset_name: str,
+                  log=print) -> dict:
+    """The same turns on a PulseAudio rig line (a line preset, AEC3 in the agent), one variant after
+    the other (each its own rig: a rig carries one call), at the reference servers' latencies."""
+    from transports.rig.line import RigLine
+    from transports.rig.linemodel import preset
+
+    complete_audio = {text: speech(text) for text in COMPLETE}
+    paused_audio = [((a, speech(a)), (b, speech(b))) for a, b in PAUSED]
+    complete: dict[str, list[dict]] = {}
+    paused: dict[str, list[dict]] = {}
+    label = ""
+    async with AsyncExitStack() as stack:
+        llm = await stack.enter_async_context(
+            LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.162, token_delay_s=0.015, reply=lambda _m: REPLY)))
+        tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.107)))
+        for name, (turn_end, preempt, tts_ahead) in variants.items():
+            line = await asyncio.to_thread(RigLine, 24000, caller_bus=True, line=preset(preset_name), canceller="aec3")
+            label = line.label
+            try:
+                settings = AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
+                                         preemptive_tts=tts_ahead, user_speech_timeout_ms=hold_ms,
+                                         chatterbox_streaming=True, audio_out_sample_rate=24000)
+                stt = ScriptedStreamingSTT()
+                async with running_call(settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url),
+                                        stt=stt, vad_analyzer=build_vad(settings), transport=line.transport,
+                                        turn_analyzer=build_turn_analyzer(settings)) as call:
+                    caller = RigCaller(name, call, stt, line)
+                    await complete_turn(caller, llm, tts, COMPLETE[0], complete_audio[COMPLETE[0]])  # warm-up
+                    complete[name] = []
+                    for i in range(turns):
+                        text = COMPLETE[i % len(COMPLETE)]
+                        complete[name].append(await complete_turn(caller, llm, tts, text, complete_audio[text]))
+                    log(f"{name}: complete " + ", ".join(f"{r['voice_to_voice_ms']:.0f}" for r in complete[name]))
+                    paused[name] = [await paused_turn(caller, llm, parts, pause) for parts in paused_audio for pause in pauses]
+                    log(f"{name}: cut in {sum(r['cut_in'] for r in paused[name])} of {len(paused[name])}")
+            finally:
+                await asyncio.to_thread(line.close)
+    return {"summary": summarize(complete, paused), "complete": complete, "paused": paused, "hold_ms": hold_ms,
+            "servers": REFERENCE_SERVERS, "line": {"preset": preset_name, "label": label}}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -298,7 +413,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("voice-to-voice (ms)")
     servers = ("reference server latencies" if "llm_first_token_ms" in result["servers"]
                else "local servers (llama.cpp SmolLM2-135M, Piper), 2-core CPU")
-    ax.set_title(f"Complete utterances (hold {result['hold_ms']} ms), {servers}")
+    where = f"rig, {result['line']['preset']} line, AEC3" if "line" in result else "simulated line"
+    ax.set_title(f"Complete utterances, {where} (hold {result['hold_ms']} ms), {servers}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -313,18 +429,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-ms", type=int, default=400)
     parser.add_argument("--servers", choices=("reference", "local"), default="reference",
                         help="stand-ins at the reference agent's latencies, or llama.cpp and Piper on this machine")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--line", default=None, help="a line preset (handset, speakerphone, network_delay): the "
+                        "turns on the PulseAudio rig through it, AEC3 in the agent, instead of the simulated line")
+    parser.add_argument("--label", default=None, help="the result files' name (default voice_to_voice[_local])")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; use some of {', '.join(VARIANTS)}")
+    variants = {v.strip(): VARIANTS[v.strip()] for v in args.variants.split(",") if v.strip()}
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     pauses = tuple(float(p) for p in args.pauses.split(",") if p.strip())
     turns, pauses = (5, PAUSES_S[::2]) if args.quick else (args.turns, pauses)
     say = lambda s: print(s, file=sys.stderr)  # noqa: E731
     local = args.servers == "local"
-    result = asyncio.run(run_local(turns, args.hold_ms, log=say) if local else run(turns, pauses, args.hold_ms, log=say))
+    if args.line:
+        result = asyncio.run(run_rig(turns, pauses, args.hold_ms, variants, args.line, log=say))
+    elif local:
+        result = asyncio.run(run_local(turns, args.hold_ms, variants, log=say))
+    else:
+        result = asyncio.run(run(turns, pauses, args.hold_ms, variants, log=say))
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "voice_to_voice_local" if local else "voice_to_voice"
+    stem = args.label or ("voice_to_voice_local" if local else f"voice_to_voice_{args.line}" if args.line else "voice_to_voice")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / f"{stem}.png")
     if local:
@@ -349,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['cut_ins']['count']:>3}/{s['cut_ins']['n']:<4} {s['paused_thrown_away']['count']:>6}/{s['paused_thrown_away']['n_turns']}")
     print(f"(ms after the caller's last sound; n = {turns} complete utterances and {len(PAUSED) * len(pauses)} "
           f"paused sentences per variant; servers: LLM first token 162 ms + 15 ms/token, TTS first audio 107 ms; "
+          f"{'line: ' + result['line']['label'] + '; ' if 'line' in result else ''}"
           f"JSON and PNG in {args.out})")
     return 0
 

@@ -244,3 +244,20 @@ async def test_a_failing_model_holds_rather_than_cuts_in(make_settings, llm):
         await call.wait_speaking(5)
         ended = turn_ends(call)
         assert len(ended) == 1 and 1.45 <= ended[0] - stop < 1.8, "unreadable words: the long hold, then answered"
+
+
+@needs_model
+def test_the_reading_bench_reports_both_sets(tmp_path):
+    """``python -m bench.eou_bench``: verdicts per set with their n, times, JSON and a PNG."""
+    import json
+
+    from bench.eou_bench import main
+
+    assert main(["--out", str(tmp_path), "--label", "eou"]) == 0
+    result = json.loads((tmp_path / "eou.json").read_text())
+    assert set(result["sets"]) == {"tuning", "held-out"}
+    for r in result["sets"].values():
+        assert r["finished_read_finished"]["n"] == r["unfinished_read_finished"]["n"] == 20
+        assert r["ms_per_reading"]["n"] == 40
+        assert all(0.0 <= row["p_complete"] <= 1.0 for row in r["rows"])
+    assert (tmp_path / "eou.png").stat().st_size > 0
