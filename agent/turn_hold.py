@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from loguru import logger
@@ -60,12 +61,14 @@ class AdaptiveHoldStopStrategy(SpeechTimeoutUserTurnStopStrategy):
         self._rule = rule or HoldRule()
         super().__init__(user_speech_timeout=self._rule.unfinished_s, **kwargs)
         self._model = model
+        # Named apart from PreemptiveStop's ``_finals``/``_partial``: with preemption both live on
+        # one object (the mixin), and each must add a final once.
         self._heard_finals: list[str] = []
         self._heard_partial = ""
         self._scores: dict[str, float | None] = {}  # normalized words -> p_complete, this turn
         self._stopped_at: float | None = None
         self._moved: asyncio.Event | None = None  # the deadline may have moved
-        self.holds: list[tuple[bool | None, float]] = []  # (finished?, hold after the VAD stop), per turn end
+        self.holds: deque[tuple[bool | None, float]] = deque(maxlen=256)  # (finished?, hold after the VAD stop), latest turns
 
     def _words(self) -> str:
         return normalize(" ".join([*self._heard_finals, self._heard_partial]))
