@@ -105,10 +105,12 @@ class Caller:
             pcm.append(audio)
             if i < len(gaps_s):
                 pcm.append(np.zeros(int(gaps_s[i] * RATE), dtype=np.int16))
-        audio = np.concatenate(pcm)
         t = time.monotonic()
+        return t, self._play(np.concatenate(pcm))
+
+    def _play(self, audio: np.ndarray) -> float:
         self.call.transport.say(audio)
-        return t, len(audio) / RATE
+        return len(audio) / RATE
 
     async def answer_after(self, t0: float, length_s: float) -> tuple[float, float]:
         """Wait for the caller's audio to be played and Annie's answer; returns (end of speech, first audible)."""
@@ -136,16 +138,8 @@ class RigCaller(Caller):
         super().__init__(name, call, stt, frame_s=0.01)
         self.line = line
 
-    async def say(self, segments: list[tuple[str, np.ndarray]], gaps_s: list[float]) -> tuple[float, float]:
-        self.stt.clear()
-        pcm = []
-        for i, (text, audio) in enumerate(segments):
-            self.stt.expect(text, len(audio) / RATE)
-            pcm.append(audio)
-            if i < len(gaps_s):
-                pcm.append(np.zeros(int(gaps_s[i] * RATE), dtype=np.int16))
-        t = time.monotonic()
-        return t, self.line.say(np.concatenate(pcm))
+    def _play(self, audio: np.ndarray) -> float:
+        return self.line.say(audio)
 
     def _loud(self, t0: float, track: int) -> np.ndarray:
         """Start times of the loud 10 ms blocks of the caller's channel (0) or the ear (1) since ``t0``."""
