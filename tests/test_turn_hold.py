@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import time
 
 import pytest
 from pipecat.frames.frames import (
@@ -120,9 +121,7 @@ class ScriptedModel:
         self.read: list[str] = []
 
     def p_complete(self, text: str) -> float | None:
-        import time
-
-        time.sleep(self.delay_s)
+        time.sleep(self.delay_s)  # it runs on a worker thread, as the real model does
         self.read.append(normalize(text))
         return self.scores.get(normalize(text), 0.0) if normalize(text) else None
 
