@@ -60,7 +60,10 @@ class AgentSettings(BaseSettings):
     # utterance sounds complete, holds up to SMART_TURN_MAX_HOLD_MS when it does not), or
     # "adaptive" (agent.turn_hold: a small language model reads her words; a finished sentence ends
     # TURN_HOLD_COMPLETE_MS after the VAD stop, an unfinished one is held TURN_HOLD_UNFINISHED_MS).
-    turn_end: Literal["timeout", "smart", "adaptive"] = "timeout"
+    # "adaptive" is the default: with the reference's server latencies it answered a finished
+    # sentence ~200 ms sooner than the timeout and cut in on 0 of 20 sentences paused 0.4-1.2 s
+    # midway, where the timeout cut in on 12 (bench/results/2026-12-07-adaptive-hold.md).
+    turn_end: Literal["timeout", "smart", "adaptive"] = "adaptive"
     smart_turn_max_hold_ms: int = Field(3000, ge=300, le=10000)
     turn_hold_complete_ms: int = Field(100, ge=0, le=3000)
     turn_hold_unfinished_ms: int = Field(1500, ge=300, le=10000)

@@ -56,7 +56,7 @@ from agent.turns import (
     user_turn_strategies,
 )
 from processors.audio_guard import InputAudioGuard
-from processors.stt_in_flight import audio_in_flight
+from processors.stt_in_flight import audio_in_flight, words_in_flight
 from transports.playback import PausablePlayback
 
 
@@ -156,7 +156,7 @@ def user_aggregator_params(
         user_turn_strategies=user_turn_strategies(
             speech_timeout_s=settings.user_speech_timeout_ms / 1000, start=[start] if start else None, meter=meter,
             watchdog=watchdog, turn_analyzer=turn_analyzer, hold=HoldRule.from_settings(settings),
-            stt_in_flight=lambda: audio_in_flight(stt),
+            stt_in_flight=lambda: audio_in_flight(stt), words_in_flight=lambda: words_in_flight(stt),
             preempt=settings.preemptive_generation, vad_state=vad_state_of(vad_analyzer),
         ),
         user_mute_strategies=[mute] if mute is not None and not settings.enable_barge_in else [],

@@ -7,7 +7,12 @@ and the latest partial), as :class:`processors.eou.EndOfTurnModel` reads them:
 - they read as unfinished ("I was wondering if", "and then my neighbour") -> ``unfinished_s``,
   so a caller who pauses mid-sentence is not cut off;
 - no words yet (the STT has not caught up) -> the turn waits for them, at most ``unfinished_s``;
-  when they come, the hold counts from the VAD stop, not from their arrival.
+  when they come, the hold counts from the VAD stop, not from their arrival;
+- the STT still has some of her audio in flight (a segmented STT such as Whisper transcribes a
+  turn's stretches of speech one after the other, and on a busy CPU the last one's words can come
+  after the hold): the turn does not end on the words so far, it waits for the rest, at most
+  ``in_flight_max_s`` after the VAD stop. Ending it there answered "what is the weather like" and
+  then, as a turn of its own, "day." (the demo on 2 busy cores, Whisper).
 
 Her voice coming back cancels the hold, as with the fixed timeout; each new partial or final
 while she is quiet is read again and moves the turn's end. :class:`HoldRule` is the rule (pure,
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loguru import logger
@@ -37,18 +43,21 @@ class HoldRule:
     complete_s: float = 0.1  # TURN_HOLD_COMPLETE_MS
     unfinished_s: float = 1.5  # TURN_HOLD_UNFINISHED_MS
     complete_min: float = 0.03  # TURN_COMPLETE_MIN: the model's probability that the words end here
+    in_flight_max_s: float = 15.0  # STT_WAIT_MAX_MS: the longest wait for words the STT still has in flight
 
     @classmethod
     def from_settings(cls, settings) -> HoldRule:
         return cls(complete_s=settings.turn_hold_complete_ms / 1000, unfinished_s=settings.turn_hold_unfinished_ms / 1000,
-                   complete_min=settings.turn_complete_min)
+                   complete_min=settings.turn_complete_min, in_flight_max_s=settings.stt_wait_max_ms / 1000)
 
     def finished(self, p_complete: float | None) -> bool | None:
         return None if p_complete is None else p_complete >= self.complete_min
 
-    def deadline(self, stopped_at: float, p_complete: float | None) -> float:
-        """When the turn ends, for a VAD stop at ``stopped_at`` and the words' score (``None``: not read yet)."""
-        return stopped_at + (self.complete_s if self.finished(p_complete) else self.unfinished_s)
+    def deadline(self, stopped_at: float, p_complete: float | None, in_flight: bool = False) -> float:
+        """When the turn ends, for a VAD stop at ``stopped_at``, the words' score (``None``: not read
+        yet) and whether the STT still has some of her audio (``in_flight``: more words are coming)."""
+        hold = self.complete_s if self.finished(p_complete) else self.unfinished_s
+        return stopped_at + (max(hold, self.in_flight_max_s) if in_flight else hold)
 
 
 class AdaptiveHoldStopStrategy(SpeechTimeoutUserTurnStopStrategy):
@@ -60,10 +69,16 @@ class AdaptiveHoldStopStrategy(SpeechTimeoutUserTurnStopStrategy):
     moves): the calls in ``tests/test_turn_hold.py`` fail if a pipecat release changes them.
     """
 
-    def __init__(self, *, model, rule: HoldRule | None = None, **kwargs):
+    IN_FLIGHT_POLL_S = 0.05  # how often an STT with words in flight is asked again (a failure sends no frame)
+
+    def __init__(self, *, model, rule: HoldRule | None = None, words_in_flight: Callable[[], bool] = lambda: False,
+                 **kwargs):
+        """``words_in_flight``: whether words she said are still to come from the STT
+        (``processors.stt_in_flight.words_in_flight``)."""
         self._rule = rule or HoldRule()
         super().__init__(user_speech_timeout=self._rule.unfinished_s, **kwargs)
         self._model = model
+        self._words_in_flight = words_in_flight
         # Named apart from PreemptiveStop's ``_finals``/``_partial``: with preemption both live on
         # one object (the mixin), and each must add a final once.
         self._heard_finals: list[str] = []
@@ -111,8 +126,8 @@ class AdaptiveHoldStopStrategy(SpeechTimeoutUserTurnStopStrategy):
         if self._moved is not None:
             self._moved.set()
 
-    def _deadline(self) -> float:
-        return self._rule.deadline(self._stopped_at or time.monotonic(), self._scores.get(self._words()))
+    def _deadline(self, in_flight: bool) -> float:
+        return self._rule.deadline(self._stopped_at or time.monotonic(), self._scores.get(self._words()), in_flight)
 
     async def _restart_user_speech_timer(self):
         self._stopped_at = time.monotonic()  # the VAD stop (or a transcript without one)
@@ -122,10 +137,11 @@ class AdaptiveHoldStopStrategy(SpeechTimeoutUserTurnStopStrategy):
     async def _user_speech_timeout_handler(self, timeout: float):
         """Wait until the hold for the words as now read has passed; each new reading moves it."""
         try:
-            while (remaining := self._deadline() - time.monotonic()) > 0:
+            while (remaining := self._deadline(in_flight := self._words_in_flight()) - time.monotonic()) > 0:
                 self._moved.clear()
                 try:
-                    await asyncio.wait_for(self._moved.wait(), remaining)
+                    await asyncio.wait_for(self._moved.wait(),
+                                           min(remaining, self.IN_FLIGHT_POLL_S) if in_flight else remaining)
                 except asyncio.TimeoutError:
                     pass
         except asyncio.CancelledError:

@@ -269,6 +269,7 @@ def user_turn_strategies(
     turn_analyzer: BaseTurnAnalyzer | EndOfTurnModel | None = None,
     hold: HoldRule | None = None,
     stt_in_flight: Callable[[], bool] = lambda: False,
+    words_in_flight: Callable[[], bool] = lambda: False,
     preempt: bool = False,
     vad_state: Callable[[], VADState] | None = None,
 ) -> UserTurnStrategies:
@@ -284,7 +285,8 @@ def user_turn_strategies(
     transcript ends. With ``turn_analyzer`` (smart-turn, ``TURN_END=smart``) the turn ends when
     the model hears a complete utterance, or after its longest hold, instead of the timeout; with
     the end-of-turn language model (``TURN_END=adaptive``) the hold follows her words by ``hold``
-    (:mod:`agent.turn_hold`).
+    (:mod:`agent.turn_hold`), which also waits for words the STT still has in flight
+    (``words_in_flight``).
     A transcript that is the late tail of the turn Annie is answering (the STT still had the
     caller's audio, ``stt_in_flight``, when she began) does not interrupt her
     (:class:`~agent.bargein.strategy.TranscriptTurnStartStrategy`). With ``preempt``
@@ -296,8 +298,9 @@ def user_turn_strategies(
         TranscriptTurnStartStrategy(stt_in_flight=stt_in_flight),
     ]
     if turn_analyzer is not None and not isinstance(turn_analyzer, BaseTurnAnalyzer):  # the end-of-turn model
-        end = (PreemptiveAdaptiveHoldStopStrategy(model=turn_analyzer, rule=hold, vad_state=vad_state) if preempt
-               else AdaptiveHoldStopStrategy(model=turn_analyzer, rule=hold))
+        end = (PreemptiveAdaptiveHoldStopStrategy(model=turn_analyzer, rule=hold, words_in_flight=words_in_flight,
+                                                  vad_state=vad_state) if preempt
+               else AdaptiveHoldStopStrategy(model=turn_analyzer, rule=hold, words_in_flight=words_in_flight))
     elif turn_analyzer is not None:
         end = (PreemptiveTurnAnalyzerStopStrategy(turn_analyzer=turn_analyzer, vad_state=vad_state) if preempt
                else TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer))

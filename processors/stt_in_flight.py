@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipecat.frames.frames import TranscriptionFrame
+
 
 def audio_in_flight(stt: Any) -> bool:
     """What the service says; a service that cannot tell is taken to have nothing in flight."""
     return bool(getattr(stt, "audio_in_flight", False))
+
+
+def words_in_flight(stt: Any) -> bool:
+    """Whether words the caller said are still to come from the service (the adaptive hold waits
+    for them): its ``words_in_flight`` where it has one (the streaming service steps the quiet
+    after her speech too, which is audio in flight but no words), else ``audio_in_flight``."""
+    return bool(getattr(stt, "words_in_flight", audio_in_flight(stt)))
 
 
 class SegmentInFlight:
@@ -31,8 +40,14 @@ class SegmentInFlight:
 
     async def run_stt(self, audio: bytes):
         self._transcribing += 1
+        done = False
         try:
             async for frame in super().run_stt(audio):
+                if isinstance(frame, TranscriptionFrame) and not done:
+                    # Not in flight once it is pushed: what waits for it sees it and nothing pending.
+                    done = True
+                    self._transcribing -= 1
                 yield frame
         finally:
-            self._transcribing -= 1
+            if not done:
+                self._transcribing -= 1

@@ -190,6 +190,48 @@ async def test_ttfb_metric_measures_speech_end_to_final(engine):
     assert len(ttfb) == 1 and ttfb[0] >= 0.2  # measured from the estimated end of speech
 
 
+class SlowFinalEngine(NemotronStreamingEngine):
+    """The real engine, its final 0.3 s slow (a busy box): long enough to look at in between."""
+
+    def finalize(self, stream):
+        time.sleep(0.3)
+        return super().finalize(stream)
+
+
+async def test_words_are_in_flight_from_the_vad_stop_until_the_final(model_path):
+    """What the adaptive hold waits for (``words_in_flight``): the turn's final, not the steps
+    over audio (those are ``audio_in_flight``), and no longer once the final is pushed."""
+    slow = SlowFinalEngine.load(model_path, 160, "cpu", warm_up=False)
+    stt = NemotronStreamingSTTService(engine=slow, preroll_ms=PREROLL_MS)
+    probe = _Look(lambda: (stt.words_in_flight, stt.audio_in_flight))
+    await run_test(Pipeline([stt, probe]), frames_to_send=turn(pcm_frames(0.4, 20), pcm_frames(1.0, 21)))
+    seen = {kind: [w for k, w in probe.seen if k is kind] for kind in (VADUserStoppedSpeakingFrame, TranscriptionFrame)}
+    assert seen[VADUserStoppedSpeakingFrame] == [(True, True)], "the final is on its way"
+    assert [words for words, _ in seen[TranscriptionFrame]] == [False], "the final, as it arrives, leaves nothing in flight"
+    assert stt.words_in_flight is False
+    # Audio with no VAD stop: steps in flight, never words.
+    stt = NemotronStreamingSTTService(engine=slow, vad_gated=False)
+    probe = _Look(lambda: (stt.words_in_flight, stt.audio_in_flight))
+    await run_test(Pipeline([stt, probe]), frames_to_send=audio(pcm_frames(1.0, 22)))
+    looks = [w for k, w in probe.seen if k is InputAudioRawFrame]
+    assert looks and any(a for _, a in looks), "the steps were seen in flight"
+    assert not any(w for w, _ in looks), "steps over audio are not words in flight"
+
+
+class _Look(FrameProcessor):
+    """Notes ``look()`` as each downstream frame arrives."""
+
+    def __init__(self, look):
+        super().__init__()
+        self._look, self.seen = look, []
+
+    async def process_frame(self, frame, direction):
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM:
+            self.seen.append((type(frame), self._look()))
+        await self.push_frame(frame, direction)
+
+
 class GatedEngine(NemotronStreamingEngine):
     """The real engine whose steps wait until the test says every audio frame got through."""
 

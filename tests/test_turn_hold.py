@@ -22,6 +22,8 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 
+from pipecat.processors.filters.identity_filter import IdentityFilter
+
 from agent.demo.call import running_call
 from agent.turn_hold import HoldRule
 from processors.eou import normalize
@@ -44,10 +46,22 @@ def test_the_rule(p, finished, deadline):
     assert RULE.deadline(10.0, p) == pytest.approx(deadline)
 
 
+@pytest.mark.parametrize("p, deadline", [
+    pytest.param(0.5, 25.0, id="the words so far read finished: wait for the rest anyway"),
+    pytest.param(0.0, 25.0, id="unfinished: the same"),
+    pytest.param(None, 25.0, id="none yet: the same"),
+])
+def test_words_still_in_flight_are_waited_for_at_most_the_stt_wait(p, deadline):
+    assert RULE.deadline(10.0, p, in_flight=True) == pytest.approx(deadline)
+    long_hold = HoldRule(unfinished_s=20.0, in_flight_max_s=5.0)
+    assert long_hold.deadline(10.0, p, in_flight=True) == pytest.approx(max(long_hold.deadline(10.0, p), 15.0)), \
+        "never shorter than the hold without words in flight"
+
+
 def test_the_settings_make_the_rule(make_settings):
     rule = HoldRule.from_settings(make_settings(turn_hold_complete_ms=50, turn_hold_unfinished_ms=2000,
-                                                turn_complete_min=0.1))
-    assert (rule.complete_s, rule.unfinished_s, rule.complete_min) == (0.05, 2.0, 0.1)
+                                                turn_complete_min=0.1, stt_wait_max_ms=9000))
+    assert (rule.complete_s, rule.unfinished_s, rule.complete_min, rule.in_flight_max_s) == (0.05, 2.0, 0.1, 9.0)
 
 
 def test_a_short_hold_longer_than_the_long_one_stops_start_up(monkeypatch):
@@ -230,6 +244,46 @@ async def test_words_that_come_late_are_held_from_the_vad_stop(make_settings, ll
         await call.wait_speaking(5)
         ended = turn_ends(call)
         assert len(ended) == 1 and ended[0] - words < 0.2 and ended[0] - stop > 0.55
+
+
+class SegmentedSTT(IdentityFilter):
+    """Where the frames are sent by the test: says, as the test sets it, whether words are in flight."""
+
+    words_in_flight = False
+
+
+@pytest.mark.parametrize("words_come", [True, False], ids=["the rest comes", "the STT fails on the rest"])
+async def test_the_turn_waits_for_words_the_stt_still_has(make_settings, llm, words_come):
+    """A segmented STT (Whisper) on a busy CPU: her first stretch's final reads unfinished, the
+    second stretch is still being transcribed when the long hold is over. The turn waits for it and
+    is answered whole (ending it answered "what is the weather like", then "day." as a turn of
+    its own); an STT that fails on it sends nothing, and the turn then ends at once."""
+    model = ScriptedModel({"What is the weather like": 0.002, "What is the weather like today?": 0.5})
+    stt = SegmentedSTT()
+    async with running_call(adaptive(make_settings), llm_base_url=llm.base_url, stt=stt,
+                            tts=ToneTTSService(ms_per_char=20), turn_analyzer=model) as call:
+        await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
+        await asyncio.sleep(0.5)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await asyncio.sleep(0.25)
+        await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))  # "... today?"
+        await asyncio.sleep(0.3)
+        stt.words_in_flight = True  # the second stretch queued behind the first
+        stop = await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await asyncio.sleep(0.3)
+        await call.send(final("What is the weather like"))
+        await asyncio.sleep(1.5)
+        assert turn_ends(call) == [], "words in flight: held past the 1.5 s hold"
+        stt.words_in_flight = False
+        if words_come:
+            words = await call.send(final("today?"))
+        else:
+            words = time.monotonic()
+        await call.wait_speaking(5)
+        ended = turn_ends(call)
+        assert len(ended) == 1 and ended[0] - words < 0.25 and ended[0] - stop > 1.75
+        await call.wait_silent(0.3, 10)
+        assert user_messages(call) == (["What is the weather like today?"] if words_come else ["What is the weather like"])
 
 
 async def test_a_failing_model_holds_rather_than_cuts_in(make_settings, llm):

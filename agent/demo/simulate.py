@@ -48,7 +48,15 @@ from agent.config import AgentSettings, ConfigError, load_settings
 from agent.demo.frames import FrameTimes
 from agent.demo.servers import start_backends
 from agent.pipeline import build_call_pipeline
-from agent.services import build_llm, build_stt, build_tts, build_vad, freeze_loaded_objects
+from agent.services import (
+    build_llm,
+    build_speaker_encoder,
+    build_stt,
+    build_tts,
+    build_turn_analyzer,
+    build_vad,
+    freeze_loaded_objects,
+)
 from transports.rig.audio import synth_speech
 from transports.rig.line import PhoneLine, loud_onset, loud_seconds, open_line
 
@@ -203,6 +211,13 @@ def stt_label(settings: AgentSettings) -> str:
     return f"Parakeet over HTTP ({settings.parakeet_url})"
 
 
+TURN_END_LABELS = {
+    "adaptive": "held after the VAD stop as her words read: finished 0.1 s, unfinished 1.5 s",
+    "timeout": "ends after USER_SPEECH_TIMEOUT_MS of quiet",
+    "smart": "ends when smart-turn v3 hears a complete sentence",
+}
+
+
 def demo_settings(overrides: dict | None = None) -> AgentSettings:
     """The operator's settings, with the Whisper fallback when no STT is configured and the
     backends' ``overrides`` for whatever the operator did not set."""
@@ -258,12 +273,17 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=build_vad(settings),
             observers=[log],
+            # The rest as the agent builds it (agent.services): the turn's end, the shadow, the gate.
+            shadow_vad=build_vad(settings) if settings.barge_in_shadow else None,
+            speaker_encoder=build_speaker_encoder(settings),
+            turn_analyzer=build_turn_analyzer(settings),
         )
         freeze_loaded_objects()  # as the agent does at start: no full-collection stalls mid-call
         print(
             f"Simulated call, barge-in {'ON' if settings.enable_barge_in else 'OFF (half-duplex)'}\n"
             f"  phone: {line.label}\n  STT:   {stt_label(settings)}\n"
-            f"  LLM:   {backends.llm_label}\n  TTS:   {backends.tts_label}\n",
+            f"  LLM:   {backends.llm_label}\n  TTS:   {backends.tts_label}\n"
+            f"  turn:  {TURN_END_LABELS[settings.turn_end]} (TURN_END={settings.turn_end})\n",
             flush=True,
         )
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)

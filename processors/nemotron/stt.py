@@ -101,6 +101,7 @@ class NemotronStreamingSTTService(STTService):
         self._drain_timeout_s = 5.0
         self._turn_lost = False  # a step failed: skip audio until the next turn starts
         self._working = False  # the worker is running a job
+        self._working_on = ""  # ... of this kind
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -114,6 +115,12 @@ class NemotronStreamingSTTService(STTService):
     def audio_in_flight(self) -> bool:
         """Audio or a final is queued for the model or being stepped (see ``processors.stt_in_flight``)."""
         return self._working or bool(self._jobs)
+
+    @property
+    def words_in_flight(self) -> bool:
+        """A turn's final is queued or being made: words she said are still to come. (Unlike
+        ``audio_in_flight``, not the steps over the quiet that follow it.)"""
+        return (self._working and self._working_on == "final") or any(kind == "final" for kind, _ in self._jobs)
 
     # ----- lifecycle ------------------------------------------------------------------------
 
@@ -231,7 +238,7 @@ class NemotronStreamingSTTService(STTService):
                 if kind == "audio":
                     while self._jobs and self._jobs[0][0] == "audio":
                         payload += self._jobs.popleft()[1]
-                self._working = True
+                self._working, self._working_on = True, kind
                 try:
                     await self._run_job(kind, payload)
                 except asyncio.CancelledError:
@@ -261,6 +268,7 @@ class NemotronStreamingSTTService(STTService):
         elif kind == "final":
             started = time.perf_counter()
             text = await self._in_worker(engine.finalize, stream)
+            self._working_on = "final made"  # its words are no longer in flight once pushed
             logger.debug(f"{self}: finalized in {1e3 * (time.perf_counter() - started):.0f} ms")
             if text.strip():
                 logger.trace(f"{self}: final transcript: {text!r}")
