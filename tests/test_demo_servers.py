@@ -136,3 +136,29 @@ def test_demo_settings_keep_a_configured_stt(monkeypatch):
     monkeypatch.setenv("STT_BACKEND", "parakeet-http")
     monkeypatch.setenv("PARAKEET_URL", "http://127.0.0.1:9")
     assert demo_settings().stt_backend == "parakeet-http"
+
+
+async def test_the_llm_stand_in_takes_a_client_that_hangs_up_mid_request_quietly(caplog):
+    """A withdrawn preemptive answer can hang up before its request body is in: the stand-in
+    notes it, as a real server would, instead of aiohttp's ERROR traceback (it cluttered the
+    voice-to-voice bench's output). It goes on serving."""
+    import logging
+    from urllib.parse import urlparse
+
+    from agent.demo.standins.llm_server import LLMStandIn
+
+    async with LLMStandIn() as server:
+        url = urlparse(server.base_url)
+        with caplog.at_level(logging.ERROR, logger="aiohttp"):
+            reader, writer = await asyncio.open_connection(url.hostname, url.port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"{server.base_url}/chat/completions",
+                                      json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        assert [rec for rec in caplog.records if rec.levelno >= logging.ERROR] == []

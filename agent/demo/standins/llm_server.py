@@ -149,6 +149,9 @@ class LLMStandIn:
             messages = list(body["messages"])
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": {"message": "bad request"}}, status=400)
+        except ConnectionResetError:  # the client gave up before its request was in (a withdrawn answer)
+            logger.debug("LLM stand-in: a client hung up while sending its request")
+            return web.Response(status=499)
         fault = self._fault_once.popleft() if self._fault_once else self.fault
         record = ChatRequestRecord(messages=messages, started_at=time.monotonic(), fault=fault)
         self.requests.append(record)
