@@ -80,6 +80,7 @@ def test_simulated_call(tmp_path, barge_in):
     # Annie answered: she said something after each question, and it reached the caller.
     assert sum("] Annie:" in line for line in out.splitlines()) >= 2, out
     assert "voice-to-voice" in out
+    assert "(TURN_END=adaptive)" in out, "the demo runs the agent's default turn end"
 
     caller = utterances(loud_blocks(tmp_path / "caller.wav"))
     annie = loud_blocks(tmp_path / "annie.wav")

@@ -211,11 +211,15 @@ def stt_label(settings: AgentSettings) -> str:
     return f"Parakeet over HTTP ({settings.parakeet_url})"
 
 
-TURN_END_LABELS = {
-    "adaptive": "held after the VAD stop as her words read: finished 0.1 s, unfinished 1.5 s",
-    "timeout": "ends after USER_SPEECH_TIMEOUT_MS of quiet",
-    "smart": "ends when smart-turn v3 hears a complete sentence",
-}
+def turn_end_label(settings: AgentSettings) -> str:
+    if settings.turn_end == "adaptive":
+        how = (f"held after the VAD stop as her words read: finished {settings.turn_hold_complete_ms} ms, "
+               f"unfinished {settings.turn_hold_unfinished_ms} ms")
+    elif settings.turn_end == "smart":
+        how = f"ends when smart-turn v3 hears a complete sentence, else after {settings.smart_turn_max_hold_ms} ms"
+    else:
+        how = f"ends after {settings.user_speech_timeout_ms} ms of quiet"
+    return f"{how} (TURN_END={settings.turn_end})"
 
 
 def demo_settings(overrides: dict | None = None) -> AgentSettings:
@@ -283,7 +287,7 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             f"Simulated call, barge-in {'ON' if settings.enable_barge_in else 'OFF (half-duplex)'}\n"
             f"  phone: {line.label}\n  STT:   {stt_label(settings)}\n"
             f"  LLM:   {backends.llm_label}\n  TTS:   {backends.tts_label}\n"
-            f"  turn:  {TURN_END_LABELS[settings.turn_end]} (TURN_END={settings.turn_end})\n",
+            f"  turn:  {turn_end_label(settings)}\n",
             flush=True,
         )
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
