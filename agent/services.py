@@ -141,10 +141,19 @@ def build_services(settings: AgentSettings) -> CallServices:
         llm=build_llm(settings),
         tts=build_tts(settings),
         vad_analyzer=build_vad(settings),
-        shadow_vad=build_vad(settings) if settings.barge_in_shadow else None,
-        speaker_encoder=build_speaker_encoder(settings),
-        turn_analyzer=build_turn_analyzer(settings),
+        **build_turn_models(settings),
     )
+
+
+def build_turn_models(settings: AgentSettings) -> dict[str, object | None]:
+    """What decides the caller's turns besides the VAD, as the settings ask (``build_call_pipeline``
+    takes them by these names): the shadow's own VAD (``BARGE_IN_SHADOW``), the caller-voice
+    gate's encoder, and smart-turn or the end-of-turn model (``TURN_END``)."""
+    return {
+        "shadow_vad": build_vad(settings) if settings.barge_in_shadow else None,
+        "speaker_encoder": build_speaker_encoder(settings),
+        "turn_analyzer": build_turn_analyzer(settings),
+    }
 
 
 def build_turn_analyzer(settings: AgentSettings) -> object | None:

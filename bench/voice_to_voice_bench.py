@@ -304,18 +304,30 @@ async def run_local(turns: int, hold_ms: int, variants: dict, log=print) -> dict
     return {"summary": summary, "complete": complete, "hold_ms": hold_ms, "servers": labels}
 
 
+async def reference_servers(stack: AsyncExitStack) -> tuple[LLMStandIn, TTSStandIn]:
+    """The LLM and TTS stand-ins at the reference agent's latencies (``REFERENCE_SERVERS``)."""
+    llm = await stack.enter_async_context(LLMStandIn(options=LLMStandInOptions(
+        first_token_delay_s=REFERENCE_SERVERS["llm_first_token_ms"] / 1000,
+        token_delay_s=REFERENCE_SERVERS["llm_token_ms"] / 1000, reply=lambda _m: REPLY)))
+    tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(
+        first_byte_delay_s=REFERENCE_SERVERS["tts_first_audio_ms"] / 1000)))
+    return llm, tts
+
+
+def variant_settings(turn_end: str, preempt: bool, tts_ahead: bool, hold_ms: int, **more) -> AgentSettings:
+    """A variant's settings against the stand-ins (the STT is the bench's own, streaming)."""
+    return AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
+                         preemptive_tts=tts_ahead, user_speech_timeout_ms=hold_ms, chatterbox_streaming=True, **more)
+
+
 async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, variants: dict, log=print) -> dict:
     complete_audio = {text: speech(text) for text in COMPLETE}
     paused_audio = [((a, speech(a)), (b, speech(b))) for a, b in PAUSED]
     async with AsyncExitStack() as stack:
-        llm = await stack.enter_async_context(
-            LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.162, token_delay_s=0.015, reply=lambda _m: REPLY)))
-        tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.107)))
+        llm, tts = await reference_servers(stack)
         callers: dict[str, Caller] = {}
         for name, (turn_end, preempt, tts_ahead) in variants.items():
-            settings = AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
-                                     preemptive_tts=tts_ahead, user_speech_timeout_ms=hold_ms,
-                                     chatterbox_streaming=True)
+            settings = variant_settings(turn_end, preempt, tts_ahead, hold_ms)
             stt = ScriptedStreamingSTT()
             call = await stack.enter_async_context(running_call(
                 settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url), stt=stt,
@@ -370,16 +382,12 @@ async def run_rig(turns: int, pauses: tuple[float, ...], hold_ms: int, variants:
     failed: dict[str, list[str]] = {}
     label = ""
     async with AsyncExitStack() as stack:
-        llm = await stack.enter_async_context(
-            LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.162, token_delay_s=0.015, reply=lambda _m: REPLY)))
-        tts = await stack.enter_async_context(TTSStandIn(options=TTSStandInOptions(first_byte_delay_s=0.107)))
+        llm, tts = await reference_servers(stack)
         for name, (turn_end, preempt, tts_ahead) in variants.items():
             line = await asyncio.to_thread(RigLine, 24000, caller_bus=True, line=preset(preset_name), canceller="aec3")
             label = line.label
             try:
-                settings = AgentSettings(stt_backend="whisper", turn_end=turn_end, preemptive_generation=preempt,
-                                         preemptive_tts=tts_ahead, user_speech_timeout_ms=hold_ms,
-                                         chatterbox_streaming=True, audio_out_sample_rate=24000)
+                settings = variant_settings(turn_end, preempt, tts_ahead, hold_ms, audio_out_sample_rate=24000)
                 stt = ScriptedStreamingSTT()
                 async with running_call(settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url),
                                         stt=stt, vad_analyzer=build_vad(settings), transport=line.transport,

@@ -48,15 +48,7 @@ from agent.config import AgentSettings, ConfigError, load_settings
 from agent.demo.frames import FrameTimes
 from agent.demo.servers import start_backends
 from agent.pipeline import build_call_pipeline
-from agent.services import (
-    build_llm,
-    build_speaker_encoder,
-    build_stt,
-    build_tts,
-    build_turn_analyzer,
-    build_vad,
-    freeze_loaded_objects,
-)
+from agent.services import build_llm, build_stt, build_tts, build_turn_models, build_vad, freeze_loaded_objects
 from transports.rig.audio import synth_speech
 from transports.rig.line import PhoneLine, loud_onset, loud_seconds, open_line
 
@@ -277,10 +269,7 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
             tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=build_vad(settings),
             observers=[log],
-            # The rest as the agent builds it (agent.services): the turn's end, the shadow, the gate.
-            shadow_vad=build_vad(settings) if settings.barge_in_shadow else None,
-            speaker_encoder=build_speaker_encoder(settings),
-            turn_analyzer=build_turn_analyzer(settings),
+            **build_turn_models(settings),  # the turn's end, the shadow, the gate: as the agent builds them
         )
         freeze_loaded_objects()  # as the agent does at start: no full-collection stalls mid-call
         print(
