@@ -287,11 +287,14 @@ async def test_pause_resume_and_flush_keep_the_reference_in_step(line_rig):
         gain = np.array([erle(canceller, rec, a, b) for a, b in blocks])
         print(f"after the {what}: raw echo {np.round(echo, 1)} dB, ERLE {np.round(gain, 1)} dB per 100 ms")
         # The blocks with real echo in them (a pause between words has little to remove). A burst
-        # is echo let through nearly whole; AEC3 dips by itself now and then at a reply's onset
-        # (to 9-15 dB for 100 ms with the reference in place, on a loaded machine whose rig
-        # echo path jitters), so a single block may sit below 20.
+        # is echo let through nearly whole for as long as the canceller needs to find a moved
+        # reference again: several blocks in a row. AEC3 also dips by itself now and then for one
+        # block at a reply's onset with the reference in place, on a loaded machine whose rig
+        # echo path jitters (measured: 9-15 dB, and once 4.2 dB between 13.9 and 26.4 on a CI
+        # runner), so a single block may sit low; two in a row may not.
         loud = echo > echo.max() - 20
-        assert gain[loud].min() >= 6.0, f"an echo burst after the {what}"
+        low = (gain < 10.0) & loud
+        assert not np.any(low[1:] & low[:-1]), f"an echo burst after the {what}"
         assert np.median(gain[loud]) >= 20.0, f"echo let through after the {what}"
 
 
