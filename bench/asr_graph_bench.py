@@ -187,7 +187,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    series = {name: [(r["batch"], r[name]) for r in results["steps"] if name in r] for name in ("eager", "fast")}
+    series = {name: [(r["batch"], r[name]) for r in results["steps"] if name in r] for name in ("eager", "fast", "fused")}
     for name, rows in series.items():
         if not rows:
             continue
@@ -241,6 +241,9 @@ def main() -> None:
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="only redraw the PNG of a results JSON")
     parser.add_argument("--ablations", action="store_true",
                         help="then the largest batch alone with the attention core in PyTorch products, and in parts of half the size")
+    parser.add_argument("--fuse", choices=("off", "on", "both"), default="off",
+                        help="the fast engine's elementwise work compiled (processors.nemotron.fused); both: a fused "
+                             "engine on a copy of the model joins the interleaved blocks")
     parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
                         help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
@@ -250,11 +253,15 @@ def main() -> None:
 
     size = "tiny" if args.tiny else "full"
     device = "cpu" if args.tiny else "auto"
+    def build():
+        built = build_model(size, input_sensitive=True, blank_bias=args.blank_bias)  # seeded: the same weights every time
+        decoding = copy.deepcopy(built.cfg.decoding)
+        decoding.greedy.max_symbols = 10  # the production setting (calibration set 3)
+        built.change_decoding_strategy(decoding, verbose=False)
+        return built
+
     t0 = time.perf_counter()
-    model = build_model(size, input_sensitive=True, blank_bias=args.blank_bias)
-    decoding = copy.deepcopy(model.cfg.decoding)
-    decoding.greedy.max_symbols = 10  # the production setting (calibration set 3)
-    model.change_decoding_strategy(decoding, verbose=False)
+    model = build()
     build_s = time.perf_counter() - t0
     results: dict = {
         "model": f"{size} cache-aware FastConformer RNN-T, RANDOM weights, joint calibrated on audio, blank bias +{1 + args.blank_bias}, max_symbols 10",
@@ -263,10 +270,18 @@ def main() -> None:
         "build_s": round(build_s, 1),
     }
 
-    def make(precision, fast):
-        return NemotronStreamingEngine.from_model(model, args.chunk, device, precision=precision, fast=fast, max_batch=args.max_batch)
+    def make(precision, fast, fuse=False, on=None):
+        return NemotronStreamingEngine.from_model(on or model, args.chunk, device, precision=precision, fast=fast,
+                                                  max_batch=args.max_batch, fuse=fuse)
 
-    eager, fast = make("auto", False), make("auto", True)
+    eager, fast = make("auto", False), make("auto", True, fuse=args.fuse == "on")
+    others = {}
+    if args.fuse == "both":  # its own model, built again: one engine at a time may hold graphs on a model
+        t1 = time.perf_counter()
+        others["fused"] = make("auto", True, fuse=True, on=build())
+        results["fused_build_s"] = round(time.perf_counter() - t1, 1)
+        print(f"# fused engine on a copy of the model: built and warmed up in {results['fused_build_s']} s", flush=True)
+    results["fuse"] = args.fuse
     results["device"] = torch.cuda.get_device_name() if eager.device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     results["precision"] = eager.precision
     results["fast_mode"] = repr(fast)
@@ -281,8 +296,11 @@ def main() -> None:
     pcms = [pcm_of(0.6 + 0.45 * i, seed=100 + i) for i in range(args.check_turns)]
     results["mismatch_" + eager.precision] = m = mismatches(eager, fast, pcms)
     print(f"mismatches {eager.precision}: {m}", flush=True)
+    for other, engine in others.items():
+        results[f"mismatch_{eager.precision}_{other}"] = m = mismatches(eager, engine, pcms)
+        print(f"mismatches {eager.precision}, {other}: {m}", flush=True)
     save()
-    finals = time_finals({"eager": eager, "fast": fast}, args.turns)
+    finals = time_finals({"eager": eager, "fast": fast, **others}, args.turns)
     results["time_to_final_b1"] = finals
     print(
         f"time to final, batch 1: eager p50 {finals['eager']['p50_ms']} / p95 {finals['eager']['p95_ms']} ms; "
@@ -290,14 +308,18 @@ def main() -> None:
         f"ratio p50 {finals['eager']['p50_ms'] / finals['fast']['p50_ms']:.1f}x",
         flush=True,
     )
+    for other in others:
+        print(f"time to final, batch 1, {other}: p50 {finals[other]['p50_ms']} / p95 {finals[other]['p95_ms']} ms", flush=True)
     save()
 
     results["steps"] = []
     print(f"{'batch':>5} {'eager p50':>9} {'eager p95':>9} {'fast p50':>9} {'fast p95':>9} {'p95 ratio':>9} {'gpu ms':>7} {'feed p50':>8} {'tok/str':>7} {'RT':>3}")
     for batch in [int(b) for b in args.batches.split(",")]:
-        engines = {"fast": fast} if batch > args.eager_max_batch else {"eager": eager, "fast": fast}
+        engines = {"fast": fast, **others} if batch > args.eager_max_batch else {"eager": eager, "fast": fast, **others}
         row = {"batch": batch, **time_steps(engines, batch, args.steps, args.warmup)}
         row["fast_gpu_ms"] = graph_gpu_ms(fast, batch)
+        for other, engine in others.items():
+            row[f"{other}_gpu_ms"] = graph_gpu_ms(engine, batch)
         results["steps"].append(row)
         e = row.get("eager", {})
         ratio = e.get("p95_ms", float("nan")) / row["fast"]["p95_ms"]
@@ -307,11 +329,19 @@ def main() -> None:
             f" {row['fast']['tokens_per_stream']:>7} {'yes' if row['fast']['p95_ms'] <= args.chunk else 'no':>3}",
             flush=True,
         )
+        for other in others:
+            print(f"{'':>5} {other}: p50 {row[other]['p50_ms']:.2f} / p95 {row[other]['p95_ms']:.2f} ms, gpu {row[other + '_gpu_ms']} ms,"
+                  f" host p50 {row[other].get('host_p50_ms')} ms", flush=True)
         save()
 
     largest = max(int(b) for b in args.batches.split(","))
     alone = time_steps({"fast": fast}, largest, args.steps, args.warmup)["fast"]
     results["fast_alone_largest_batch"] = {"batch": largest, **alone}
+    for other, engine in others.items():
+        row = time_steps({other: engine}, largest, args.steps, args.warmup)[other]
+        results[f"{other}_alone_largest_batch"] = {"batch": largest, **row}
+        print(f"{largest} streams, {other} engine alone: step p50 {row['p50_ms']} / p95 {row['p95_ms']} ms;"
+              f" host p50 {row.get('host_p50_ms')} / p95 {row.get('host_p95_ms')} ms", flush=True)
     interleaved = results["steps"][-1]["fast"]
     print(
         f"{largest} streams, fast engine alone (no eager blocks in between): step p50 {alone['p50_ms']} / p95 {alone['p95_ms']} ms"
@@ -334,9 +364,11 @@ def main() -> None:
         )
         save()
     if args.profile_batch and fast.device.type == "cuda":
-        for key, batch in (("profile", args.profile_batch), ("profile_b1", 1)):
+        profiled = [("profile", fast, args.profile_batch), ("profile_b1", fast, 1)]
+        profiled += [(f"profile_{other}", engine, args.profile_batch) for other, engine in others.items()]
+        for key, engine, batch in profiled:
             try:
-                results[key] = profile_fast_step(fast, batch)
+                results[key] = profile_fast_step(engine, batch)
                 print_profile(results[key])
             except Exception as e:  # the profile is an extra: keep the rest of the run
                 print(f"profile failed: {type(e).__name__}: {e}", flush=True)
@@ -349,6 +381,8 @@ def main() -> None:
         except Exception as e:
             print(f"floor failed: {type(e).__name__}: {e}", flush=True)
         save()
+    for engine in others.values():
+        engine.close()
     if args.ablations and fast.device.type == "cuda":
         fast.close()  # one engine at a time may hold graphs on the shared model
         results["ablations"] = ablations(model, args, device, largest)
@@ -362,7 +396,8 @@ def main() -> None:
     if eager.device.type == "cuda" and not args.skip_fp32:
         # Last: the bf16 engine's graphs point into the shared model; they go before new engines.
         fast.close()
-        e32, f32 = make("fp32", False), make("fp32", True)
+        fresh = build()  # the bf16 engine stored the model's weights in bf16 (and its LSTM in fp16)
+        e32, f32 = make("fp32", False, on=fresh), make("fp32", True, on=fresh)
         results["mismatch_fp32"] = m = mismatches(e32, f32, pcms[: max(4, args.check_turns // 2)])
         print(f"mismatches fp32: {m}", flush=True)
         save()

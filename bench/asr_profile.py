@@ -87,7 +87,8 @@ def _phases(stepper, runner) -> dict:
 
     pools, kind = stepper._pools.tensors, runner.kind
     rows = Rows(runner.slots, runner.start)
-    caches = StepCaches(pools["channel"], pools["time"], rows, rows.read(pools["count"]), False)
+    caches = StepCaches(pools["channel"], pools["time"], rows, rows.read(pools["count"]), False, stepper.ring_kernel,
+                        stepper.fuse and runner.bucket > 1)
     with stepper.autocast():
         encoder_ms, (encoded, encoded_len, _) = _timed(
             lambda: encoder_step(stepper.model.encoder, runner.mel, runner.mel_len, caches, kind.drop, kind.keep_all)
@@ -132,7 +133,8 @@ def profile_fast_step(engine, batch: int, top: int = 25) -> dict | None:
             torch.cuda.synchronize()
     # FLOPs of the matrix products and convolutions (the profiler's count), per stream of the part
     out["gflop_per_stream_step"] = round(sum(e.flops for e in prof.key_averages() if e.flops) / runner.bucket / 1e9, 3)
-    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.self_device_time_total > 0 and "CompiledFxGraph" not in e.key]  # compiled pieces: their kernels are listed
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
     out["top_ops_first_part"] = [  # by the GPU time of the op's own kernels (children not counted)
         {"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count, "cuda_ms": round(e.self_device_time_total / 1e3, 2)}
@@ -141,6 +143,13 @@ def profile_fast_step(engine, batch: int, top: int = 25) -> dict | None:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     out["kernels_first_part"] = len(kernels)
     out["kernel_gpu_ms_first_part"] = round(sum(e.device_time for e in kernels) / 1e3, 2)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:100], []).append(e.device_time)
+    out["top_kernels_first_part"] = [  # every kernel, by name: where the GPU time goes, and how many launches
+        {"kernel": name, "calls": len(times), "cuda_ms": round(sum(times) / 1e3, 3)}
+        for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:40]
+    ]
     stats = pstats.Stats(host).sort_stats("tottime")
     out["host_top_per_step"] = [
         {"function": f"{Path(file).name}:{line}({name})", "ms": round(1e3 * tt / 3, 2), "calls": nc // 3}

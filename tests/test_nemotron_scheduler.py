@@ -258,3 +258,57 @@ def test_one_stream_attention_is_nemo_op_for_op_under_bf16_autocast(fast):
         batch, _ = attention(query=x, key=x, value=x, mask=index.logical_mask, pos_emb=pos_emb, cache=cache)
         folded = ring_attention(attention, x, ring[0].to(torch.bfloat16), ring[1], pos_emb, index)
     assert torch.allclose(folded.float(), batch.float(), rtol=5e-2, atol=5e-2)
+
+
+def _batched_turns(engine, pcms) -> list[str]:
+    states = [engine.new_stream() for _ in pcms]
+    for offset in range(0, max(len(p) for p in pcms), 320):
+        for state, pcm in zip(states, pcms):
+            engine.feed(state, pcm[offset : offset + 320])
+        while any(engine.ready(s) for s in states):
+            engine.step(states)
+    return engine.finalize_many(states)
+
+
+def test_fused_batches_equal_eager_alone(eager, model_path, monkeypatch):
+    """Batches whose elementwise work runs compiled (torch.compile, ``fuse=True``) give every
+    turn eager NeMo gives alone (fp32, CPU: inductor's C++ kernels; on a GPU its Triton ones)."""
+    from processors.nemotron import fused
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_failed", [])
+    engine = NemotronStreamingEngine.load(model_path, 160, "cpu", fast=True, fuse=True)
+    pcms = [int16(speechlike(n, seed=40 + n % 5)) for n in (9000, 23000, 16000)]
+    references = [eager_turn(eager[160], pcm)[1] for pcm in pcms]
+    assert _batched_turns(engine, pcms) == references
+    assert fused.failed() is None
+    assert len(fused._compiled) >= 5  # the layer's pieces, the attention's and the greedy search's ran compiled
+
+
+def test_a_piece_that_fails_to_compile_runs_as_written(eager, model_path, monkeypatch):
+    """A compiler fault costs speed, not the call: the piece runs uncompiled, every later piece
+    too, with one warning; the turns are eager NeMo's."""
+    import torch
+    from loguru import logger
+
+    from processors.nemotron import fused
+
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")  # what inductor raises without a toolchain, in short
+        return call
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_failed", [])
+    monkeypatch.setattr(torch, "compile", broken)
+    warnings = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        engine = NemotronStreamingEngine.load(model_path, 160, "cpu", fast=True, fuse=True)
+        pcms = [int16(speechlike(n, seed=50 + n % 3)) for n in (12000, 20000)]
+        references = [eager_turn(eager[160], pcm)[1] for pcm in pcms]
+        assert _batched_turns(engine, pcms) == references
+    finally:
+        logger.remove(sink)
+    assert "no C++ compiler" in fused.failed()
+    assert sum("runs unfused" in w for w in warnings) == 1

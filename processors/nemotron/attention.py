@@ -32,47 +32,66 @@ from __future__ import annotations
 import torch
 from nemo.utils import avoid_float16_autocast_context
 
+from processors.nemotron.fused import fused
 from processors.nemotron.ring_kernel import ring_mix, usable as kernel_usable
 
 _MASKED = -10000.0  # NeMo's -INF_VAL for masked scores
 
 
 def ring_attention(module, x: torch.Tensor, ring_pool: torch.Tensor, rows, pos_emb: torch.Tensor, index,
-                   kernel: bool = True) -> torch.Tensor:
+                   kernel: bool = True, fuse: bool = False) -> torch.Tensor:
     """NeMo's rel-pos attention of ``x`` [B, T, D] (queries, and keys/values of the new frames)
     over the rings of ``ring_pool`` [C, W, D] at ``rows`` (cached inputs, storage order) and
     itself; returns [B, T, D].
 
     ``index`` (a ``RingIndex``) maps ring slots and new frames to position scores and holds the
     mask [B, T, W + T] in the same order (True: masked). ``kernel``: the scores, softmax and mix
-    in one Triton kernel where it can run (``processors.nemotron.ring_kernel``).
+    in one Triton kernel where it can run (``processors.nemotron.ring_kernel``). ``fuse``: the
+    work before and after the core compiled (``processors.nemotron.fused``).
     """
     batch, frames, width = x.shape
+    heads = module.h
+    keys, folded, bd, mask = fused(_fold_queries, fuse)(module, x, pos_emb, index.positions, index.mask, ring_pool.dtype)
+    mix = None
+    if kernel and kernel_usable(x, ring_pool, heads * frames):
+        mix = ring_mix(  # [H, B, T, D], as the per-head products give and take it
+            folded.view(heads, batch, frames, width), ring_pool, keys, rows.slots,
+            (bd / module.s_d_k).reshape(batch, heads * frames, -1), mask.reshape(batch, heads * frames, -1),
+            1.0 / module.s_d_k,
+        )
+        weights = None if mix is None or module.linear_v.bias is None else (~mask).to(mix.dtype)
+    if mix is None:
+        folded = folded.view(heads, batch, frames, width).transpose(0, 1).reshape(batch, heads * frames, width)
+        mix, weights = _ring_mix(folded, rows.read(ring_pool), keys, bd, mask, module.s_d_k)
+        mix = mix.view(batch, heads, frames, width).transpose(0, 1)
+    return fused(_unfold_values, fuse)(module, mix, weights)
+
+
+def _fold_queries(module, x, pos_emb, positions, mask, cache_dtype):
+    """The work before the attention's core: (keys [B, T, D] of the new frames in the cache's
+    dtype, folded queries W_k,h^T q_h [H, B*T, D], position scores in ring order [B, H, T, W + T],
+    the mask expanded over the heads [B, H, T, W + T])."""
+    batch, frames, width = x.shape
     heads, d_k = module.h, module.d_k
-    keys = x.to(ring_pool.dtype)  # what NeMo's linear_k / linear_v read (bf16 under bf16 autocast)
+    keys = x.to(cache_dtype)  # what NeMo's linear_k / linear_v read (bf16 under bf16 autocast)
     query = x.to(torch.float32) if torch.is_autocast_enabled() else x
     with avoid_float16_autocast_context():
         q = module.linear_q(query).view(batch, frames, heads, d_k)
         q_u = (q + module.pos_bias_u).permute(2, 0, 1, 3).reshape(heads, batch * frames, d_k)
         q_v = (q + module.pos_bias_v).transpose(1, 2)
-        # Folded queries W_k,h^T q_h: [H, B*T, D]
         folded = torch.matmul(q_u, module.linear_k.weight.view(heads, d_k, width))
         p = module.linear_pos(pos_emb).view(pos_emb.size(0), -1, heads, d_k).transpose(1, 2)
-        positions = _position_scores(q_v, p)  # [B, H, T, 2L-1], L = W + T
-        bd = positions.gather(-1, index.positions.unsqueeze(1).expand(-1, heads, -1, -1))  # [B, H, T, W + T]
-        mask = index.mask.unsqueeze(1).expand(-1, heads, -1, -1)
-        mix = None
-        if kernel and kernel_usable(x, ring_pool, heads * frames):
-            mix = ring_mix(  # [H, B, T, D], as the per-head products give and take it
-                folded.view(heads, batch, frames, width), ring_pool, keys, rows.slots,
-                (bd / module.s_d_k).reshape(batch, heads * frames, -1), mask.reshape(batch, heads * frames, -1),
-                1.0 / module.s_d_k,
-            )
-            weights = None if mix is None or module.linear_v.bias is None else (~mask).to(mix.dtype)
-        if mix is None:
-            folded = folded.view(heads, batch, frames, width).transpose(0, 1).reshape(batch, heads * frames, width)
-            mix, weights = _ring_mix(folded, rows.read(ring_pool), keys, bd, mask, module.s_d_k)
-            mix = mix.view(batch, heads, frames, width).transpose(0, 1)
+        scores = _position_scores(q_v, p)  # [B, H, T, 2L-1], L = W + T
+        bd = scores.gather(-1, positions.unsqueeze(1).expand(-1, heads, -1, -1))  # [B, H, T, W + T]
+    return keys, folded, bd, mask.unsqueeze(1).expand(-1, heads, -1, -1)
+
+
+def _unfold_values(module, mix, weights):
+    """The work after the core: the value projection W_v,h of each head's mix [H, B, T, D], its
+    bias, and the output projection; [B, T, D]."""
+    heads, batch, frames, width = mix.shape
+    d_k = module.d_k
+    with avoid_float16_autocast_context():
         # Unfolded values W_v,h mix_h: [H, B*T, D] @ [H, D, d_k] -> [B, T, H*d_k]
         mix = mix.reshape(heads, batch * frames, width)
         out = torch.matmul(mix, module.linear_v.weight.view(heads, d_k, width).transpose(1, 2))

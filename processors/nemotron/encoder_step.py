@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from processors.nemotron.attention import logical_attention, pointwise_conv, ring_attention
+from processors.nemotron.fused import fused
 from processors.nemotron.slots import Rows
 
 
@@ -40,6 +41,7 @@ class StepCaches:
     count: torch.Tensor  # [B] int64
     first: bool
     kernel: bool = True  # the attention core as one Triton kernel where it runs (CUDA, bf16)
+    fuse: bool = False  # batches run the pure pieces compiled (processors.nemotron.fused)
 
 
 @dataclass
@@ -102,7 +104,7 @@ def encoder_step(encoder, mel, mel_len, caches: StepCaches, drop: int, keep_all:
         if keep_all or not _unmasked_subsampling(encoder.pre_encode, x):
             x, length = encoder.pre_encode(x=x, lengths=mel_len)
         else:
-            x, length = _subsample_whole_rows(encoder.pre_encode, x, mel_len)
+            x, length = fused(_subsample_whole_rows, caches.fuse)(encoder.pre_encode, x, mel_len)
         length = length.to(torch.int64)
         if drop > 0:
             x = x[:, drop:, :]
@@ -151,16 +153,61 @@ def _subsample_whole_rows(pre_encode, x, lengths):
 
 
 def _layer(layer, x, pos_emb, index: RingIndex, caches: StepCaches, channel, time_cache, logical: bool):
-    """``ConformerLayer.forward`` (eval mode: dropout is the identity), op for op."""
-    residual = x
+    """``ConformerLayer.forward`` (eval mode: dropout is the identity), op for op.
+
+    The pieces between the cache reads and writes are pure; batches may run them fused
+    (``caches.fuse``, :mod:`processors.nemotron.fused`).
+    """
+    fuse = caches.fuse and not logical
+    residual, x = fused(_feed_forward_in, fuse)(layer, x)
+    x = _attention(layer.self_attn, x, pos_emb, index, caches, channel, logical)
+    residual, x = fused(_convolution_in, fuse)(layer, residual, x, index.pad_mask)
+    depthwise = layer.conv.depthwise_conv
+    if caches.first:
+        cache = torch.zeros(x.shape[0], *time_cache.shape[1:], dtype=time_cache.dtype, device=x.device)
+    else:
+        cache = caches.rows.read(time_cache)
+    window = torch.cat([cache, x], dim=-1)
+    drop = depthwise.cache_drop_size or 0
+    kept = window[:, :, : window.size(-1) - drop] if drop > 0 else window
+    caches.rows.write(time_cache, kept[:, :, -cache.size(-1) :])
+    return fused(_convolution_out, fuse)(layer, window, residual)
+
+
+def _feed_forward_in(layer, residual):
+    """The first half-step feed-forward and the attention's norm: (residual, attention input)."""
     x = layer.feed_forward1(layer.norm_feed_forward1(residual))
     residual = residual + x * layer.fc_factor
-    x = layer.norm_self_att(residual)
-    x = _attention(layer.self_attn, x, pos_emb, index, caches, channel, logical)
-    residual = residual + x
-    x = layer.norm_conv(residual)
-    x = _convolution(layer.conv, x, index.pad_mask, caches, time_cache)
-    residual = residual + x
+    return residual, layer.norm_self_att(residual)
+
+
+def _convolution_in(layer, residual, attended, pad_mask):
+    """The attention's residual, then ``ConformerConvolution.forward`` up to its causal depthwise
+    convolution: (residual, the new frames of the convolution's input, right-padded)."""
+    residual = residual + attended
+    conv = layer.conv
+    x = pointwise_conv(conv.pointwise_conv1, layer.norm_conv(residual).transpose(1, 2))
+    if conv.pointwise_activation == "glu_":
+        x = torch.nn.functional.glu(x, dim=1)
+    else:
+        x = conv.pointwise_activation(x)
+    if pad_mask is not None:
+        x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
+    return residual, torch.nn.functional.pad(x, pad=(0, conv.depthwise_conv._right_padding))
+
+
+def _convolution_out(layer, window, residual):
+    """The rest of the convolution module over its window (cached frames, then the new), its
+    residual, the second half-step feed-forward and the layer's output norm."""
+    conv = layer.conv
+    x = torch.nn.Conv1d.forward(conv.depthwise_conv, window)
+    if conv.norm_type == "layer_norm":
+        x = conv.batch_norm(x.transpose(1, 2)).transpose(1, 2)
+    else:
+        x = conv.batch_norm(x)
+    x = conv.activation(x)
+    x = pointwise_conv(conv.pointwise_conv2, x)
+    residual = residual + x.transpose(1, 2)
     x = layer.feed_forward2(layer.norm_feed_forward2(residual))
     residual = residual + x * layer.fc_factor
     return layer.norm_out(residual)
@@ -177,37 +224,9 @@ def _attention(module, x, pos_emb, index: RingIndex, caches: StepCaches, ring_po
             cache = flat.index_select(0, index.rotation).view(x.shape[0], cached, width)
         out = logical_attention(module, x, cache, index.logical_mask, pos_emb)
     else:
-        out = ring_attention(module, x, ring_pool, caches.rows, pos_emb, index, caches.kernel)
+        out = ring_attention(module, x, ring_pool, caches.rows, pos_emb, index, caches.kernel, caches.fuse)
     flat.index_copy_(0, index.write, x[:, : index.keep].reshape(-1, width).to(flat.dtype))
     return out
-
-
-def _convolution(conv, x, pad_mask, caches: StepCaches, window_pool):
-    """``ConformerConvolution.forward`` with its causal depthwise cache read from and written to the pool."""
-    x = pointwise_conv(conv.pointwise_conv1, x.transpose(1, 2))
-    if conv.pointwise_activation == "glu_":
-        x = torch.nn.functional.glu(x, dim=1)
-    else:
-        x = conv.pointwise_activation(x)
-    if pad_mask is not None:
-        x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
-    depthwise = conv.depthwise_conv
-    if caches.first:
-        cache = torch.zeros(x.shape[0], *window_pool.shape[1:], dtype=window_pool.dtype, device=x.device)
-    else:
-        cache = caches.rows.read(window_pool)
-    window = torch.cat([cache, torch.nn.functional.pad(x, pad=(0, depthwise._right_padding))], dim=-1)
-    drop = depthwise.cache_drop_size or 0
-    kept = window[:, :, : window.size(-1) - drop] if drop > 0 else window
-    caches.rows.write(window_pool, kept[:, :, -cache.size(-1) :])
-    x = torch.nn.Conv1d.forward(depthwise, window)
-    if conv.norm_type == "layer_norm":
-        x = conv.batch_norm(x.transpose(1, 2)).transpose(1, 2)
-    else:
-        x = conv.batch_norm(x)
-    x = conv.activation(x)
-    x = pointwise_conv(conv.pointwise_conv2, x)
-    return x.transpose(1, 2)
 
 
 def supports_in_place_caches(encoder) -> str | None:

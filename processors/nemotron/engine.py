@@ -58,6 +58,7 @@ class NemotronStreamingEngine:
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
         ring_kernel: bool = True,
+        fuse: bool = False,
     ):
         self._model = loaded.model
         self.device = loaded.device
@@ -109,7 +110,7 @@ class NemotronStreamingEngine:
             self._final_width = self._pre_cache + self._shift_frames + self.final_pad_ms // 10 + self._left_frames + 2
             self._stepper = FastStepper(
                 self._model, self.device, autocast, graphs=graphs, final_frames=self._final_width, max_batch=max_batch,
-                cache_dtype=cache_dtype, ring_kernel=ring_kernel,
+                cache_dtype=cache_dtype, ring_kernel=ring_kernel, fuse=fuse,
             )
             self._text = TextDecoder(self._model.decoding)
             if self.device.type == "cuda":  # page-lock the largest batch's staging buffer now, not mid-call
@@ -129,6 +130,7 @@ class NemotronStreamingEngine:
         warm_up: bool = True,
         fast: bool | None = None,
         cuda_graphs: bool | None = None,
+        fuse: bool = False,
     ) -> NemotronStreamingEngine:
         """Load a local ``.nemo`` cache-aware RNN-T model for ``chunk_ms`` chunks.
 
@@ -136,7 +138,8 @@ class NemotronStreamingEngine:
         ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32".
         ``final_pad_ms``: digital silence appended at :meth:`finalize` as right context for the
         last words (default: one chunk). ``fast``: slot-pooled static-shape steps (default on
-        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA). Raises
+        CUDA); ``cuda_graphs``: capture them in CUDA graphs (default on CUDA); ``fuse``: batches run
+        their elementwise work compiled (``processors.nemotron.fused``). Raises
         :class:`SetupError` naming the setting at fault.
         """
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
@@ -149,7 +152,7 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs)
+        engine = cls(loaded, chunk_ms, final_pad_ms=final_pad_ms, fast=fast, cuda_graphs=cuda_graphs, fuse=fuse)
         if warm_up:
             started = time.perf_counter()
             engine.warm_up()
@@ -169,9 +172,11 @@ class NemotronStreamingEngine:
         cuda_graphs: bool | None = None,
         max_batch: int = 1024,
         ring_kernel: bool = True,
+        fuse: bool = False,
     ) -> NemotronStreamingEngine:
         """Wrap an in-memory NeMo model (benchmarks); the model's streaming context is changed.
-        ``ring_kernel=False``: batches take the attention core in PyTorch products (comparisons)."""
+        ``ring_kernel=False``: batches take the attention core in PyTorch products (comparisons);
+        ``fuse=True``: batches run their elementwise work compiled (``processors.nemotron.fused``)."""
         if chunk_ms not in CHUNK_MS_TO_RIGHT_CONTEXT:
             raise SetupError(f"Setting ASR_CHUNK_MS is invalid (got {chunk_ms!r}).")
         loaded = prepare_streaming_model(
@@ -181,7 +186,8 @@ class NemotronStreamingEngine:
             precision=precision,
             cuda_graph_decoder=cuda_graph_decoder,
         )
-        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, ring_kernel=ring_kernel)
+        engine = cls(loaded, chunk_ms, fast=fast, cuda_graphs=cuda_graphs, max_batch=max_batch, ring_kernel=ring_kernel,
+                     fuse=fuse)
         engine.warm_up()
         return engine
 
@@ -376,15 +382,22 @@ class NemotronStreamingEngine:
 
         The streams go in slot order (slots 1..N step in place) and in parts of at most
         ``max_batch``, pipelined: the host stages the next part's audio while the GPU steps the
-        last one, and reads a part's tokens while the GPU steps the next.
+        last one, and reads a part's tokens while the GPU steps the next. A smaller remainder part
+        is staged and launched first, so the GPU waits less for the first part.
         """
         for state, _ in work:
             if state.lease is None:
                 state.lease = self._stepper.lease()
         work = sorted(work, key=lambda item: item[0].lease.slot)
         size = self._stepper.max_batch
+        # Parts of max_batch in slot order (a full house steps them in place); a smaller last part
+        # goes first: the GPU starts once its part is staged, and the host stages the next parts
+        # while it steps.
+        starts = list(range(0, len(work), size))
+        if len(starts) > 1 and len(work) % size:
+            starts = starts[-1:] + starts[:-1]
         launched = []
-        for lo in range(0, len(work), size):
+        for lo in starts:
             jobs = [self._job(state, end) for state, end in work[lo : lo + size]]
             launched.append((jobs, self._launch_fast(jobs, keep_all)))
         text = self._text

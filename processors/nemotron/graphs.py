@@ -37,6 +37,7 @@ import torch
 from loguru import logger
 
 from processors.nemotron.encoder_step import StepCaches, encoder_step
+from processors.nemotron.fused import fused
 from processors.nemotron.model import GRAPH_OWNER_ATTR, check_no_graphs
 from processors.nemotron.slots import PendingTokens, Rows, SlotLease, SlotPools, batch_dim
 
@@ -118,6 +119,8 @@ class FastStepper:
     (bf16 on CUDA), so both paths run the same arithmetic. ``graphs`` captures CUDA graphs.
     ``cache_dtype``: the encoder caches' dtype in the pools (None: the encoder's). ``ring_kernel``:
     batches take the attention core as one Triton kernel where it runs (CUDA, bf16 caches).
+    ``fuse``: batches run the elementwise work between the products compiled
+    (``processors.nemotron.fused``).
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class FastStepper:
         initial_slots: int = 8,
         cache_dtype: torch.dtype | None = None,
         ring_kernel: bool = True,
+        fuse: bool = False,
     ):
         self.model = model
         self.device = device
@@ -141,6 +145,7 @@ class FastStepper:
         self.max_batch = max_batch
         self.cache_dtype = cache_dtype
         self.ring_kernel = ring_kernel
+        self.fuse = fuse
         self.features = int(model.preprocessor.featurizer.nfilt)
         decoding = model.decoding.decoding
         self.max_symbols = int(getattr(decoding, "max_symbols", None) or 10)
@@ -278,7 +283,7 @@ class FastStepper:
         pools = self._pools.tensors
         rows = Rows(slots, start)
         count = torch.zeros(batch, dtype=torch.long, device=self.device) if kind.first else rows.read(pools["count"])
-        caches = StepCaches(pools["channel"], pools["time"], rows, count, kind.first, self.ring_kernel)
+        caches = StepCaches(pools["channel"], pools["time"], rows, count, kind.first, self.ring_kernel, self.fuse and batch > 1)
         with self.autocast():
             encoded, encoded_len, count = encoder_step(self.model.encoder, mel, mel_len, caches, kind.drop, kind.keep_all)
             # Decoder frames: exactly the encoder's static output width (rows past their length emit nothing).
@@ -308,25 +313,22 @@ class FastStepper:
         Same calls as ``GreedyBatchedRNNTLabelLoopingComputer.torch_impl``: the joint after
         projection, ``max(-1)``, the prediction network on the found label, and the old state
         kept for rows that emitted nothing (``batch_replace_states_mask``'s ``torch.where``, LSTM
-        state). Rows past their length emit nothing.
+        state). Rows past their length emit nothing. Batches may run the pieces around the
+        prediction network fused (``self.fuse``).
         """
         model, blank = self.model, self.blank
         bucket, frames = projected.shape[0], projected.shape[1]
+        fuse = self.fuse and bucket > 1
+        pick, keep = fused(_pick_label, fuse), fused(_keep_emitted, fuse)
         out = []
         for t in range(frames):
             active = lengths > t
             enc_t = projected[:, t].unsqueeze(1)
             for _ in range(self.max_symbols):
-                logits = model.joint.joint_after_projection(enc_t, dec_out).squeeze(1).squeeze(1)
-                labels = logits.max(-1)[1]
-                active = torch.logical_and(active, labels != blank)
-                labels = torch.where(active, labels, blank)
+                labels, active = pick(model.joint, enc_t, dec_out, active, blank)
                 out.append(labels)
                 new_out, new_state, *_ = model.decoder.predict(labels.unsqueeze(1), state, add_sos=False, batch_size=bucket)
-                new_out = model.joint.project_prednet(new_out)
-                keep = active.unsqueeze(-1)
-                state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
-                dec_out = torch.where(active[:, None, None], new_out, dec_out)
+                dec_out, state = keep(model.joint, active, new_out, new_state, dec_out, state)
         return torch.stack(out, dim=1), dec_out, state
 
     def _state_like(self) -> dict[str, torch.Tensor]:
@@ -347,6 +349,22 @@ class FastStepper:
             "c": state[1],
             "dec_out": dec_out,
         }
+
+
+def _pick_label(joint, enc_t, dec_out, active, blank: int):
+    """One greedy symbol's label: (labels, blank where the row is done; rows still emitting)."""
+    logits = joint.joint_after_projection(enc_t, dec_out).squeeze(1).squeeze(1)
+    labels = logits.max(-1)[1]
+    active = torch.logical_and(active, labels != blank)
+    return torch.where(active, labels, blank), active
+
+
+def _keep_emitted(joint, active, new_out, new_state, dec_out, state):
+    """The prediction network's new output and state for rows that emitted, the old for the rest."""
+    new_out = joint.project_prednet(new_out)
+    keep = active.unsqueeze(-1)
+    state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
+    return torch.where(active[:, None, None], new_out, dec_out), state
 
 
 def new_kind(frames: int, drop: int, keep_all: bool, first: bool) -> _Kind:

@@ -49,21 +49,30 @@ class LoadedModel:
 
 
 def cast_matmul_weights(model, dtype: torch.dtype) -> None:
-    """Store the weights of the model's linear, convolution and LSTM layers in ``dtype`` (bf16).
+    """Store the weights of the model's linear, convolution and LSTM layers as autocast to ``dtype`` (bf16) uses them.
 
     Under bf16 autocast these layers cast their weights to bf16 at every call, and with the
     autocast cache off (as CUDA graphs need) a step re-cast all 0.6 B parameters, about a tenth
     of one stream's step. Stored in bf16 they are used as they are: the same bf16 values, so the
     same results, for every path that runs the model under bf16 autocast. Norms, biases added
     outside these layers and embeddings keep their dtype.
+
+    cuDNN's LSTM is the exception: autocast runs it in float16 whatever its dtype
+    (``_cudnn_rnn_cast_reflatten``), casting and re-flattening weights that are not float16 into
+    a new buffer at every call (8 copies per call, 20 calls a step). Its weights are stored in
+    float16, cast once from their own values as autocast casts them: the same values, no copies.
     """
-    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.LSTM)
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
     for part in (model.encoder, model.decoder, model.joint):
         for module in part.modules():
             if isinstance(module, kinds):
                 module.to(dtype)
-            if isinstance(module, torch.nn.LSTM) and module.weight_ih_l0.is_cuda:
-                module.flatten_parameters()  # one buffer, or cuDNN copies the weights into one at every call
+            if isinstance(module, torch.nn.LSTM):
+                if module.weight_ih_l0.is_cuda and dtype in (torch.bfloat16, torch.float16):
+                    module.to(torch.float16)
+                    module.flatten_parameters()  # one buffer, or cuDNN copies the weights into one at every call
+                else:
+                    module.to(dtype)
 
 
 def resolve_device(device: str) -> torch.device:
