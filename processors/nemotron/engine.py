@@ -255,10 +255,18 @@ class NemotronStreamingEngine:
         """
         before = [s.text for s in states]
         groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
-        for s in states:
-            if self.ready(s):
-                need = self._first_frames if s.steps == 0 else self._shift_frames
-                groups.setdefault(self._start_of(s)[1:], []).append((s, s.frames_done + need))
+        first, shift, half_fft, hop = self._first_frames, self._shift_frames, self._half_fft, self._hop
+        for s in states:  # ready() and _start_of() inlined: this loop runs over every stream before the first launch
+            need = first if s.steps == 0 else shift
+            total = s.window.total
+            if total >= half_fft and (total - half_fft) // hop + 1 - s.frames_done >= need:
+                if s.steps == 0:
+                    key = (True, 0)
+                elif s.frames_done < self._pre_cache:
+                    key = (False, s.steps * self._valid_out)
+                else:
+                    key = (False, self._drop)
+                groups.setdefault(key, []).append((s, s.frames_done + need))
         for work in groups.values():
             self._run(work, keep_all=False)
         return [s.text if s.text != text else None for s, text in zip(states, before)]
@@ -332,6 +340,13 @@ class NemotronStreamingEngine:
         self.finalize(state)
         self.accept(state, np.zeros(samples // 6, dtype=np.int16))  # a turn shorter than a chunk: a first step's final
         self.finalize(state)
+        if self.fast and self._stepper.fuse:  # compile the batches' pieces now, not in the first call that shares a step
+            pair = [self.new_stream(), self.new_stream()]
+            for s in pair:
+                self.feed(s, np.zeros(samples, dtype=np.int16))
+            while any(self.ready(s) for s in pair):
+                self.step(pair)
+            self.finalize_many(pair)
 
     # ----- internals ------------------------------------------------------------------------
 
