@@ -104,7 +104,8 @@ def encoder_step(encoder, mel, mel_len, caches: StepCaches, drop: int, keep_all:
         if keep_all or not _unmasked_subsampling(encoder.pre_encode, x):
             x, length = encoder.pre_encode(x=x, lengths=mel_len)
         else:
-            x, length = fused(_subsample_whole_rows, caches.fuse)(encoder.pre_encode, x, mel_len)
+            x, length = _subsample_whole_rows(encoder.pre_encode, x, mel_len)  # not fused: inductor's version of
+            # its convolution's padding, cast and ReLU took 5.1 ms of a 1,024-stream step (H100, 2026-12-07)
         length = length.to(torch.int64)
         if drop > 0:
             x = x[:, drop:, :]

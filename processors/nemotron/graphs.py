@@ -26,7 +26,6 @@ static width with their true lengths, which the encoder masks, so one graph serv
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import threading
 import weakref
@@ -249,8 +248,7 @@ class FastStepper:
                 runner = _Runner(self, kind, bucket, start)
                 if self.graphs and capture:
                     try:
-                        with _cudnn_benchmark(self.fuse and bucket > 1):  # the graph keeps the fastest algorithms found
-                            runner.capture(self._graph_pool)
+                        runner.capture(self._graph_pool)
                         logger.debug(f"captured ASR step graph: {kind}, batch {bucket}, rows from {start or 'gathered'}")
                     except Exception as e:  # keep serving, eagerly, rather than lose the call
                         logger.warning(f"CUDA graph capture failed ({type(e).__name__}: {e}); ASR steps run without graphs")
@@ -351,18 +349,6 @@ class FastStepper:
             "c": state[1],
             "dec_out": dec_out,
         }
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(on: bool):
-    """cuDNN times its convolution algorithms for the shapes met inside (batches: the subsampling's
-    first convolution takes cuDNN's default guess, a slow implicit GEMM, ~1 ms of a 1,024-stream step)."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before or on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def _pick_label(joint, enc_t, dec_out, active, blank: int):
