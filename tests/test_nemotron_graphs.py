@@ -82,6 +82,7 @@ def test_graphed_bf16_single_stream_equals_eager_bf16(tmp_path_factory):
 def test_graphed_fused_batches_equal_eager_alone(engines, tmp_path_factory):
     """Batches with their elementwise work compiled (Triton kernels) and captured in the graphs:
     every turn is eager NeMo's alone (fp32), and one stream's too (it never runs compiled)."""
+    from bench.asr_graph_bench import turns_batched
     from processors.nemotron import fused
 
     eager = engines[160][0]
@@ -89,13 +90,7 @@ def test_graphed_fused_batches_equal_eager_alone(engines, tmp_path_factory):
     graphed = NemotronStreamingEngine.load(path, 160, "cuda", precision="fp32", fast=True, cuda_graphs=True, fuse=True)
     pcms = [int16(speechlike(n, seed=60 + i)) for i, n in enumerate([9000, 21000, 30000, 14000, 26000])]
     references = [transcribe(eager, pcm) for pcm in pcms]
-    states = [graphed.new_stream() for _ in pcms]
-    for offset in range(0, max(len(p) for p in pcms), 320):
-        for state, pcm in zip(states, pcms):
-            graphed.feed(state, pcm[offset : offset + 320])
-        while any(graphed.ready(s) for s in states):
-            graphed.step(states)
-    assert graphed.finalize_many(states) == references
+    assert turns_batched(graphed, pcms) == references
     assert transcribe(graphed, pcms[2]) == references[2]
     assert fused.failed() is None and "cuda graphs" in repr(graphed)
 

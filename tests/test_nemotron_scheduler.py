@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.asr_graph_bench import turns_batched
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
 from processors.nemotron.scheduler import StreamScheduler, UnknownStreamError
 from processors.nemotron.tiny import speechlike, tiny_nemo_once
@@ -208,13 +209,7 @@ def test_full_house_steps_in_place_and_equals_eager_alone(eager, model_path, mon
     engine._stepper.max_batch = 4
     pcms = [int16(speechlike(n, seed=30 + n % 7)) for n in (21000, 26000, 30000, 24000, 19000, 28000, 33000, 25000, 22000)]
     references = [eager_turn(eager[160], pcm)[1] for pcm in pcms]
-    states = [engine.new_stream() for _ in pcms]
-    for offset in range(0, max(len(p) for p in pcms), 320):
-        for state, pcm in zip(states, pcms):
-            engine.feed(state, pcm[offset : offset + 320])
-        while any(engine.ready(s) for s in states):
-            engine.step(states)
-    assert engine.finalize_many(states) == references
+    assert turns_batched(engine, pcms) == references
     starts = {key[3] for key in engine._stepper._runners}
     assert {1, 5} <= starts and None in starts  # two aligned parts in place, the ninth stream gathered
 
@@ -260,16 +255,6 @@ def test_one_stream_attention_is_nemo_op_for_op_under_bf16_autocast(fast):
     assert torch.allclose(folded.float(), batch.float(), rtol=5e-2, atol=5e-2)
 
 
-def _batched_turns(engine, pcms) -> list[str]:
-    states = [engine.new_stream() for _ in pcms]
-    for offset in range(0, max(len(p) for p in pcms), 320):
-        for state, pcm in zip(states, pcms):
-            engine.feed(state, pcm[offset : offset + 320])
-        while any(engine.ready(s) for s in states):
-            engine.step(states)
-    return engine.finalize_many(states)
-
-
 def test_fused_batches_equal_eager_alone(eager, model_path, monkeypatch):
     """Batches whose elementwise work runs compiled (torch.compile, ``fuse=True``) give every
     turn eager NeMo gives alone (fp32, CPU: inductor's C++ kernels; on a GPU its Triton ones)."""
@@ -280,7 +265,7 @@ def test_fused_batches_equal_eager_alone(eager, model_path, monkeypatch):
     engine = NemotronStreamingEngine.load(model_path, 160, "cpu", fast=True, fuse=True)
     pcms = [int16(speechlike(n, seed=40 + n % 5)) for n in (9000, 23000, 16000)]
     references = [eager_turn(eager[160], pcm)[1] for pcm in pcms]
-    assert _batched_turns(engine, pcms) == references
+    assert turns_batched(engine, pcms) == references
     assert fused.failed() is None
     assert len(fused._compiled) >= 5  # the layer's pieces, the attention's and the greedy search's ran compiled
 
@@ -307,7 +292,7 @@ def test_a_piece_that_fails_to_compile_runs_as_written(eager, model_path, monkey
         engine = NemotronStreamingEngine.load(model_path, 160, "cpu", fast=True, fuse=True)
         pcms = [int16(speechlike(n, seed=50 + n % 3)) for n in (12000, 20000)]
         references = [eager_turn(eager[160], pcm)[1] for pcm in pcms]
-        assert _batched_turns(engine, pcms) == references
+        assert turns_batched(engine, pcms) == references
     finally:
         logger.remove(sink)
     assert "no C++ compiler" in fused.failed()
