@@ -1,14 +1,14 @@
 """Phone-band conditioning of 16 kHz speech for the ASR bench: what the Bluetooth hands-free
-link leaves of the caller's voice (shared/DESIGN.md section 9).
+link leaves of the caller's voice, by the line model's own bands and filter
+(``transports/rig/linemodel.py``: ``BAND_HZ``, ``BandFilter``; shared/DESIGN.md section 9).
 
-- ``narrowband``: HFP's CVSD band: a 300-3400 Hz band-pass (4th-order Butterworth), down to
-  8 kHz and back up to 16 kHz (soxr), 16-bit.
-- ``wideband``: HFP's mSBC band at 16 kHz: a 50-7000 Hz band-pass, 16-bit.
+- ``narrowband``: HFP's CVSD band: the line model's 300-3400 Hz band-pass, then down to 8 kHz and
+  back up to 16 kHz (soxr), 16-bit.
+- ``wideband``: HFP's mSBC band at 16 kHz: the line model's 80-7000 Hz band-pass, 16-bit.
 - ``clean``: unchanged.
 
-Band only: no codec artefacts (CVSD, mSBC, AMR), packet loss, echo or room. TEMPORARY HOME:
-this belongs to the line model being built in ``transports/rig/`` (issue 19); when that lands,
-this module should go and the bench should condition audio through that line model instead.
+Band only: no codec artefacts (CVSD, mSBC, AMR), packet loss, echo or room (the line model's echo
+and room belong to a call, not to a manifest's utterances).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 LINES = ("clean", "narrowband", "wideband")
-_BANDS = {"narrowband": (300.0, 3400.0), "wideband": (50.0, 7000.0)}
 
 
 def phone_band(samples: np.ndarray, line: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -27,10 +26,9 @@ def phone_band(samples: np.ndarray, line: str, sample_rate: int = SAMPLE_RATE) -
     samples = np.asarray(samples, dtype=np.float32)
     if line == "clean" or samples.size == 0:
         return samples
-    from scipy.signal import butter, sosfilt
+    from transports.rig.linemodel import BAND_HZ, BandFilter
 
-    low, high = _BANDS[line]
-    out = sosfilt(butter(4, [low, high], btype="bandpass", fs=sample_rate, output="sos"), samples)
+    out = BandFilter(BAND_HZ[line], sample_rate).process(samples.astype(np.float64))
     if line == "narrowband":
         import soxr
 
