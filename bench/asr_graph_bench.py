@@ -243,7 +243,7 @@ def main() -> None:
                         help="then the largest batch alone with the attention core in PyTorch products, and in parts of half the size")
     parser.add_argument("--fuse", choices=("off", "on", "both"), default="off",
                         help="the fast engine's elementwise work compiled (processors.nemotron.fused); both: a fused "
-                             "engine on a copy of the model joins the interleaved blocks")
+                             "engine on a model of its own (built again, same seed) joins the interleaved blocks")
     parser.add_argument("--no-gc-freeze-compare", dest="gc_freeze_compare", action="store_false",
                         help="skip the second run of the largest batch after gc.freeze()")
     args = parser.parse_args()
@@ -280,7 +280,7 @@ def main() -> None:
         t1 = time.perf_counter()
         others["fused"] = make("auto", True, fuse=True, on=build())
         results["fused_build_s"] = round(time.perf_counter() - t1, 1)
-        print(f"# fused engine on a copy of the model: built and warmed up in {results['fused_build_s']} s", flush=True)
+        print(f"# fused engine on a model of its own: built, compiled and warmed up in {results['fused_build_s']} s", flush=True)
     results["fuse"] = args.fuse
     results["device"] = torch.cuda.get_device_name() if eager.device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     results["precision"] = eager.precision

@@ -255,18 +255,10 @@ class NemotronStreamingEngine:
         """
         before = [s.text for s in states]
         groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
-        first, shift, half_fft, hop = self._first_frames, self._shift_frames, self._half_fft, self._hop
-        for s in states:  # ready() and _start_of() inlined: this loop runs over every stream before the first launch
-            need = first if s.steps == 0 else shift
-            total = s.window.total
-            if total >= half_fft and (total - half_fft) // hop + 1 - s.frames_done >= need:
-                if s.steps == 0:
-                    key = (True, 0)
-                elif s.frames_done < self._pre_cache:
-                    key = (False, s.steps * self._valid_out)
-                else:
-                    key = (False, self._drop)
-                groups.setdefault(key, []).append((s, s.frames_done + need))
+        for s in states:
+            if self.ready(s):
+                need = self._first_frames if s.steps == 0 else self._shift_frames
+                groups.setdefault(self._start_of(s)[1:], []).append((s, s.frames_done + need))
         for work in groups.values():
             self._run(work, keep_all=False)
         return [s.text if s.text != text else None for s, text in zip(states, before)]
