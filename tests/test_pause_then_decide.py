@@ -301,20 +301,6 @@ async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(set
         assert [d for d, _ in call.call.pause_first.decisions] == ["resume", "resume"]
 
 
-@pytest.fixture
-def no_long_sounds(monkeypatch):
-    """The calls of the lasting-sound tests judge their 0.5 s sound as neither a blip nor a long
-    sound however the loop is delayed: on a loaded runner the stop once reached the core 0.8 s
-    after the pause, a long sound, which waits for a final and commits without one (the rule's
-    own table is in tests/test_bargein_core.py). Here the long sound starts at 5 s."""
-    from dataclasses import replace
-
-    from agent.bargein.core import BargeInParams
-
-    made = BargeInParams.from_settings
-    monkeypatch.setattr(BargeInParams, "from_settings", classmethod(lambda cls, s: replace(made(s), long_sound_s=5.0)))
-
-
 async def resumed_after_a_lasting_sound(call) -> float:
     """Annie speaks; the caller's voice lasts 0.5 s (no blip) with no words in time: resumed."""
     await annie_speaking(call)
@@ -326,7 +312,7 @@ async def resumed_after_a_lasting_sound(call) -> float:
     return onset
 
 
-async def test_real_words_that_come_after_the_resume_still_interrupt(settings, llm, no_long_sounds):
+async def test_real_words_that_come_after_the_resume_still_interrupt(settings, llm):
     """A busy machine: the VAD stop outran the transcript, so Annie resumed. The caller's words,
     when they arrive, commit the interruption then and are answered; the question is not lost."""
     async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
@@ -347,7 +333,7 @@ async def test_real_words_that_come_after_the_resume_still_interrupt(settings, l
                "not the long-sound rule (still so with it at 5 s); cause not found yet")),
     pytest.param("once upon a time", id="echo"),
 ])
-async def test_a_late_backchannel_or_echo_after_the_resume_does_not_interrupt(settings, llm, late, no_long_sounds):
+async def test_a_late_backchannel_or_echo_after_the_resume_does_not_interrupt(settings, llm, late):
     tts = ToneTTSService()
     async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt_streams_partials=True) as call:
         onset = await resumed_after_a_lasting_sound(call)
@@ -366,7 +352,7 @@ async def test_a_late_backchannel_or_echo_after_the_resume_does_not_interrupt(se
         pytest.param([interim("yeah"), interim("yeah okay"), final("Yeah, okay.")], id="several-partials"),
     ],
 )
-async def test_late_words_of_a_resumed_backchannel_never_open_a_turn_once_annie_is_done(settings, llm, late, no_long_sounds):
+async def test_late_words_of_a_resumed_backchannel_never_open_a_turn_once_annie_is_done(settings, llm, late):
     """A slow STT: the caller's "I see" was resumed on, and its partials and final trickle in one by
     one after Annie finished her reply. None of them opens a caller turn (a turn opened by a partial
     has no text and hangs until pipecat's 5 s stop watchdog, deaf to the caller's next question),
