@@ -155,21 +155,34 @@ class EmptyTurnTimeout:
 
     The turn closes after ``quiet_s`` with neither the caller's voice nor a transcript, unless
     the STT still has the turn's audio in flight: then it waits up to ``stt_wait_s`` longer for
-    the transcript (an STT slower than real time must not be raced by the watchdog).
+    the transcript (an STT slower than real time must not be raced by the watchdog). The STT
+    ceasing to be busy counts as activity: its transcript is then on its way through the pipeline
+    (a CI run closed the turn in that hand-off and asked the caller to repeat a question it heard).
     """
 
     quiet_s: float
     stt_wait_s: float
     last_activity: float = 0.0
+    stt_done: float = 0.0  # when a poll first found the STT no longer busy
+    _stt_was_busy: bool = False
 
     def activity(self, now: float) -> None:
         self.last_activity = now
 
+    def quiet_for(self, now: float) -> float:
+        """Seconds with neither the caller's voice nor a transcript."""
+        return now - self.last_activity
+
     def due(self, now: float, *, caller_speaking: bool, stt_busy: bool) -> bool:
+        """Asked at each poll, with what the STT says then (the rule notes when it stops being busy)."""
+        if stt_busy:
+            self._stt_was_busy = True
+            return not caller_speaking and self.quiet_for(now) >= self.quiet_s + self.stt_wait_s
+        if self._stt_was_busy:
+            self._stt_was_busy, self.stt_done = False, now
         if caller_speaking:
             return False
-        quiet = now - self.last_activity
-        return quiet >= self.quiet_s + (self.stt_wait_s if stt_busy else 0.0)
+        return now - max(self.last_activity, self.stt_done) >= self.quiet_s
 
 
 class EmptyTurnWatchdog(BaseUserTurnStopStrategy):
@@ -217,7 +230,7 @@ class EmptyTurnWatchdog(BaseUserTurnStopStrategy):
             now, busy = self._clock(), self._stt_busy()
             if self._rule.due(now, caller_speaking=self._caller_speaking, stt_busy=busy):
                 break
-            if busy and not waited and self._rule.due(now, caller_speaking=self._caller_speaking, stt_busy=False):
+            if busy and not waited and not self._caller_speaking and self._rule.quiet_for(now) >= self._rule.quiet_s:
                 waited = True
                 logger.info("caller turn quiet, but the STT is still transcribing it: waiting for its words")
         logger.debug(f"{self}: no transcript ended the caller's turn; closing it")

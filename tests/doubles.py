@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
-from pipecat.frames.frames import Frame, TranscriptionFrame, TTSAudioRawFrame, VADUserStoppedSpeakingFrame
+from pipecat.frames.frames import BotStartedSpeakingFrame, Frame, TranscriptionFrame, TTSAudioRawFrame, VADUserStoppedSpeakingFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
@@ -54,14 +55,22 @@ class SlowFinalSTT(FrameProcessor):
     """A segmented STT slower than real time (Whisper on a busy CPU): each VAD stop hands it the
     utterance, and its final transcript, the next of ``finals``, comes ``delay_s`` later. Like the
     real services it says when it has audio in flight (``audio_in_flight``); with ``tells=False``
-    it is one that cannot tell."""
+    it is one that cannot tell.
 
-    def __init__(self, finals: list[str], delay_s: float, *, tells: bool = True):
+    ``after_annie_s``: a final other than the first comes no earlier than that long after Annie
+    started speaking (a script whose late final must land in her answer, however slow the
+    machine). ``sent_at`` holds when each final went out (monotonic)."""
+
+    def __init__(self, finals: list[str], delay_s: float, *, tells: bool = True, after_annie_s: float | None = None):
         super().__init__()
         self._finals = list(finals)
         self._delay_s = delay_s
         self._tells = tells
+        self._after_annie_s = after_annie_s
+        self._annie_started = asyncio.Event()
         self._in_flight = 0
+        self._given = 0
+        self.sent_at: list[float] = []
 
     @property
     def audio_in_flight(self) -> bool:
@@ -70,13 +79,20 @@ class SlowFinalSTT(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         await self.push_frame(frame, direction)
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._annie_started.set()
         if isinstance(frame, VADUserStoppedSpeakingFrame) and self._finals:
             self._in_flight += 1
-            self.create_task(self._final_later(self._finals.pop(0)))
+            self._given += 1
+            self.create_task(self._final_later(self._finals.pop(0), waits_for_annie=self._given > 1))
 
-    async def _final_later(self, text: str) -> None:
+    async def _final_later(self, text: str, waits_for_annie: bool) -> None:
         try:
             await asyncio.sleep(self._delay_s)
+            if waits_for_annie and self._after_annie_s is not None:
+                await self._annie_started.wait()
+                await asyncio.sleep(self._after_annie_s)
+            self.sent_at.append(time.monotonic())
             await self.push_frame(TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True))
         finally:
             self._in_flight -= 1

@@ -44,6 +44,24 @@ def test_the_empty_turn_timeout(quiet_for, speaking, busy, due):
     assert rule.due(10.0 + quiet_for, caller_speaking=speaking, stt_busy=busy) is due
 
 
+@pytest.mark.parametrize(
+    "polls, due",
+    [
+        ([(10.5, True), (12.5, False)], False),  # the STT just finished: its words are on their way
+        ([(10.5, True), (12.5, False), (13.4, False)], False),
+        ([(10.5, True), (12.5, False), (13.5, False)], True),  # quiet for 1 s since it finished
+        ([(10.5, True), (11.0, False), (11.9, False)], False),  # ... and since the caller's voice
+        ([(10.5, True), (11.0, False), (12.0, False)], True),
+    ],
+)
+def test_the_stt_finishing_counts_as_activity(polls, due):
+    """A CI run: the STT finished 2.5 s after the caller's voice, the watchdog polled before its
+    transcript reached the turn, found the turn quiet and nothing in flight, and closed it empty."""
+    rule = EmptyTurnTimeout(quiet_s=1.0, stt_wait_s=3.0)
+    rule.activity(10.0)
+    assert [rule.due(t, caller_speaking=False, stt_busy=busy) for t, busy in polls][-1] is due
+
+
 def test_a_late_transcript_is_answerable_within_the_bound_until_the_caller_speaks():
     late = LateTranscripts(bound_s=5.0)
     assert not late.answerable(1.0)  # no turn closed empty

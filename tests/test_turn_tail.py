@@ -106,7 +106,9 @@ async def test_a_split_question_s_late_tail_does_not_cut_annie_off(make_settings
 
     settings = make_settings(enable_barge_in=True)
     tts = ToneTTSService(ms_per_char=50)  # the answer lasts ~2.5 s
-    stt = SlowFinalSTT([HEAD, TAIL], delay_s=1.2, tells=tells)
+    # the tail's final lands 0.4 s into her answer even when a busy machine makes her late (a CI
+    # run: she began 2.4 s after the tail's VAD stop, the tail came before her and was a turn)
+    stt = SlowFinalSTT([HEAD, TAIL], delay_s=1.2, tells=tells, after_annie_s=0.4)
     async with running_call(settings, llm_base_url=llm.base_url, tts=tts, stt=stt, stt_streams_partials=partials) as call:
         await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
         await asyncio.sleep(0.8)
@@ -114,12 +116,13 @@ async def test_a_split_question_s_late_tail_does_not_cut_annie_off(make_settings
         await asyncio.sleep(0.3)
         await call.send(VADUserStartedSpeakingFrame(start_secs=0.2))
         await asyncio.sleep(0.3)
-        tail_stop = await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
         await llm.wait_for(lambda: len(llm.requests) >= 1, timeout=8)
         await call.wait_until(lambda: stt._in_flight == 0, 5, "the tail's final")
         await asyncio.sleep(0.5)
         started = call.log.times(BotStartedSpeakingFrame)
-        assert started and started[0] < tail_stop + 1.2, "Annie was answering when the tail came (else the case is moot)"
+        assert len(stt.sent_at) == 2 and started and started[0] < stt.sent_at[1] < started[0] + 1.0, \
+            "Annie was answering when the tail came (else the case is moot)"
         cut = [t for t in call.log.times(InterruptionFrame) if t > started[0]]
         assert [m["content"] for r in llm.requests[:1] for m in r.messages if m["role"] == "user"] == [HEAD]
         if tells:
