@@ -143,6 +143,10 @@ class LateTranscriptHold(FrameProcessor):
             self._held = frame
             logger.info("a transcript came after its turn was closed empty: answering it when Annie is done")
             return
+        if isinstance(frame, TranscriptionFrame) and self._mute.muted:
+            # The user aggregator drops it (half-duplex: the caller is not heard while Annie speaks).
+            logger.info(f"a transcript of {len(frame.text.split())} words came while the caller is muted "
+                        "(half-duplex, Annie speaking): not answered")
         await self.push_frame(frame, direction)
         if isinstance(frame, UserMuteStoppedFrame) and self._held is not None:
             held, self._held = self._held, None

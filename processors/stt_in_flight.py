@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loguru import logger
 from pipecat.frames.frames import TranscriptionFrame
 
 
@@ -51,3 +52,7 @@ class SegmentInFlight:
         finally:
             if not done:
                 self._transcribing -= 1
+                # The segment's audio gave no words (judged not speech, e.g. Whisper's no-speech
+                # filter, or it failed): said here, so that no caller audio goes without a line.
+                seconds = len(audio) / 2 / max(1, getattr(self, "sample_rate", 0) or 16000)
+                logger.info(f"{self}: no words in a {seconds:.1f} s segment of the caller's audio")

@@ -25,12 +25,16 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Literal
 
+from loguru import logger
+
 Direction = Literal["record", "playback"]
 
 # How long connecting (server, then stream) may take before it counts as failed.
 CONNECT_TIMEOUT_S = 5.0
 # A playback write or a flush that makes no progress for this long means the server is stuck.
 STALL_TIMEOUT_S = 3.0
+# A hole in a recording is logged at the first and then at most this often.
+_HOLE_LOG_S = 10.0
 
 _PA_CONTEXT_NOAUTOSPAWN = 0x0001
 _PA_CONTEXT_READY, _PA_CONTEXT_FAILED, _PA_CONTEXT_TERMINATED = 4, 5, 6
@@ -158,6 +162,8 @@ class PulseStream:
         self._direction = direction
         self._wake = threading.Event()  # set by every libpulse callback
         self._pending = bytearray()  # recorded audio taken from libpulse, not returned yet
+        self.hole_bytes = 0  # recorded audio the server did not have (filled with silence)
+        self._hole_logged: float | None = None
         # The callbacks must outlive every use by libpulse: kept here until close().
         self._on_notify = _notify_cb(lambda *_: self._wake.set())
         self._on_request = _request_cb(lambda *_: self._wake.set())
@@ -337,10 +343,22 @@ class PulseStream:
             self._fail("read")
         if size.value == 0:
             return False
-        if data.value:  # else a hole in the stream: skipped, as pa_simple does
+        if data.value:
             self._pending += ctypes.string_at(data.value, size.value)
+        else:  # a hole in the recording: silence in its place keeps the timeline (pa_simple skips it)
+            self._pending += bytes(size.value)
+            self._hole(size.value)
         self._pa.pa_stream_drop(self._stream)
         return True
+
+    def _hole(self, size: int) -> None:
+        """Count a hole; say so at the first and then at most every ``_HOLE_LOG_S``."""
+        self.hole_bytes += size
+        now = time.monotonic()
+        if self._hole_logged is None or now - self._hole_logged >= _HOLE_LOG_S:
+            self._hole_logged = now
+            logger.warning(f"PulseAudio {self._direction} stream: a hole of {size} bytes in the recording, filled "
+                           f"with silence ({self.hole_bytes} bytes so far)")
 
     def _run_operation(self, what: str, start, timeout: float) -> None:
         self._wake.clear()

@@ -321,10 +321,10 @@ class CallScript:
     async def run(self) -> dict[str, bool]:
         await asyncio.sleep(1.0)
         asked_1, _ = await self._say(QUESTIONS[0])
-        answered_1 = await _wait(lambda: self._audible_after(asked_1), ANSWER_TIMEOUT_S)
+        answered_1 = await self._answered(KEYWORDS[0], asked_1) is not None
         await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
         asked_2, _ = await self._say(QUESTIONS[1])
-        answered_2 = await _wait(lambda: self._audible_after(asked_2), ANSWER_TIMEOUT_S)
+        answered_2 = await self._answered(KEYWORDS[1], asked_2) is not None
         await asyncio.sleep(INTERRUPT_AFTER_S)  # Annie is telling the story
         still_speaking = self._audible_after(time.monotonic() - 0.5)
         onset, _ = await self._say(INTERRUPTION)
@@ -332,7 +332,7 @@ class CallScript:
             "the caller's questions were heard": all(
                 any(word in self.log.heard_text() for word in words) for words in KEYWORDS[:2]
             ),
-            "Annie answered both questions": answered_1 and answered_2,
+            "Annie answered both questions (the LLM's answers, not requests to repeat)": answered_1 and answered_2,
             "Annie was still speaking when the caller cut in": still_speaking,
             "nothing else interrupted her (no echo of her own voice, no noise)": not any(
                 t < onset for t in self.log.barge_ins
@@ -348,16 +348,12 @@ class CallScript:
         log = self.log
         interrupted = await _wait(lambda: any(t >= onset for t in log.barge_ins), 10)
         cut = next((t for t in log.barge_ins if t >= onset), time.monotonic())
-        # The answer: the LLM's words after the caller's were heard, then audible at the ear. A
-        # request to repeat ("Sorry, I didn't catch that") is not an answer.
-        heard = await _wait(lambda: self._heard_at(KEYWORDS[2], onset) is not None, ANSWER_TIMEOUT_S)
-        heard_at = self._heard_at(KEYWORDS[2], onset) or time.monotonic()
-        answered = heard and await _wait(lambda: log.first("llm_text", heard_at) is not None, ANSWER_TIMEOUT_S)
-        answer_at = log.first("llm_text", heard_at) if answered else None
+        answer_at = await self._answered(KEYWORDS[2], onset, audible=False)
+        heard = self._heard_at(KEYWORDS[2], onset) is not None
         # Annie's next start of speech after the barge-in (an answer, or a request to repeat).
         started = await _wait(lambda: self._reply_start(cut, answer_at) is not None, ANSWER_TIMEOUT_S)
         reply_at = self._reply_start(cut, answer_at) or time.monotonic()
-        replied = answered and await _wait(lambda: self._audible_after(answer_at), 10)
+        replied = answer_at is not None and await _wait(lambda: self._audible_after(answer_at), 10)
         await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
         if started and not any(t.bot_started is not None and t.bot_started > cut for t in log.turns):
             print("\nnote: the output announced no start of speech (BotStartedSpeakingFrame) for Annie's reply; "
@@ -370,6 +366,21 @@ class CallScript:
             "her story stopped at the caller's ear": interrupted and story_after_cut < 0.1,
             "Annie answered the interruption (the LLM's answer, not a request to repeat)": replied,
         }
+
+    async def _answered(self, keywords: tuple[str, ...], asked: float, *, audible: bool = True) -> float | None:
+        """When the LLM began its answer to what the caller said at ``asked`` (a final transcript
+        holding one of ``keywords``, then the LLM's words after it), once audible at the ear
+        (``audible``); None if any of it did not come. A request to repeat ("Sorry, I didn't
+        catch that") is not an answer: it comes from no LLM text after the caller's words."""
+        if not await _wait(lambda: self._heard_at(keywords, asked) is not None, ANSWER_TIMEOUT_S):
+            return None
+        heard_at = self._heard_at(keywords, asked)
+        if not await _wait(lambda: self.log.first("llm_text", heard_at) is not None, ANSWER_TIMEOUT_S):
+            return None
+        answer_at = self.log.first("llm_text", heard_at)
+        if audible and not await _wait(lambda: self._audible_after(answer_at), ANSWER_TIMEOUT_S):
+            return None
+        return answer_at
 
     def _heard_at(self, keywords: tuple[str, ...], after: float) -> float | None:
         """When a final transcript after ``after`` held one of ``keywords``."""
