@@ -15,7 +15,7 @@ import soxr
 import torch
 
 from processors.errors import SetupError
-from processors.nemotron.audio import AudioFormatError
+from processors.nemotron.audio import AudioFormatError, SampleWindow
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
 from processors.nemotron.tiny import offline_text, save_random_nemo, speechlike, tiny_nemo_once
 
@@ -295,3 +295,33 @@ def test_model_without_streaming_or_this_chunk_is_refused(tmp_path, monkeypatch)
     offline_only = save_random_nemo(tmp_path / "offline.nemo")
     with pytest.raises(SetupError, match="STT_MODEL_PATH.*not a cache-aware"):
         NemotronStreamingEngine.load(offline_only, 160, "cpu")
+
+
+def test_the_sample_window_keeps_its_views_and_its_values_across_appends():
+    """A slice taken before later appends and forgets stays what it was (the mel batch of a step
+    reads views), and every slice equals the same samples kept by concatenation."""
+    rng = np.random.default_rng(3)
+    window, every = SampleWindow(), np.zeros(0, dtype=np.float32)
+    views = []
+    for size in [2560] * 12 + [1, 0, 17, 30000, 2560, 2560]:
+        chunk = rng.standard_normal(size).astype(np.float32)
+        window.append(chunk)
+        every = np.concatenate([every, chunk])
+        start = max(window.base, window.total - 6000)
+        view = window.slice(start, window.total)
+        views.append((view, every[start:window.total].copy()))
+        window.forget_before(window.total - 4000)
+    for view, expected in views:
+        np.testing.assert_array_equal(view, expected)
+    assert window.nbytes == 4 * 4000
+
+
+def test_int16_pcm_becomes_the_same_floats_as_a_division():
+    from processors.nemotron.audio import pcm_to_float
+
+    pcm = np.array([-32768, -1, 0, 1, 12345, 32767], dtype=np.int16)
+    as_bytes, carry = pcm_to_float(pcm.tobytes() + b"\x07")
+    as_array, _ = pcm_to_float(pcm)
+    np.testing.assert_array_equal(as_bytes, pcm.astype(np.float32) / 32768.0)
+    np.testing.assert_array_equal(as_array, pcm.astype(np.float32) / 32768.0)
+    assert carry == b"\x07" and as_bytes.dtype == np.float32
