@@ -101,6 +101,7 @@ def _libpulse() -> ctypes.CDLL:
         "pa_stream_peek": (i, [p, ctypes.POINTER(p), ctypes.POINTER(sz)]),
         "pa_stream_drop": (i, [p]),
         "pa_stream_writable_size": (sz, [p]),
+        "pa_stream_readable_size": (sz, [p]),
         "pa_stream_write": (i, [p, p, sz, p, ctypes.c_int64, i]),
         "pa_stream_flush": (p, [p, _success_cb, p]),
         "pa_stream_drain": (p, [p, _success_cb, p]),
@@ -164,6 +165,10 @@ class PulseStream:
         self._pending = bytearray()  # recorded audio taken from libpulse, not returned yet
         self.hole_bytes = 0  # recorded audio the server did not have (filled with silence)
         self._hole_logged: float | None = None
+        self.overruns = 0  # reads that found the reader a whole buffer behind (audio dropped)
+        self._overrun_logged: float | None = None
+        self._maxlength = maxlength if direction == "record" else -1
+        self._fragment = max(0, fragsize)
         # The callbacks must outlive every use by libpulse: kept here until close().
         self._on_notify = _notify_cb(lambda *_: self._wake.set())
         self._on_request = _request_cb(lambda *_: self._wake.set())
@@ -199,7 +204,24 @@ class PulseStream:
             self._wake.wait(remaining)
         data = bytes(self._pending[:num_bytes])
         del self._pending[:num_bytes]
+        self._check_backlog()
         return data
+
+    def _check_backlog(self) -> None:
+        """A reader that falls a whole buffer (``maxlength``) behind loses the oldest audio: the
+        server drops it and tells no one. Say so at the first and then at most every ``_HOLE_LOG_S``."""
+        if self._maxlength <= 0:
+            return
+        with self._locked():
+            waiting = self._pa.pa_stream_readable_size(self._stream)
+        if waiting == _SIZE_MAX or waiting + len(self._pending) < self._maxlength - self._fragment:
+            return
+        self.overruns += 1
+        now = time.monotonic()
+        if self._overrun_logged is None or now - self._overrun_logged >= _HOLE_LOG_S:
+            self._overrun_logged = now
+            logger.warning(f"PulseAudio {self._direction} stream: the reader is a whole buffer ({self._maxlength} "
+                           f"bytes) behind; the server drops the oldest recorded audio ({self.overruns} times so far)")
 
     def write(self, data: bytes) -> None:
         """Queue audio for playback; blocks while the server's buffer (``tlength``) is full.
