@@ -122,7 +122,7 @@ def draw_timeline(call: CallRecord, path: Path) -> None:
             spans[what[:-4]].append((opened.pop(what[:-4]), r["t"]))
     for what, since in opened.items():
         spans[what].append((since, end))
-    fig, ax = plt.subplots(figsize=(12, 2.8))
+    fig, ax = plt.subplots(figsize=(12, 3.2))
     for row, (what, label, color) in enumerate((("annie", "Annie speaks", "tab:blue"), ("voice", "caller's voice", "tab:green"))):
         ax.broken_barh([(a, b - a) for a, b in spans[what]], (row * 10 + 1, 8), color=color, label=label)
     marks = {"pause": ("|", "tab:orange"), "resume": ("v", "tab:gray"), "commit": ("*", "tab:red")}
@@ -132,7 +132,8 @@ def draw_timeline(call: CallRecord, path: Path) -> None:
     ax.set_yticks([5, 15, 25], ["Annie", "caller", "decision"])
     ax.set_xlabel("seconds into the call")
     ax.set_title(f"barge-in shadow: {call.path.name}")
-    ax.legend(loc="upper right", fontsize=7, ncol=5)
+    # below the axes: inside, it hid the decisions row (a shadow demo run, 2026-12-07)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), fontsize=7, ncol=5, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
