@@ -33,8 +33,9 @@ Direction = Literal["record", "playback"]
 CONNECT_TIMEOUT_S = 5.0
 # A playback write or a flush that makes no progress for this long means the server is stuck.
 STALL_TIMEOUT_S = 3.0
-# A hole in a recording is logged at the first and then at most this often.
-_HOLE_LOG_S = 10.0
+# Recorded audio lost (a hole, a reader a whole buffer behind) is logged at the first and then
+# at most this often.
+_LOST_LOG_S = 10.0
 
 _PA_CONTEXT_NOAUTOSPAWN = 0x0001
 _PA_CONTEXT_READY, _PA_CONTEXT_FAILED, _PA_CONTEXT_TERMINATED = 4, 5, 6
@@ -50,6 +51,21 @@ _SIZE_MAX = ctypes.c_size_t(-1).value
 _notify_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _request_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _success_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+
+
+class _Throttle:
+    """True at the first call, then at most once every ``every_s`` seconds."""
+
+    def __init__(self, every_s: float):
+        self._every_s = every_s
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self._every_s:
+            return False
+        self._last = now
+        return True
 
 
 class PulseStreamError(Exception):
@@ -164,9 +180,8 @@ class PulseStream:
         self._wake = threading.Event()  # set by every libpulse callback
         self._pending = bytearray()  # recorded audio taken from libpulse, not returned yet
         self.hole_bytes = 0  # recorded audio the server did not have (filled with silence)
-        self._hole_logged: float | None = None
         self.overruns = 0  # reads that found the reader a whole buffer behind (audio dropped)
-        self._overrun_logged: float | None = None
+        self._hole_said, self._overrun_said = _Throttle(_LOST_LOG_S), _Throttle(_LOST_LOG_S)
         self._maxlength = maxlength if direction == "record" else -1
         self._fragment = max(0, fragsize)
         # The callbacks must outlive every use by libpulse: kept here until close().
@@ -209,7 +224,7 @@ class PulseStream:
 
     def _check_backlog(self) -> None:
         """A reader that falls a whole buffer (``maxlength``) behind loses the oldest audio: the
-        server drops it and tells no one. Say so at the first and then at most every ``_HOLE_LOG_S``."""
+        server drops it and tells no one. Say so (at most every ``_LOST_LOG_S``)."""
         if self._maxlength <= 0:
             return
         with self._locked():
@@ -217,9 +232,7 @@ class PulseStream:
         if waiting == _SIZE_MAX or waiting + len(self._pending) < self._maxlength - self._fragment:
             return
         self.overruns += 1
-        now = time.monotonic()
-        if self._overrun_logged is None or now - self._overrun_logged >= _HOLE_LOG_S:
-            self._overrun_logged = now
+        if self._overrun_said.due():
             logger.warning(f"PulseAudio {self._direction} stream: the reader is a whole buffer ({self._maxlength} "
                            f"bytes) behind; the server drops the oldest recorded audio ({self.overruns} times so far)")
 
@@ -374,11 +387,9 @@ class PulseStream:
         return True
 
     def _hole(self, size: int) -> None:
-        """Count a hole; say so at the first and then at most every ``_HOLE_LOG_S``."""
+        """Count a hole; say so (at most every ``_LOST_LOG_S``)."""
         self.hole_bytes += size
-        now = time.monotonic()
-        if self._hole_logged is None or now - self._hole_logged >= _HOLE_LOG_S:
-            self._hole_logged = now
+        if self._hole_said.due():
             logger.warning(f"PulseAudio {self._direction} stream: a hole of {size} bytes in the recording, filled "
                            f"with silence ({self.hole_bytes} bytes so far)")
 
