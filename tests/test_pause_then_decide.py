@@ -282,11 +282,11 @@ def test_the_tuned_vad_hears_a_word_onset_sooner():
     assert 16000 <= tuned < default
 
 
-async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(settings, llm):
+async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(lasting, llm):
     """Annie's echo: a resumed utterance, then another one starts before the STT's final of the
     first arrives. That final (every backend here finalizes on a VAD stop) is the first one's:
     it must not commit the second pause."""
-    async with running_call(settings, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
+    async with running_call(lasting, llm_base_url=llm.base_url, tts=ToneTTSService(), stt_streams_partials=True) as call:
         await annie_speaking(call)
         onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.064), VADUserStoppedSpeakingFrame(stop_secs=0.2))
         await call.wait_until(lambda: call.loudspeaker.pauses and call.loudspeaker.pauses[0][1], 3, "the first resume")
@@ -303,10 +303,11 @@ async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(set
 
 @pytest.fixture
 def lasting(make_settings):
-    """Settings for the lasting-sound calls: a 1 s window, so that the 0.5 s sound ends inside it
-    with 0.5 s to spare. With the 600 ms of ``settings`` a late VAD stop (two full runs in three:
-    a pause of the event loop late in the suite, never alone) left the caller speaking at the
-    window's end, which commits ("kept talking"), as it should for a caller who kept talking."""
+    """Settings for calls whose sound must end inside the window: a 1 s window, so that a 0.5 s
+    sound ends inside it with 0.5 s to spare. With the 600 ms of ``settings`` a late VAD stop (two
+    full runs in three: a pause of the event loop late in the suite, never alone) left the caller
+    speaking at the window's end, which commits ("kept talking"), as it should for a caller who
+    kept talking. The late-final test too (a full run, 2026-12-07: a 0.2 s sound committed)."""
     return make_settings(enable_barge_in=True, barge_in_decide_ms=1000)
 
 
