@@ -35,6 +35,15 @@ def quiet_logs():
 
 
 @pytest.fixture
+def log_lines():
+    """The messages logged at INFO and above while the test runs."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
+    yield lines
+    logger.remove(sink)
+
+
+@pytest.fixture
 def make_settings():
     """Settings as the agent would load them, with keyword overrides (no model needed)."""
 

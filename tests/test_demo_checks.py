@@ -35,7 +35,6 @@ def judged(*, heard: bool, llm_text: bool, sound_after_s: float | None) -> float
         log.by_kind["llm_text"].append(asked + 0.8)
     ear = Ear(asked + 0.8 + sound_after_s if sound_after_s is not None else None)
     script = CallScript(ear, log, barge_in=True)
-
     return asyncio.run(script._answered(("weather",), asked))
 
 

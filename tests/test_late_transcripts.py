@@ -154,11 +154,10 @@ async def test_a_request_to_repeat_not_yet_playing_is_withdrawn(make_settings, l
         assert REPEAT not in tts.voiced, "the withdrawn request was heard"
 
 
-async def test_a_transcript_the_mute_drops_is_a_log_line_and_one_within_the_bound_is_held():
+async def test_a_transcript_the_mute_drops_is_a_log_line_and_one_within_the_bound_is_held(log_lines):
     """Half-duplex, Annie speaking: a transcript that is not the late one of an empty turn goes on
     to the user aggregator (which drops it, muted) with a line in the log (its word count, never
     its words); one within the bound waits for the mute to end."""
-    from loguru import logger
     from pipecat.frames.frames import BotStartedSpeakingFrame, TranscriptionFrame
     from pipecat.tests.utils import run_test
 
@@ -167,17 +166,12 @@ async def test_a_transcript_the_mute_drops_is_a_log_line_and_one_within_the_boun
     late = LateTranscripts(bound_s=5.0)
     mute = HalfDuplexMuteStrategy(0.3, late)
     await mute.process_frame(BotStartedSpeakingFrame())
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO")
-    try:
-        down, _ = await run_test(LateTranscriptHold(late, mute),
-                                 frames_to_send=[TranscriptionFrame("what time is it", "caller", "t")])
-        late.turn_closed_empty(time.monotonic())
-        held, _ = await run_test(LateTranscriptHold(late, mute),
-                                 frames_to_send=[TranscriptionFrame("what time is it", "caller", "t")])
-    finally:
-        logger.remove(sink)
+    down, _ = await run_test(LateTranscriptHold(late, mute),
+                             frames_to_send=[TranscriptionFrame("what time is it", "caller", "t")])
+    late.turn_closed_empty(time.monotonic())
+    held, _ = await run_test(LateTranscriptHold(late, mute),
+                             frames_to_send=[TranscriptionFrame("what time is it", "caller", "t")])
     assert [type(f).__name__ for f in down] == ["TranscriptionFrame"]
-    assert any("transcript of 4 words came while the caller is muted" in line for line in lines), lines
-    assert not any("what time" in line for line in lines)
+    assert any("transcript of 4 words came while the caller is muted" in line for line in log_lines), log_lines
+    assert not any("what time" in line for line in log_lines)
     assert [f for f in held if isinstance(f, TranscriptionFrame)] == []
