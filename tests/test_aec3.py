@@ -288,13 +288,14 @@ async def test_pause_resume_and_flush_keep_the_reference_in_step(line_rig):
         print(f"after the {what}: raw echo {np.round(echo, 1)} dB, ERLE {np.round(gain, 1)} dB per 100 ms")
         # The blocks with real echo in them (a pause between words has little to remove). A burst
         # is echo let through nearly whole for as long as the canceller needs to find a moved
-        # reference again: several blocks in a row. AEC3 also dips by itself now and then for one
-        # block at a reply's onset with the reference in place, on a loaded machine whose rig
-        # echo path jitters (measured: 9-15 dB, and once 4.2 dB between 13.9 and 26.4 on a CI
-        # runner), so a single block may sit low; two in a row may not.
+        # reference again. Measured with the flush's cut disabled (2-core box): 4 low blocks in a
+        # row after the resume (0.4-7 dB), median 9.1 dB. AEC3 also dips by itself at a reply's
+        # onset with the reference in place, on a loaded machine whose rig echo path jitters:
+        # one block (9-15 dB, once 4.2 dB on a CI runner), and once two (8.3 and 4.8 dB, lag in
+        # step, CI runner, 2026-12-07). So a burst is three low blocks in a row.
         loud = echo > echo.max() - 20
         low = (gain < 10.0) & loud
-        assert not np.any(low[1:] & low[:-1]), f"an echo burst after the {what}"
+        assert not np.any(low[2:] & low[1:-1] & low[:-2]), f"an echo burst after the {what}"
         assert np.median(gain[loud]) >= 20.0, f"echo let through after the {what}"
 
 
