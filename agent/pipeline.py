@@ -37,7 +37,7 @@ from pipecat.turns.empty_user_turn import EmptyUserTurnConfig
 
 from agent.bargein.core import BargeInParams
 from agent.bargein.gate import CallerGate, GateParams
-from agent.bargein.gate_taps import AnnieVoiceTap, CallerVoiceTap, GateWorker
+from agent.bargein.gate_taps import AnnieVoice, AnnieVoiceTap, CallerVoiceTap, GateWorker
 from agent.bargein.recording import EventLog
 from agent.bargein.shadow import ShadowFiles, ShadowLog, ShadowReference, ShadowTap, ShadowWords
 from agent.bargein.strategy import PauseThenDecideStartStrategy, tune_vad_for_pause_first
@@ -111,10 +111,12 @@ def gate_taps(
 
 
 def shadow_taps(
-    settings: AgentSettings, vad: VADAnalyzer | None, output: FrameProcessor, stt: object, *, keep_events: bool = False
+    settings: AgentSettings, vad: VADAnalyzer | None, output: FrameProcessor, stt: object, *, keep_events: bool = False,
+    encoder: object | None = None,
 ) -> tuple[ShadowLog | None, list[FrameProcessor], list[FrameProcessor]]:
     """Barge-in shadow mode's log and its two taps (before the user aggregator, after the TTS).
-    With a streaming engine behind the STT (``stt.engine``) the shadow has words of its own."""
+    With a streaming engine behind the STT (``stt.engine``) the shadow has words of its own; with
+    the caller-voice gate's ``encoder``, the gate's verdicts."""
     if not settings.barge_in_shadow or settings.enable_barge_in:
         return None, [], []
     if vad is None:
@@ -122,15 +124,17 @@ def shadow_taps(
         return None, [], []
     tune_vad_for_pause_first(vad, start_ms=settings.barge_in_vad_start_ms, min_volume=settings.barge_in_vad_min_volume,
                              sample_rate=settings.audio_in_sample_rate, confidence=settings.barge_in_vad_confidence)
-    log = ShadowLog(BargeInParams.from_settings(settings), keep_events=keep_events)
+    log = ShadowLog(BargeInParams.from_settings(settings), keep_events=keep_events, gate=encoder is not None)
     echo = output.recent_bot_words if isinstance(output, PausablePlayback) else set
     engine = getattr(stt, "engine", None)
     words = ShadowWords(engine, settings.audio_in_sample_rate) if engine is not None else None
+    gate = GateWorker(encoder, CallerGate(GateParams.from_settings(settings))) if encoder is not None else None
     tap = ShadowTap(log, vad, files=ShadowFiles(settings.shadow_dir, settings.shadow_keep_calls), words=words,
-                    echo_words=echo, stt_in_flight=lambda: audio_in_flight(stt))
+                    echo_words=echo, stt_in_flight=lambda: audio_in_flight(stt), gate=gate)
     logger.info(f"barge-in shadow: half-duplex call; would-be decisions recorded under {settings.shadow_dir} "
-                f"({'with' if words else 'without'} words: {'its own stream on the engine' if words else 'the STT gives no partials'})")
-    return log, [tap], [ShadowReference(log)]
+                f"({'with' if words else 'without'} words: {'its own stream on the engine' if words else 'the STT gives no partials'}; "
+                f"caller-voice gate {'on' if gate else 'off'})")
+    return log, [tap], [ShadowReference(log, AnnieVoice(gate) if gate is not None else None)]
 
 
 def user_aggregator_params(
@@ -227,7 +231,7 @@ def build_call_pipeline(
     transcription frames in place of an STT set it. ``decision_log`` records what the barge-in
     decision saw and did (benchmarks; it holds the caller's words). ``shadow_vad``: with
     ``BARGE_IN_SHADOW``, the shadow's own VAD (``shadow_events`` keeps its events for a replay).
-    ``speaker_encoder``: the caller-voice gate's (barge-in with pause first). ``turn_analyzer``:
+    ``speaker_encoder``: the caller-voice gate's (barge-in with pause first, or its shadow). ``turn_analyzer``:
     smart-turn with ``TURN_END=smart``, the end-of-turn model with ``TURN_END=adaptive``
     (``agent.services.build_turn_analyzer``).
     """
@@ -262,7 +266,8 @@ def build_call_pipeline(
 
     # Half-duplex: a late transcript waits for the mute to end (barge-in decides on it itself).
     hold = [LateTranscriptHold(late, mute)] if mute is not None else []
-    shadow, tap, reference = shadow_taps(settings, shadow_vad, transport.output(), stt, keep_events=shadow_events)
+    shadow, tap, reference = shadow_taps(settings, shadow_vad, transport.output(), stt, keep_events=shadow_events,
+                                         encoder=speaker_encoder)
     caller_tap, annie_tap = gate_taps(settings, speaker_encoder, start)
     pipeline = Pipeline(
         [transport.input(), InputAudioGuard(), stt, *tap, *caller_tap, *hold, user_agg, llm, tts, *reference,

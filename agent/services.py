@@ -177,8 +177,9 @@ def build_turn_analyzer(settings: AgentSettings) -> object | None:
 
 
 def build_speaker_encoder(settings: AgentSettings) -> object | None:
-    """The caller-voice gate's encoder, when barge-in and the gate are on (a SetupError if it cannot load)."""
-    if not (settings.enable_barge_in and settings.caller_gate):
+    """The caller-voice gate's encoder, when the gate is on with barge-in or its shadow (a SetupError
+    if it cannot load)."""
+    if not (settings.caller_gate and (settings.enable_barge_in or settings.barge_in_shadow)):
         return None
     from processors.speaker import SpeakerEncoder
 

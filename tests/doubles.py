@@ -96,3 +96,39 @@ class SlowFinalSTT(FrameProcessor):
             await self.push_frame(TranscriptionFrame(text=text, user_id="caller", timestamp="", finalized=True))
         finally:
             self._in_flight -= 1
+
+
+SPEAKER_DIM = 256
+
+
+def unit_vector(seed: int, near: np.ndarray | None = None, cos: float | None = None) -> np.ndarray:
+    """A random unit vector; with ``near`` and ``cos``, one at that cosine from ``near``."""
+    v = np.random.default_rng(seed).standard_normal(SPEAKER_DIM)
+    if near is None:
+        return v / np.linalg.norm(v)
+    v -= (v @ near) * near
+    v /= np.linalg.norm(v)
+    return cos * near + np.sqrt(1 - cos**2) * v
+
+
+class ToneSpeakerEncoder:
+    """Stands in for the speaker encoder where only the timing of the gate's taps is under test:
+    a 200 Hz tone is the caller's voice, any other sound another voice (cosine 0.3 to hers), and
+    under 0.3 s nothing (as the real encoder gives no embedding for a sound too short)."""
+
+    CALLER = unit_vector(1)
+    OTHER = unit_vector(5, near=CALLER, cos=0.3)
+
+    def embed(self, pcm: np.ndarray) -> np.ndarray | None:
+        if len(pcm) < 0.3 * 16000:
+            return None
+        spectrum = np.abs(np.fft.rfft(pcm.astype(np.float32)))
+        return self.CALLER if abs(int(np.argmax(spectrum)) * 16000 / len(pcm) - 200) < 20 else self.OTHER
+
+
+def tone_frames(tone_hz: float, seconds: float, rate: int = 16000) -> list[bytes]:
+    """A tone as 20 ms frames of int16 PCM."""
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (8000 * np.sin(2 * np.pi * tone_hz * t)).astype(np.int16).tobytes()
+    step = rate // 50 * 2
+    return [pcm[i : i + step] for i in range(0, len(pcm), step)]

@@ -15,18 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipecat.frames.frames import TranscriptionFrame
+from pipecat.audio.vad.vad_analyzer import VADState
+from pipecat.frames.frames import BotStartedSpeakingFrame, Frame, InputAudioRawFrame, TranscriptionFrame
 from pipecat.processors.filters.identity_filter import IdentityFilter
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.workers.runner import WorkerRunner
 
 from agent.bargein.core import BargeInParams
+from agent.bargein.gate import CallerGate, GateParams, Scored, Verdict
+from agent.bargein.gate_taps import GateWorker
 from agent.bargein.recording import compare, recorded_actions, replay
-from agent.bargein.shadow import ShadowFiles, ShadowLog, level_db
+from agent.bargein.shadow import MAX_RECORDS, ShadowFiles, ShadowLog, ShadowTap, level_db
 from agent.bargein.shadow_report import RecordError, main as report_main, read_call, verdict
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.pipeline import build_call_pipeline
 from agent.services import build_llm, build_vad
-from tests.doubles import ToneTTSService
+from tests.doubles import ToneSpeakerEncoder, ToneTTSService, tone_frames
 from transports.rig.line import SimLine
 
 STORY = "Once upon a time there was a little village by the sea. The fishermen sang. The end."
@@ -91,9 +95,24 @@ def test_the_verdict_follows_from_the_records(tmp_path, minutes, resumes, ready)
     assert report_main([str(tmp_path)]) == (0 if ready else 1)
 
 
+def test_the_report_counts_the_gates_verdicts_where_it_was_on(tmp_path):
+    write_call(tmp_path, "a", 6.0, 0)  # the gate off
+    path = write_call(tmp_path, "b", 6.0, 1)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records.insert(-1, {"t": 1.2, "gate": "not_caller", "caller": 0.3, "annie": 0.7})
+    records[-1]["summary"].update(gate_caller=2, gate_not_caller=1, gate_unsure=4)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    calls = [read_call(p) for p in sorted(tmp_path.glob("shadow-*.jsonl"))]
+    assert "caller-voice gate (1 of 2 calls): the caller 2, not the caller 1 (would resume at once), unsure 4" in verdict(calls).lines
+    assert any(r.get("gate") == "not_caller" for r in calls[-1].actions)
+    assert not any("gate" in line for line in verdict(calls[:1]).lines)
+
+
 def test_the_report_draws_the_latest_call(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the timeline needs matplotlib (the bench extra)")
-    write_call(tmp_path, "a", 12.0, 1)
+    path = write_call(tmp_path, "a", 12.0, 1)
+    with path.open("a") as f:
+        f.write(json.dumps({"t": 1.2, "gate": "unsure"}) + "\n")  # a gate row too
     png = tmp_path / "timeline.png"
     report_main([str(tmp_path), "--png", str(png)])
     assert png.stat().st_size > 1000
@@ -119,10 +138,11 @@ def caller_speech(text: str) -> np.ndarray:
     return (synth_speech(text, 16000) * 0.25).astype(np.int16)
 
 
-async def run_story_call(make_settings, tmp_path: Path, shadow: bool):
+async def run_story_call(make_settings, tmp_path: Path, shadow: bool, encoder=None):
     """Half-duplex: the caller asks for a story, then talks over Annie twice. Returns the
-    sink's played samples and the shadow log."""
-    settings = make_settings(enable_barge_in=False, barge_in_shadow=shadow, shadow_dir=tmp_path / "shadow")
+    sink's played samples and the shadow log. With ``encoder``, the caller-voice gate is on."""
+    settings = make_settings(enable_barge_in=False, barge_in_shadow=shadow, shadow_dir=tmp_path / "shadow",
+                             caller_gate=encoder is not None, caller_gate_min_enroll_ms=1000)
     line = SimLine(24000)
     tts = ToneTTSService(ms_per_char=40)
     async with LLMStandIn(options=LLMStandInOptions(first_token_delay_s=0.05, token_delay_s=0.01)) as llm:
@@ -130,7 +150,7 @@ async def run_story_call(make_settings, tmp_path: Path, shadow: bool):
         call = build_call_pipeline(settings, transport=line.transport, stt=IdentityFilter(),
                                    llm=build_llm(settings, base_url=llm.base_url), tts=tts,
                                    vad_analyzer=build_vad(settings), shadow_vad=build_vad(settings) if shadow else None,
-                                   shadow_events=True)
+                                   shadow_events=True, speaker_encoder=encoder)
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(call.worker)
         task = asyncio.create_task(runner.run())
@@ -166,6 +186,24 @@ async def test_a_shadow_call_sounds_the_same_and_its_records_replay(make_setting
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[-1]["summary"]["would_pause"] == kinds.count("pause")
     assert not any("text" in r or "echo" in r for r in records), "no words on disk"
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (the caller's voice)")
+async def test_the_gate_in_a_shadow_call_changes_nothing_at_the_sink_and_records_its_verdicts(make_settings, tmp_path):
+    """The real speaker encoder (resemblyzer's shipped weights) runs beside a half-duplex call."""
+    pytest.importorskip("resemblyzer", reason="the speaker encoder (the gate extra: resemblyzer) is not installed")
+    from processors.speaker import SpeakerEncoder
+
+    plain, _, _ = await run_story_call(make_settings, tmp_path / "off", shadow=False)
+    shadowed, log, files = await run_story_call(make_settings, tmp_path / "on", shadow=True, encoder=SpeakerEncoder())
+    assert plain.size > 24000 and np.array_equal(plain, shadowed), "the gate in shadow mode changed what reached the caller"
+    summary = log.summary(0.0)
+    assert summary["gate_caller"] + summary["gate_not_caller"] + summary["gate_unsure"] >= 1, summary
+    (path,) = files
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert any("gate" in r for r in records) and records[-1]["summary"]["gate_unsure"] == summary["gate_unsure"]
+    actions = recorded_actions(log.events.records)
+    assert compare(actions, replay(log.events.records, log.params).actions, 0.0) == []
 
 
 async def test_the_shadow_has_words_of_its_own_on_the_streaming_engine(tmp_path):
@@ -207,3 +245,87 @@ async def test_the_shadow_has_words_of_its_own_on_the_streaming_engine(tmp_path)
     assert heard and heard[-1]["final"] is True, "the shadow's final reached the decision"
     assert not words.active
     tap.close()
+
+
+# --- the caller-voice gate in shadow mode -------------------------------------------------------
+
+
+def test_the_gates_verdicts_are_recorded_and_decide_as_barge_in_would():
+    log = ShadowLog(BargeInParams(window_s=1.0), keep_events=True, gate=True)
+    log.bot_started(0.0)
+    log.voice(2.0, started=True)  # the TV over Annie: paused
+    log.gate(2.6, Scored(Verdict.NOT_CALLER, caller=0.31, annie=0.12))  # not her voice: resumed at once
+    log.voice(3.0, started=False)
+    log.voice(5.0, started=True)  # the caller herself: the window decides, as without the gate
+    log.gate(5.6, Scored(Verdict.CALLER, caller=0.88, annie=0.2))
+    log.tick(6.0)
+    log.voice(6.5, started=False)
+    assert [(r["a"], r["t"]) for r in log.actions if "a" in r] == [
+        ("pause", 2.0), ("resume", 2.6), ("pause", 5.0), ("commit", 6.0)]
+    assert [r for r in log.actions if "gate" in r] == [
+        {"t": 2.6, "gate": "not_caller", "caller": 0.31, "annie": 0.12}, {"t": 5.6, "gate": "caller", "caller": 0.88, "annie": 0.2}]
+    summary = log.summary(10.0)
+    assert (summary["gate_not_caller"], summary["gate_caller"], summary["gate_unsure"]) == (1, 1, 0)
+    actions = recorded_actions(log.events.records)
+    assert compare(actions, replay(log.events.records, log.params).actions, 0.0) == []
+    assert "gate_unsure" not in ShadowLog(BargeInParams()).summary(1.0), "no gate figures with the gate off"
+
+
+class SetVAD:
+    """A VAD whose state the test sets (the shadow's own VAD, as the tap consults it)."""
+
+    def __init__(self) -> None:
+        self.state = VADState.QUIET
+
+    async def analyze_audio(self, _audio: bytes) -> VADState:
+        return self.state
+
+
+async def test_the_gate_runs_on_the_shadows_own_vad_beside_the_call():
+    """Half-duplex mutes the pipeline's VAD while Annie speaks, so the shadow's gate listens on the
+    shadow's VAD: it enrols the caller while Annie is silent and scores a sound over her; its
+    embeddings run beside the call and every frame goes on at once."""
+    clock = [0.0]
+    log = ShadowLog(BargeInParams(window_s=1.3), gate=True)
+    gate = CallerGate(GateParams(min_enroll_s=1.0))
+    vad = SetVAD()
+    tap = ShadowTap(log, vad, clock=lambda: clock[0], gate=GateWorker(ToneSpeakerEncoder(), gate))
+    passed: list[Frame] = []
+
+    async def push(frame, direction=FrameDirection.DOWNSTREAM):
+        passed.append(frame)
+
+    tap.push_frame = push
+
+    async def say(tone_hz: float, seconds: float) -> None:
+        for frame in tone_frames(0, 0.4) + [None] + tone_frames(tone_hz, seconds) + [None] + tone_frames(0, 0.1):
+            if frame is None:  # the VAD's start, then its stop
+                vad.state = VADState.SPEAKING if vad.state is VADState.QUIET else VADState.QUIET
+                continue
+            await tap.process_frame(InputAudioRawFrame(frame, 16000, 1), FrameDirection.DOWNSTREAM)
+            clock[0] += 0.02
+
+    await say(200, 1.5)  # the caller, Annie silent: enrolment
+    await tap.beside.settled()
+    assert gate.enrolled and log.counts["pause"] == 0
+    await tap.process_frame(BotStartedSpeakingFrame(), FrameDirection.UPSTREAM)
+    await say(900, 1.0)  # the TV over Annie
+    await tap.beside.settled()
+    assert log.gate_counts == {"caller": 0, "not_caller": 1, "unsure": 0}
+    assert [r["a"] for r in log.actions if "a" in r] == ["pause", "resume"]
+    paused, resumed = (r["t"] for r in log.actions if "a" in r)
+    assert resumed - paused < 1.3, "the gate resumed her before the window's end"
+    assert len([f for f in passed if isinstance(f, InputAudioRawFrame)]) == 2 * (20 + 5) + 75 + 50
+    tap.close()
+
+
+def test_a_calls_records_are_bounded_and_its_counts_are_not():
+    log = ShadowLog(BargeInParams(window_s=1.0))
+    log.bot_started(0.0)
+    for k in range(MAX_RECORDS):  # a day of blips over Annie: each a pause and a resume
+        log.voice(1.0 + k, started=True)
+        log.voice(1.1 + k, started=False)
+        log.tick(1.5 + k)
+    assert len(log.actions) == MAX_RECORDS
+    summary = log.summary(MAX_RECORDS + 2.0)
+    assert summary["would_pause"] == summary["would_resume"] == MAX_RECORDS

@@ -13,19 +13,10 @@ import numpy as np
 import pytest
 
 from agent.bargein.gate import CallerGate, GateParams, Verdict
-from agent.bargein.gate_taps import CallerVoiceTap, GateWorker
-
-DIM = 256
-
-
-def unit(seed: int, near: np.ndarray | None = None, cos: float | None = None) -> np.ndarray:
-    """A random unit vector; with ``near`` and ``cos``, one at that cosine from ``near``."""
-    v = np.random.default_rng(seed).standard_normal(DIM)
-    if near is None:
-        return v / np.linalg.norm(v)
-    v -= (v @ near) * near
-    v /= np.linalg.norm(v)
-    return cos * near + np.sqrt(1 - cos**2) * v
+from agent.bargein.gate_taps import AnnieVoice, CallerVoiceTap, GateWorker
+from tests.doubles import SPEAKER_DIM as DIM
+from tests.doubles import ToneSpeakerEncoder, tone_frames
+from tests.doubles import unit_vector as unit
 
 
 CALLER = unit(1)
@@ -177,46 +168,54 @@ class Strategy:
         self.verdicts.append(not_caller)
 
 
-class Encoder:
-    """Stands in for the encoder where only the tap's timing is under test: the caller's audio is
-    a 200 Hz tone, anything else another voice."""
-
-    def embed(self, pcm: np.ndarray):
-        if len(pcm) < 0.3 * 16000:
-            return None
-        spectrum = np.abs(np.fft.rfft(pcm.astype(np.float32)))
-        return CALLER if abs(int(np.argmax(spectrum)) * 16000 / len(pcm) - 200) < 20 else unit(5, near=CALLER, cos=0.3)
-
-
-def frames_of(tone_hz: float, seconds: float) -> list[bytes]:
-    t = np.arange(int(seconds * 16000)) / 16000
-    pcm = (8000 * np.sin(2 * np.pi * tone_hz * t)).astype(np.int16).tobytes()
-    return [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
-
-
 async def test_the_tap_enrols_while_annie_is_silent_and_scores_while_she_speaks():
+    """The judge as barge-in drives it (the pipeline's VAD, each job awaited in line): only "not
+    the caller" reaches the start strategy."""
     gate = CallerGate(GateParams(min_enroll_s=1.0))
     strategy = Strategy()
-    tap = CallerVoiceTap(GateWorker(Encoder(), gate), strategy, score_s=0.6)
-    # The caller speaks while Annie is silent: enrolment.
-    tap._utterance = bytearray()
-    for frame in frames_of(200, 1.5):
-        await tap._audio(frame)
-    await tap._utterance_over()
-    assert gate.enrolled
-    # Annie speaks; the TV starts: scored after 0.6 s, not the caller -> the strategy is told.
-    tap._bot_speaking = True
-    tap._utterance, tap._deciding, tap._scored = bytearray(), True, False
-    for frame in frames_of(900, 1.0):
-        await tap._audio(frame)
-    assert strategy.verdicts == [True] and tap.verdicts[-1].verdict is Verdict.NOT_CALLER
-    await tap._utterance_over()
-    assert strategy.verdicts == [True], "scored once per utterance"
+    judge = CallerVoiceTap(GateWorker(ToneSpeakerEncoder(), gate), strategy, score_s=0.6).judge
+
+    async def utterance(tone_hz: float, seconds: float) -> None:
+        for frame in tone_frames(0, 0.4):  # quiet before it (what the preroll keeps)
+            assert judge.audio(frame) is None
+        judge.voice_started()
+        for frame in tone_frames(tone_hz, seconds):
+            if (job := judge.audio(frame)) is not None:
+                await job
+        if (job := judge.voice_stopped()) is not None:
+            await job
+
+    # The caller speaks while Annie is silent: enrolment, no verdict.
+    await utterance(200, 1.5)
+    assert gate.enrolled and not judge.verdicts
+    # Annie speaks; the TV starts: scored after 0.6 s (once), not the caller -> the strategy is told.
+    judge.bot_speaking = True
+    await utterance(900, 1.0)
+    assert strategy.verdicts == [True] and [s.verdict for s in judge.verdicts] == [Verdict.NOT_CALLER]
     # The caller herself while Annie speaks: scored, and the rules go on deciding.
-    tap._utterance, tap._deciding, tap._scored = bytearray(), True, False
-    for frame in frames_of(200, 1.0):
-        await tap._audio(frame)
-    assert strategy.verdicts == [True] and tap.verdicts[-1].verdict is Verdict.CALLER
+    await utterance(200, 1.0)
+    assert strategy.verdicts == [True] and judge.verdicts[-1].verdict is Verdict.CALLER
+    # A sound over Annie shorter than score_s is scored at its VAD stop, on what there is.
+    await utterance(900, 0.4)
+    assert strategy.verdicts == [True, True] and len(judge.verdicts) == 3
+    # Speech that began while Annie spoke is never taken for the caller's enrolment.
+    seconds = gate.caller_seconds
+    judge.voice_started()
+    judge.bot_speaking = False
+    await judge.voice_stopped()  # scored on what there is (the preroll), not enrolled
+    assert gate.caller_seconds == seconds and len(judge.verdicts) == 4
+
+
+async def test_annie_is_enrolled_from_her_first_seconds_at_the_tts_rate():
+    gate = CallerGate()
+    annie = AnnieVoice(GateWorker(ToneSpeakerEncoder(), gate), enroll_s=1.0)
+    jobs = [annie.heard(frame, 24000) for frame in tone_frames(300, 1.2, rate=24000)]
+    due = [job for job in jobs if job is not None]
+    assert len(due) == 1 and jobs.index(due[0]) == 49  # at 1.0 s of her speech, once
+    await due[0]
+    assert gate.verdict(ToneSpeakerEncoder.OTHER).verdict is Verdict.UNSURE  # the caller is not enrolled yet
+    gate.enroll_caller(ToneSpeakerEncoder.CALLER, 3.5)
+    assert gate.verdict(ToneSpeakerEncoder.OTHER).annie == pytest.approx(1.0)  # Annie's enrolment is what she said
 
 
 def test_an_encoder_that_cannot_load_stops_start_up_with_one_sentence(tmp_path, monkeypatch, make_settings):

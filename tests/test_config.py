@@ -77,6 +77,9 @@ BAD_CONFIGS = [
     ({"PULSE_SOURCE": ""}, "PULSE_SOURCE"),
     ({"LLM_TIMEOUT_S": "-1"}, "LLM_TIMEOUT_S"),
     ({"AGENT_CONFIG": "/nonexistent/agent.toml"}, "AGENT_CONFIG"),
+    ({"BARGE_IN_SHADOW": "1", "ENABLE_BARGE_IN": "1"}, "BARGE_IN_SHADOW"),
+    ({"SHADOW_KEEP_CALLS": "0"}, "SHADOW_KEEP_CALLS"),
+    ({"CALLER_GATE_NOT_CALLER_MAX": "0.8"}, "CALLER_GATE_NOT_CALLER_MAX"),
 ]
 
 

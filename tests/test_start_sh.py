@@ -43,7 +43,7 @@ def run(args: list[str], env: dict, timeout: float = 60) -> subprocess.Completed
 def test_help_lists_every_command(env):
     result = run(["--help"], env)
     assert result.returncode == 0
-    for command in ("setup", "phone", "demo", "preflight", "test", "status", "logs", "stop", "ENABLE_BARGE_IN"):
+    for command in ("setup", "phone", "demo", "preflight", "test", "status", "logs", "stop", "report", "ENABLE_BARGE_IN"):
         assert command in result.stdout
 
 
@@ -167,6 +167,24 @@ def test_test_command_passes_arguments_to_pytest(env):
     result = run(["test", "--collect-only", "tests/test_status.py"], env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "test_status.py::test_state_follows_user_and_bot_speech" in result.stdout
+
+
+def test_report_gives_the_shadow_verdict_and_its_exit_status(env, tmp_path):
+    from agent.bargein.core import BargeInParams
+    from agent.bargein.shadow import ShadowFiles, ShadowLog
+
+    shadow = tmp_path / "shadow"
+    result = run(["report", str(shadow)], env)
+    assert result.returncode == 2 and "no such directory" in result.stderr and "Traceback" not in result.stderr
+    log = ShadowLog(BargeInParams(window_s=1.0))
+    log.bot_started(0.0)
+    log.bot_stopped(11 * 60.0)  # 11 minutes of Annie's speech, nothing over her
+    ShadowFiles(shadow, keep=5).write(log.records(11 * 60.0))
+    result = run(["report", str(shadow)], env)
+    assert result.returncode == 0, result.stderr
+    assert "Annie's speech: 11.0 min" in result.stdout and "verdict: barge-in would behave" in result.stdout
+    env["SHADOW_DIR"] = str(shadow)  # the setting, when no folder is named
+    assert run(["report"], env).returncode == 0
 
 
 def test_phone_without_a_venv_says_run_setup(env, tmp_path):

@@ -143,6 +143,24 @@ async def test_status_reflects_live_changes(server):
     assert body["counts"]["errors_by_category"] == {"network": 1}
 
 
+async def test_status_shows_the_calls_shadow_summary(server):
+    from agent.bargein.core import BargeInParams
+    from agent.bargein.shadow import ShadowLog
+
+    srv, status = server
+    _, body = await _get(srv.url + "/v1/phone/status", {"X-Internal-Token": TOKEN})
+    assert body["barge_in_shadow"] is None  # shadow mode off
+    status.shadow = log = ShadowLog(BargeInParams(window_s=1.0))
+    log.bot_started(0.0)
+    log.voice(1.0, started=True)
+    log.voice(1.1, started=False)
+    log.tick(1.5)
+    _, body = await _get(srv.url + "/v1/phone/status", {"X-Internal-Token": TOKEN})
+    shown = body["barge_in_shadow"]
+    assert (shown["would_pause"], shown["would_resume"], shown["would_commit"]) == (1, 1, 0)
+    assert shown["annie_speech_min"] > 0
+
+
 async def test_health_needs_no_token_and_says_ok_only_when_running(server):
     srv, status = server
     code, body = await _get(srv.url + "/health")

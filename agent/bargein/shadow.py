@@ -6,8 +6,12 @@ speaks, a second VAD (with the pause-first parameters) and the decision core
 (:mod:`agent.bargein.core`) run as if barge-in were on: every would-be pause, resume and commit
 is recorded with its time, the caller's line level and Annie's level at that moment. Words reach
 the core where the STT transcribes while the caller is muted; otherwise it decides by the voice
-alone (its window, blip and long-sound rules). Nothing here touches the audio path: the taps push
-every frame on before they look at it.
+alone (its window, blip and long-sound rules). With ``CALLER_GATE=1`` the caller-voice gate
+(:mod:`agent.bargein.gate_taps`) runs on the shadow's VAD too, enrolling the caller while Annie is
+silent and Annie from her TTS audio: each verdict on a sound over Annie is recorded with its
+scores and given to the decision as barge-in would give it. Nothing here touches the audio path:
+the taps push every frame on before they look at it, and the gate's embeddings run beside the
+call (it never waits for them).
 
 A call's records (JSON lines, no words of the conversation) go to ``SHADOW_DIR``, one file per
 call, the oldest removed beyond ``SHADOW_KEEP_CALLS``; the summary is logged at the call's end
@@ -22,7 +26,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,9 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from agent.bargein.core import BargeInCore, BargeInParams, Commit, Outcome, Pause, Resume, StartTurn
+from agent.bargein.gate import Scored, Verdict
+from agent.bargein.gate_taps import RATE as GATE_RATE
+from agent.bargein.gate_taps import AnnieVoice, GateWorker, VoiceJudge
 from agent.bargein.recording import ACTION_NAMES, EventLog
 
 RECORD_VERSION = 1
@@ -63,13 +70,15 @@ def level_db(pcm: bytes) -> float:
 class ShadowLog:
     """One call's would-be decisions and figures. Pure: the caller passes the times."""
 
-    def __init__(self, params: BargeInParams, *, keep_events: bool = False):
+    def __init__(self, params: BargeInParams, *, keep_events: bool = False, gate: bool = False):
         self.core = BargeInCore(params)
         self.params = params
         # Every event the core was given (with words): only for tests that replay it.
         self.events = EventLog() if keep_events else None
         self.actions: list[dict[str, Any]] = []  # what it would have done, and the speech spans
         self.counts = {"pause": 0, "resume": 0, "commit": 0}
+        # The caller-voice gate's verdicts on the sounds that would have paused Annie (gate on).
+        self.gate_counts: dict[str, int] | None = {v.value: 0 for v in Verdict} if gate else None
         self.started_at: float | None = None
         self.annie_s = 0.0  # how long Annie spoke
         self.caller_over_annie_s = 0.0  # the caller's voice while Annie spoke
@@ -117,6 +126,20 @@ class ShadowLog:
         self._note("words", now, text=text, final=final, echo=sorted(echo))
         self._apply(now, self.core.words(now, text, final=final, annies_words=echo))
 
+    def gate(self, now: float, scored: Scored) -> None:
+        """The caller-voice gate's verdict on a sound while Annie spoke: recorded with its scores
+        (numbers only), and given to the decision as barge-in would give it."""
+        self._start(now)
+        if self.gate_counts is not None:
+            self.gate_counts[scored.verdict.value] += 1
+        if len(self.actions) < MAX_RECORDS:
+            self.actions.append({"t": self._t(now), "gate": scored.verdict.value,
+                                 **{k: round(v, 3) for k, v in (("caller", scored.caller), ("annie", scored.annie))
+                                    if v is not None}})
+        not_caller = scored.verdict is Verdict.NOT_CALLER
+        self._note("verdict", now, not_caller=not_caller)
+        self._apply(now, self.core.voice_verdict(now, not_caller))
+
     def tick(self, now: float) -> None:
         if self.core.wake_at is not None and now >= self.core.wake_at:
             self._note("tick", now)
@@ -146,12 +169,15 @@ class ShadowLog:
             if self.events is not None and type(action) in ACTION_NAMES:
                 self.events.action(action, now)
 
+    def _t(self, now: float) -> float:
+        return round(now - (now if self.started_at is None else self.started_at), 3)
+
     def _span(self, what: str, now: float) -> None:
         if len(self.actions) < MAX_RECORDS:
-            self.actions.append({"t": round(now - (now if self.started_at is None else self.started_at), 3), "span": what})
+            self.actions.append({"t": self._t(now), "span": what})
 
     def _record(self, action: str, now: float, **extra: Any) -> None:
-        rec = {"t": round(now - (now if self.started_at is None else self.started_at), 3), "a": action, "mic_db": self.mic_db, "ref_db": self.ref_db}
+        rec = {"t": self._t(now), "a": action, "mic_db": self.mic_db, "ref_db": self.ref_db}
         if action != "pause" and self._paused_at is not None:
             rec["after_s"] = round(now - self._paused_at, 3)
         if len(self.actions) < MAX_RECORDS:
@@ -177,7 +203,7 @@ class ShadowLog:
         annie_s = self.annie_s + (now - self._annie_since if self._annie_since is not None else 0.0)
         count = self.counts
         minutes = annie_s / 60
-        return {
+        summary = {
             "annie_speech_min": round(minutes, 2),
             "would_pause": count["pause"],
             "would_resume": count["resume"],
@@ -185,6 +211,9 @@ class ShadowLog:
             "resumed_pauses_per_min": round(count["resume"] / minutes, 2) if minutes > 0 else None,
             "caller_over_annie_s": round(self.caller_over_annie_s, 1),
         }
+        if self.gate_counts is not None:
+            summary.update({f"gate_{verdict}": n for verdict, n in self.gate_counts.items()})
+        return summary
 
     def records(self, now: float) -> list[dict[str, Any]]:
         header = {"version": RECORD_VERSION, "kind": "shadow-call", "window_s": self.params.window_s,
@@ -249,18 +278,58 @@ class ShadowWords:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class ShadowReference(FrameProcessor):
-    """After the TTS: notes Annie's level (what the line's echo would carry)."""
+class _Beside:
+    """Jobs run beside the call (the caller-voice gate's embeddings): the call never waits for
+    them, and they are cancelled when it ends."""
 
-    def __init__(self, log: ShadowLog):
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def run(self, job: Coroutine[Any, Any, None] | None) -> None:
+        if job is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._guarded(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _guarded(job: Coroutine[Any, Any, None]) -> None:
+        try:
+            await job
+        except Exception as e:  # noqa: BLE001 - the shadow must never hurt the call
+            logger.warning(f"barge-in shadow: the caller-voice gate failed: {type(e).__name__}: {e}")
+
+    async def settled(self) -> None:
+        """Wait for the jobs started so far (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class ShadowReference(FrameProcessor):
+    """After the TTS: notes Annie's level (what the line's echo would carry), and with the
+    caller-voice gate enrols her voice."""
+
+    def __init__(self, log: ShadowLog, annie: AnnieVoice | None = None):
         super().__init__()
         self._log = log
+        self._annie = annie
+        self._beside = _Beside()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         await self.push_frame(frame, direction)
         if isinstance(frame, TTSAudioRawFrame):
             self._log.ref_db = level_db(frame.audio)
+            if self._annie is not None:
+                self._beside.run(self._annie.heard(frame.audio, frame.sample_rate))
+
+    async def cleanup(self):
+        self._beside.cancel()
+        await super().cleanup()
 
 
 class ShadowTap(FrameProcessor):
@@ -282,9 +351,14 @@ class ShadowTap(FrameProcessor):
         on_summary: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         stt_in_flight: Callable[[], bool] = lambda: False,
+        gate: GateWorker | None = None,
     ):
         super().__init__()
         self._log = log
+        self._gate = gate
+        # The caller-voice gate, on the shadow's own VAD; its embeddings run beside the call.
+        self._judge = VoiceJudge(gate, self._gate_verdict) if gate is not None else None
+        self.beside = _Beside()
         self._stt_in_flight = stt_in_flight
         self._vad = vad
         self._files = files
@@ -303,17 +377,26 @@ class ShadowTap(FrameProcessor):
         if isinstance(frame, InputAudioRawFrame):
             log.mic_db = level_db(frame.audio)
             await self._hear(frame.audio, now)
+            if self._judge is not None and frame.sample_rate == GATE_RATE:
+                self.beside.run(self._judge.audio(frame.audio))
             await self._transcribe(frame.audio)
             log.tick(self._clock())
         elif isinstance(frame, BotStartedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
             log.bot_started(now, self._stt_in_flight())
+            if self._judge is not None:
+                self._judge.bot_speaking = True
         elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
             log.bot_stopped(now)
+            if self._judge is not None:
+                self._judge.bot_speaking = False
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and direction == FrameDirection.DOWNSTREAM:
             final = not isinstance(frame, InterimTranscriptionFrame)
             log.words(now, frame.text, final=final, echo=self._echo_words())
         elif isinstance(frame, (EndFrame, CancelFrame)):
             self.close()
+
+    async def _gate_verdict(self, scored: Scored) -> None:
+        self._log.gate(self._clock(), scored)
 
     async def _hear(self, audio: bytes, now: float) -> None:
         try:
@@ -327,6 +410,11 @@ class ShadowTap(FrameProcessor):
         if state in (VADState.SPEAKING, VADState.QUIET):
             started = state == VADState.SPEAKING
             self._log.voice(now, started=started)
+            if self._judge is not None:
+                if started:
+                    self._judge.voice_started()
+                else:
+                    self.beside.run(self._judge.voice_stopped())
             if self._words is not None:
                 if started and self._log.core.bot_speaking:
                     self._heard(await self._asr(self._words.start()), final=False)
@@ -355,6 +443,9 @@ class ShadowTap(FrameProcessor):
         if self._closed:
             return
         self._closed = True
+        self.beside.cancel()
+        if self._gate is not None:
+            self._gate.close()
         if self._words is not None:
             self._words.close()
         now = self._clock()

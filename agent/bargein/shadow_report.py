@@ -10,7 +10,9 @@ The goals:
 - Annie would not stutter for nothing: pauses that would have resumed (her echo, a noise, a
   backchannel) at most 1 per 10 minutes of her speech;
 - the caller is heard: would-be commits are listed with the caller's speech over Annie, the
-  interruptions half-duplex talked over.
+  interruptions half-duplex talked over;
+- with the caller-voice gate on (``CALLER_GATE=1``), its verdicts are counted (no goal yet: read
+  them beside the pauses that would have resumed).
 Exit status: 0 ready, 1 not yet, 2 no usable records.
 """
 
@@ -55,7 +57,7 @@ def read_call(path: Path) -> CallRecord:
             raise RecordError(f"{path}, line {number}: not a shadow record")
         if "summary" in record:
             call.summary = record["summary"]
-        elif "a" in record or "span" in record:
+        elif "a" in record or "span" in record or "gate" in record:
             call.actions.append(record)
     if not call.summary:
         raise RecordError(f"{path}: no summary line (the call did not end cleanly, or this is not a shadow record)")
@@ -99,6 +101,11 @@ def verdict(calls: list[CallRecord]) -> Verdict:
         f"would-be pauses: {pauses}; would-be interruptions (commits): {commits}; "
         f"the caller's voice over Annie: {over:.1f} s (half-duplex talked over it)",
     ]
+    gated = [c.summary for c in calls if "gate_unsure" in c.summary]
+    if gated:  # CALLER_GATE was on in some calls: its verdicts on the sounds over Annie
+        n = {v: sum(g.get(f"gate_{v}", 0) for g in gated) for v in ("caller", "not_caller", "unsure")}
+        lines.append(f"caller-voice gate ({len(gated)} of {len(calls)} calls): the caller {n['caller']}, "
+                     f"not the caller {n['not_caller']} (would resume at once), unsure {n['unsure']}")
     ready = enough and quiet
     lines.append("verdict: " + ("barge-in would behave on this line; ENABLE_BARGE_IN=1 is supported by the evidence"
                                 if ready else "keep ENABLE_BARGE_IN=0 for now"))
@@ -129,7 +136,14 @@ def draw_timeline(call: CallRecord, path: Path) -> None:
     for action, (marker, color) in marks.items():
         times = [r["t"] for r in call.actions if r.get("a") == action]
         ax.scatter(times, [25] * len(times), marker=marker, color=color, label=f"would {action}", zorder=3)
-    ax.set_yticks([5, 15, 25], ["Annie", "caller", "decision"])
+    gate = {"caller": ("o", "tab:green"), "not_caller": ("x", "tab:purple"), "unsure": (".", "tab:gray")}
+    for verdict, (marker, color) in gate.items():
+        times = [r["t"] for r in call.actions if r.get("gate") == verdict]
+        if times:
+            ax.scatter(times, [35] * len(times), marker=marker, color=color, label=f"gate: {verdict.replace('_', ' ')}",
+                       zorder=3)
+    rows = ["Annie", "caller", "decision"] + (["gate"] if any("gate" in r for r in call.actions) else [])
+    ax.set_yticks([5, 15, 25, 35][: len(rows)], rows)
     ax.set_xlabel("seconds into the call")
     ax.set_title(f"barge-in shadow: {call.path.name}")
     # below the axes: inside, it hid the decisions row (a shadow demo run, 2026-12-07)
