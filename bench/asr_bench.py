@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine  # noqa: E402
-from processors.nemotron.tiny import build_model, save_random_nemo, speechlike  # noqa: E402
+from bench.nemo_models import build_model, save_random_nemo, speechlike  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = {"source": "eager NeMo 3.0, H100, bf16, 160 ms (shared/DESIGN.md)", "b1_p50_ms": 38.4, "b1_p95_ms": 68.5, "b256_p95_ms": 81.2}
@@ -263,7 +263,7 @@ def bench_final(engine, turns: int) -> dict:
 
 def verify_streaming_equals_offline(model, device: str, label: str) -> list[dict]:
     """fp32: streamed text equals NeMo's whole-utterance text (same random model)."""
-    from processors.nemotron.tiny import offline_text
+    from bench.nemo_models import offline_text
 
     out = []
     for chunk_ms in sorted(CHUNK_MS_TO_RIGHT_CONTEXT):

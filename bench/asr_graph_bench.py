@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.asr_bench import EngineLoad, percentile, sync  # noqa: E402
 from bench.asr_profile import floor, graph_gpu_ms, print_profile, profile_fast_step  # noqa: E402
 from processors.nemotron.engine import NemotronStreamingEngine  # noqa: E402
-from processors.nemotron.tiny import build_model, speechlike  # noqa: E402
+from bench.nemo_models import build_model, speechlike  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

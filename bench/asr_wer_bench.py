@@ -89,7 +89,7 @@ def plan(args, norm, tmp: Path) -> list[tuple[str, object]]:
 
         def path() -> Path:
             if nemo[0] == TINY:
-                from processors.nemotron.tiny import tiny_nemo_once
+                from bench.nemo_models import tiny_nemo_once
 
                 nemo[0] = tiny_nemo_once(tmp)
             return Path(nemo[0])

@@ -215,7 +215,7 @@ async def test_the_shadow_has_words_of_its_own_on_the_streaming_engine(tmp_path)
 
     from agent.bargein.shadow import ShadowTap, ShadowWords
     from processors.nemotron import NemotronStreamingEngine
-    from processors.nemotron.tiny import speechlike, tiny_nemo_once
+    from bench.nemo_models import speechlike, tiny_nemo_once
 
     engine = NemotronStreamingEngine.load(tiny_nemo_once(tmp_path), 160, "cpu")
     log = ShadowLog(BargeInParams(), keep_events=True)

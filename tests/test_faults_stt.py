@@ -21,7 +21,7 @@ from agent.services import build_vad
 from processors.nemotron.engine import NemotronStreamingEngine
 from processors.nemotron.stt import NemotronStreamingSTTService
 from tests.doubles import ToneTTSService
-from processors.nemotron.tiny import tiny_nemo_once
+from bench.nemo_models import tiny_nemo_once
 from tests.test_faults import fault_call, report
 from transports.rig.audio import synth_speech
 

@@ -17,7 +17,7 @@ import torch
 from processors.errors import SetupError
 from processors.nemotron.audio import AudioFormatError, SampleWindow
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
-from processors.nemotron.tiny import offline_text, save_random_nemo, speechlike, tiny_nemo_once
+from bench.nemo_models import offline_text, save_random_nemo, speechlike, tiny_nemo_once
 
 CHUNKS = sorted(CHUNK_MS_TO_RIGHT_CONTEXT)
 
@@ -282,7 +282,7 @@ def test_bad_device_names_the_setting(model_path):
 
 
 def test_model_without_streaming_or_this_chunk_is_refused(tmp_path, monkeypatch):
-    import processors.nemotron.tiny as nemo_tiny
+    import bench.nemo_models as nemo_tiny
 
     config = nemo_tiny.model_config("tiny")
     config["encoder"]["att_context_size"] = [[70, 1]]

@@ -12,7 +12,7 @@ import torch
 
 from processors.nemotron.engine import NemotronStreamingEngine
 from processors.nemotron.scheduler import StreamScheduler
-from processors.nemotron.tiny import speechlike, tiny_nemo_once
+from bench.nemo_models import speechlike, tiny_nemo_once
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; none is visible")
 

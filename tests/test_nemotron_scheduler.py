@@ -17,7 +17,7 @@ import pytest
 from bench.asr_graph_bench import turns_batched
 from processors.nemotron.engine import CHUNK_MS_TO_RIGHT_CONTEXT, NemotronStreamingEngine
 from processors.nemotron.scheduler import StreamScheduler, UnknownStreamError
-from processors.nemotron.tiny import speechlike, tiny_nemo_once
+from bench.nemo_models import speechlike, tiny_nemo_once
 from tests.ring_case import ring_case
 
 CHUNKS = sorted(CHUNK_MS_TO_RIGHT_CONTEXT)

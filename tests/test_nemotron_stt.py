@@ -32,7 +32,7 @@ from pipecat.tests.utils import run_test
 
 from processors.nemotron.engine import NemotronStreamingEngine
 from processors.nemotron.stt import NemotronStreamingSTTService
-from processors.nemotron.tiny import offline_text, speechlike, tiny_nemo_once
+from bench.nemo_models import offline_text, speechlike, tiny_nemo_once
 
 FRAME = 320  # 20 ms at 16 kHz
 PREROLL_MS = 300

@@ -15,7 +15,7 @@ import random
 import pytest
 
 from processors.nemotron.text import TextDecoder
-from processors.nemotron.tiny import build_model
+from bench.nemo_models import build_model
 
 CORPUS = (
     "Hello, world! It's a test. Don't stop: we'll see; really? Yes... The quick brown fox jumps over "

@@ -209,7 +209,7 @@ async def test_stt_gate_runs_the_streaming_model(tmp_path_factory, make_settings
     model loaded and how much it heard, not an error: the gate got through load and decode.
     """
     pytest.importorskip("nemo.collections.asr", reason="nemo_toolkit[asr] not installed (the asr extra)")
-    from processors.nemotron.tiny import tiny_nemo_once
+    from bench.nemo_models import tiny_nemo_once
 
     model = tiny_nemo_once(tmp_path_factory.mktemp("nemo"))
     result = await run_gate("stt", make_settings(stt_backend="nemotron", stt_model_path=model, asr_chunk_ms=160))

@@ -1,8 +1,8 @@
 """The in-process streaming Nemotron ASR: the engine (sync, no asyncio) and its pipecat STT service.
 
 The public surface is :class:`NemotronStreamingEngine` and :class:`NemotronStreamingSTTService`;
-slots, graphs, mel, text, attention and the model loader sit behind them. ``tiny`` builds a tiny
-model with the real NeMo code (tests and benchmarks).
+slots, graphs, mel, text, attention and the model loader sit behind them. Models with random
+weights for the tests and benchmarks (tiny and full-size) are built by ``bench/nemo_models.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    # Lazy: importing one module of the package (the text decoder, the tiny model) does not load
+    # Lazy: importing one module of the package (the text decoder) does not load
     # torch, NeMo and pipecat for the others.
     if name in ("NemotronStreamingEngine", "StreamState"):
         from processors.nemotron import engine

@@ -3,7 +3,8 @@
 The tests build a tiny one (2 layers, d_model 64, character labels) and save it to a ``.nemo`` so
 that it goes through the same loading path as the real ``nemotron-speech-streaming-en-0.6b``
 checkpoint. ``bench/asr_bench.py`` builds the full-size architecture (24 layers, d_model 1024)
-with the same function. Nothing is downloaded: the weights are random.
+with the same function. Nothing is downloaded: the weights are random. It lives with the
+benchmarks, outside the product packages: the agent never builds a model.
 """
 
 from __future__ import annotations
