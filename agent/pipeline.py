@@ -114,7 +114,9 @@ def shadow_taps(
     settings: AgentSettings, vad: VADAnalyzer | None, output: FrameProcessor, stt: object, *, keep_events: bool = False,
     encoder: object | None = None,
 ) -> tuple[ShadowLog | None, list[FrameProcessor], list[FrameProcessor]]:
-    """Barge-in shadow mode's log and its two taps (before the user aggregator, after the TTS).
+    """Barge-in shadow mode's log and its two taps (before the user aggregator; after the output
+    transport, which passes each chunk of Annie's audio on as it is written to the sink, so her
+    level is the one playing).
     With a streaming engine behind the STT (``stt.engine``) the shadow has words of its own; with
     the caller-voice gate's ``encoder``, the gate's verdicts."""
     if not settings.barge_in_shadow or settings.enable_barge_in:
@@ -270,8 +272,8 @@ def build_call_pipeline(
                                          encoder=speaker_encoder)
     caller_tap, annie_tap = gate_taps(settings, speaker_encoder, start)
     pipeline = Pipeline(
-        [transport.input(), InputAudioGuard(), stt, *tap, *caller_tap, *hold, user_agg, llm, tts, *reference,
-         *annie_tap, transport.output(), assistant_agg]
+        [transport.input(), InputAudioGuard(), stt, *tap, *caller_tap, *hold, user_agg, llm, tts, *annie_tap,
+         transport.output(), *reference, assistant_agg]
     )
     worker = PipelineWorker(
         pipeline,

@@ -42,6 +42,8 @@ def test_the_log_records_what_barge_in_would_do_and_the_call_figures():
     log.voice(2.0, started=True)  # the caller speaks over Annie and keeps talking
     log.tick(3.0)
     log.voice(3.5, started=False)
+    log.bot_stopped(4.0)  # Annie's next reply
+    log.bot_started(4.0)
     log.voice(5.0, started=True)  # a blip: over with the pause
     log.voice(5.1, started=False)
     log.tick(5.4)
@@ -52,6 +54,25 @@ def test_the_log_records_what_barge_in_would_do_and_the_call_figures():
     assert summary == {"annie_speech_min": 1.0, "would_pause": 2, "would_resume": 1, "would_commit": 1,
                        "resumed_pauses_per_min": 1.0, "caller_over_annie_s": 1.6}
     assert not any("text" in r for r in log.records(61.0)), "no words in the records"
+
+
+def test_after_a_would_be_commit_annie_counts_as_stopped_until_her_next_reply():
+    """Barge-in would have stopped her at the commit; half-duplex lets her go on. The caller's
+    voice over the rest of that reply is her turn going on, not a new pause to count."""
+    log = ShadowLog(BargeInParams(window_s=1.0), keep_events=True)
+    log.bot_started(0.0)
+    log.voice(2.0, started=True)
+    log.tick(3.0)  # kept talking: commit
+    log.voice(3.5, started=False)
+    log.voice(4.0, started=True)  # the rest of her sentence, over the rest of Annie's reply
+    log.voice(5.0, started=False)
+    log.bot_stopped(8.0)
+    log.bot_started(10.0)  # the next reply: decisions again
+    log.voice(11.0, started=True)
+    assert [(r["a"], r["t"]) for r in log.actions if "a" in r] == [("pause", 2.0), ("commit", 3.0), ("pause", 11.0)]
+    assert log.summary(12.0)["annie_speech_min"] == pytest.approx(10 / 60, abs=0.01)  # her real speech
+    actions = recorded_actions(log.events.records)
+    assert compare(actions, replay(log.events.records, log.params).actions, 0.0) == []
 
 
 def test_the_records_rotate(tmp_path):

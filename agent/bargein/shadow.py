@@ -85,6 +85,7 @@ class ShadowLog:
         self._annie_since: float | None = None
         self._voice_since: float | None = None
         self._paused_at: float | None = None
+        self._cut_off = False  # a would-be commit stopped Annie's reply (she goes on in half-duplex)
         self.mic_db = _SILENCE_DB
         self.ref_db = _SILENCE_DB
 
@@ -92,6 +93,7 @@ class ShadowLog:
 
     def bot_started(self, now: float, stt_in_flight: bool = False) -> None:
         self._start(now)
+        self._cut_off = False
         if self._annie_since is None:
             self._annie_since = now
             self._span("annie", now)
@@ -105,6 +107,9 @@ class ShadowLog:
             self._annie_since = None
             self._span("annie_end", now)
         self._close_voice(now)
+        if self._cut_off:  # the decision was told at the would-be commit
+            self._cut_off = False
+            return
         self._note("bot_stopped", now)
         self._apply(now, self.core.bot_stopped(now))
 
@@ -160,9 +165,13 @@ class ShadowLog:
             elif isinstance(action, Commit):
                 self._record("commit", now, why=action.why)
                 self._paused_at = None
-                # Barge-in would start the caller's turn here (and Annie would stop).
+                # Barge-in would start the caller's turn here and Annie would stop: the decision
+                # goes on as if she had (what she goes on saying in half-duplex is not paused on).
                 self._note("turn_started", now)
                 self.core.turn_started(now)
+                self._cut_off = True
+                self._note("bot_stopped", now)
+                self._apply(now, self.core.bot_stopped(now))
             elif isinstance(action, StartTurn):
                 self._note("turn_started", now)
                 self.core.turn_started(now)
@@ -310,8 +319,9 @@ class _Beside:
 
 
 class ShadowReference(FrameProcessor):
-    """After the TTS: notes Annie's level (what the line's echo would carry), and with the
-    caller-voice gate enrols her voice."""
+    """After the output transport (it passes each chunk on as it writes it to the sink): notes the
+    level of what Annie is playing (what the line's echo would carry), and with the caller-voice
+    gate enrols her voice. Before the output it would see the TTS's audio seconds ahead of play."""
 
     def __init__(self, log: ShadowLog, annie: AnnieVoice | None = None):
         super().__init__()
@@ -412,7 +422,10 @@ class ShadowTap(FrameProcessor):
             self._log.voice(now, started=started)
             if self._judge is not None:
                 if started:
-                    self._judge.voice_started()
+                    # Not over a reply a would-be commit stopped: barge-in would not score it, and
+                    # Annie's voice under it is no enrolment of the caller's.
+                    if self._log.core.bot_speaking or not self._judge.bot_speaking:
+                        self._judge.voice_started()
                 else:
                     self.beside.run(self._judge.voice_stopped())
             if self._words is not None:
