@@ -10,7 +10,8 @@ alone (its window, blip and long-sound rules). With ``CALLER_GATE=1`` the caller
 (:mod:`agent.bargein.gate_taps`) runs on the shadow's VAD too, enrolling the caller while Annie is
 silent and Annie from her TTS audio: each verdict on a sound over Annie is recorded with its
 scores and given to the decision as barge-in would give it. Nothing here touches the audio path:
-the taps push every frame on before they look at it, and the gate's embeddings run beside the
+the taps push every frame on before they look at it (the tap before the user aggregator looks on a
+task of its own, so the call's frames never wait for it), and the gate's embeddings run beside the
 call (it never waits for them).
 
 A call's records (JSON lines, no words of the conversation) go to ``SHADOW_DIR``, one file per
@@ -55,6 +56,7 @@ from agent.bargein.recording import ACTION_NAMES, EventLog
 
 RECORD_VERSION = 1
 MAX_RECORDS = 20000  # a call's records are bounded (a day-long call keeps its first 20,000)
+FOLLOW_BEHIND_MAX = 500  # frames the shadow may trail the call by (10 s of 20 ms audio) before it skips
 _SILENCE_DB = -100.0
 
 
@@ -345,7 +347,9 @@ class ShadowReference(FrameProcessor):
 class ShadowTap(FrameProcessor):
     """Between the STT and the user aggregator: the VAD and the decision as if barge-in were on.
 
-    Every frame goes on first, unchanged; then the tap looks at it. ``echo_words`` gives the
+    Every frame goes on first, unchanged; the tap then looks at it on a task of its own, in
+    order, at most ``FOLLOW_BEHIND_MAX`` frames behind (past that it skips, counts and warns once).
+    ``echo_words`` gives the
     words Annie is saying (the playback's echo guard). At the end of the call the records are
     written and the summary logged; ``on_summary`` gets it too (the status endpoint).
     """
@@ -378,11 +382,59 @@ class ShadowTap(FrameProcessor):
         self._clock = clock
         self._vad_state = VADState.QUIET
         self._closed = False
+        self._queue: asyncio.Queue[tuple[Frame, float, bool]] = asyncio.Queue(maxsize=FOLLOW_BEHIND_MAX)
+        self._follower: asyncio.Task | None = None
+        self.fell_behind = 0  # frames the shadow skipped, being too far behind the call
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         await self.push_frame(frame, direction)
-        now = self._clock()
+        if isinstance(frame, (EndFrame, CancelFrame)):
+            await self.settled(timeout=1.0)  # what was heard before the end is in the records
+            self.close()
+            return
+        if self._closed or not self._follows(frame, direction):
+            return
+        # The look comes after, on a task of its own: the call's frames never wait for the
+        # shadow's VAD (a segmented STT cuts its segment where the VAD's frames reach it).
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+        in_flight = self._stt_in_flight() if isinstance(frame, BotStartedSpeakingFrame) else False
+        try:
+            self._queue.put_nowait((frame, self._clock(), in_flight))
+        except asyncio.QueueFull:
+            self.fell_behind += 1
+            if self.fell_behind == 1:
+                logger.warning(f"{self}: the shadow fell {FOLLOW_BEHIND_MAX} frames behind the call; it skips "
+                               "frames until it catches up (its figures for this call are incomplete)")
+
+    @staticmethod
+    def _follows(frame: Frame, direction: FrameDirection) -> bool:
+        if isinstance(frame, InputAudioRawFrame):
+            return True
+        if isinstance(frame, (BotStartedSpeakingFrame, BotStoppedSpeakingFrame)):
+            return direction == FrameDirection.UPSTREAM
+        return isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and direction == FrameDirection.DOWNSTREAM
+
+    async def _follow(self) -> None:
+        while True:
+            frame, now, in_flight = await self._queue.get()
+            try:
+                await self._look(frame, now, in_flight)
+            except Exception as e:  # noqa: BLE001 - the shadow must never hurt the call
+                logger.warning(f"{self}: shadow failed on a frame: {type(e).__name__}: {e}")
+            finally:
+                self._queue.task_done()
+
+    async def settled(self, timeout: float | None = None) -> None:
+        """Until every frame given so far was looked at (and the gate's jobs are done)."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+            await asyncio.wait_for(self.beside.settled(), timeout)
+        except TimeoutError:
+            logger.warning(f"{self}: the shadow had not caught up with the call at its end")
+
+    async def _look(self, frame: Frame, now: float, in_flight: bool) -> None:
         log = self._log
         if isinstance(frame, InputAudioRawFrame):
             log.mic_db = level_db(frame.audio)
@@ -391,19 +443,17 @@ class ShadowTap(FrameProcessor):
                 self.beside.run(self._judge.audio(frame.audio))
             await self._transcribe(frame.audio)
             log.tick(self._clock())
-        elif isinstance(frame, BotStartedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
-            log.bot_started(now, self._stt_in_flight())
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            log.bot_started(now, in_flight)
             if self._judge is not None:
                 self._judge.bot_speaking = True
-        elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
+        elif isinstance(frame, BotStoppedSpeakingFrame):
             log.bot_stopped(now)
             if self._judge is not None:
                 self._judge.bot_speaking = False
-        elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)) and direction == FrameDirection.DOWNSTREAM:
+        elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)):
             final = not isinstance(frame, InterimTranscriptionFrame)
             log.words(now, frame.text, final=final, echo=self._echo_words())
-        elif isinstance(frame, (EndFrame, CancelFrame)):
-            self.close()
 
     async def _gate_verdict(self, scored: Scored) -> None:
         self._log.gate(self._clock(), scored)
@@ -456,6 +506,8 @@ class ShadowTap(FrameProcessor):
         if self._closed:
             return
         self._closed = True
+        if self._follower is not None:
+            self._follower.cancel()
         self.beside.cancel()
         if self._gate is not None:
             self._gate.close()
