@@ -349,9 +349,9 @@ class ShadowTap(FrameProcessor):
 
     Every frame goes on first, unchanged; the tap then looks at it on a task of its own, in
     order, at most ``FOLLOW_BEHIND_MAX`` frames behind (past that it skips, counts and warns once).
-    ``echo_words`` gives the
-    words Annie is saying (the playback's echo guard). At the end of the call the records are
-    written and the summary logged; ``on_summary`` gets it too (the status endpoint).
+    ``echo_words`` gives the words Annie is saying (the playback's echo guard); ``gate``, the
+    caller-voice gate's worker, makes the gate judge on this tap's VAD. At the end of the call the
+    records are written and the summary logged; ``on_summary`` gets it too (the status endpoint).
     """
 
     def __init__(
