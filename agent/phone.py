@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        if gc.get_freeze_count():  # something was loaded and frozen (agent.services): give it back
+            from agent.services import release_frozen_objects
+
+            release_frozen_objects()
 
 
 if __name__ == "__main__":

@@ -198,3 +198,12 @@ def freeze_loaded_objects() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def release_frozen_objects() -> int:
+    """At the process's end: give the frozen objects back to the collector and collect. What
+    was frozen in a reference cycle is otherwise still alive at interpreter exit, and native
+    bindings say so (nanobind printed "leaked 1 instances ... soxr" after every simulated call).
+    Returns how many objects were collected."""
+    gc.unfreeze()
+    return gc.collect()

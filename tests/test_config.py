@@ -151,7 +151,7 @@ def test_objects_loaded_at_start_are_frozen_out_of_the_garbage_collector():
     ``freeze_loaded_objects`` a full collection no longer walks them."""
     import gc
 
-    from agent.services import freeze_loaded_objects
+    from agent.services import freeze_loaded_objects, release_frozen_objects
 
     kept = [[i] for i in range(50_000)]  # stands in for a loaded model's objects
     try:
@@ -160,4 +160,6 @@ def test_objects_loaded_at_start_are_frozen_out_of_the_garbage_collector():
         collected = {id(o) for o in gc.get_objects()}  # what a full collection walks
         assert not any(id(k) in collected for k in kept)
     finally:
-        gc.unfreeze()
+        release_frozen_objects()  # at the process's end: back in the collector's reach
+    walked = {id(o) for o in gc.get_objects()}
+    assert all(id(k) in walked for k in kept)
