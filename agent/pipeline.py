@@ -105,9 +105,14 @@ def gate_taps(
     """The caller-voice gate's taps (before the user aggregator, after the TTS), with pause first."""
     if encoder is None or start is None:
         return [], []
-    worker = GateWorker(encoder, CallerGate(GateParams.from_settings(settings)))
+    worker = gate_worker(settings, encoder)
     logger.info("barge-in: the caller-voice gate is on (enrols the caller while Annie is silent)")
     return [CallerVoiceTap(worker, start)], [AnnieVoiceTap(worker)]
+
+
+def gate_worker(settings: AgentSettings, encoder: object) -> GateWorker:
+    """The caller-voice gate (its rules from the settings) and its encoder's thread."""
+    return GateWorker(encoder, CallerGate(GateParams.from_settings(settings)))
 
 
 def shadow_taps(
@@ -130,7 +135,7 @@ def shadow_taps(
     echo = output.recent_bot_words if isinstance(output, PausablePlayback) else set
     engine = getattr(stt, "engine", None)
     words = ShadowWords(engine, settings.audio_in_sample_rate) if engine is not None else None
-    gate = GateWorker(encoder, CallerGate(GateParams.from_settings(settings))) if encoder is not None else None
+    gate = gate_worker(settings, encoder) if encoder is not None else None
     tap = ShadowTap(log, vad, files=ShadowFiles(settings.shadow_dir, settings.shadow_keep_calls), words=words,
                     echo_words=echo, stt_in_flight=lambda: audio_in_flight(stt), gate=gate)
     logger.info(f"barge-in shadow: half-duplex call; would-be decisions recorded under {settings.shadow_dir} "
