@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench import bargein_audio as audio
+from agent.demo.caller import ScriptedCaller, poll_until
 from agent.demo.frames import FrameTimes
 
 STORIES = (
@@ -104,10 +105,10 @@ class Plan:
         return [item for _, item in sorted(keyed, key=lambda k: k[0])]
 
 
-class CallerScript:
+class CallerScript(ScriptedCaller):
     def __init__(self, line, times: FrameTimes, pause_first, rng: np.random.Generator, log=print,
                  pauses: list[tuple[float, float | None]] | None = None, caller_voice: int | None = None):
-        self.line = line
+        super().__init__(line)
         # One caller's voice for the whole call (the caller-voice gate enrols her), or a new voice
         # for every utterance (None: the decision must not depend on whose voice it is).
         self.caller_voice = caller_voice
@@ -124,28 +125,15 @@ class CallerScript:
     # -- state ------------------------------------------------------------------------------
     def annie_speaking(self) -> bool:
         """Annie's reply is playing: started, not stopped, and not held by a pause right now."""
-        started = self.times.by_kind.get("bot_started", [])
-        stopped = self.times.by_kind.get("bot_stopped", [])
-        if not started or (stopped and stopped[-1] >= started[-1]):
+        if not self.times.bot_speaking:
             return False
         if self.pauses and self.pauses[-1][1] is None:
             committed = self.times.by_kind.get("interruption", [])
             return bool(committed) and committed[-1] > self.pauses[-1][0]
         return True
 
-    async def _wait(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
     async def _play(self, pcm: np.ndarray, kind: str) -> tuple[float, float]:
-        await self._wait(lambda: not self.line.caller_busy(), 10)
-        start = time.monotonic()
-        self.line.say(pcm)
-        end = start + len(pcm) / audio.RATE
+        start, end = await self.play(pcm)
         self.utterances.append((start, end, kind))
         return start, end
 
@@ -173,13 +161,13 @@ class CallerScript:
             self.log(f"  {n}/{len(todo)} {kind}")
 
     async def question(self, text: str, warmup: bool = False) -> None:
-        await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
+        await poll_until(lambda: not self.annie_speaking(), START_TIMEOUT_S)
         await asyncio.sleep(0.8)
         start, end = await self._say(text, "question")
         self.events.append(Event("question", "question", start, end, text=text, voice=self._voice(), warmup=warmup))
-        await self._wait(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
+        await poll_until(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
         await asyncio.sleep(0.3)
-        await self._wait(lambda: not self.annie_speaking(), START_TIMEOUT_S)
+        await poll_until(lambda: not self.annie_speaking(), START_TIMEOUT_S)
         await asyncio.sleep(0.5)
 
     async def ensure_speaking(self) -> bool:
@@ -189,7 +177,7 @@ class CallerScript:
         if self.annie_speaking():
             return True
         _, end = await self._say(STORY_REQUEST, "story request")
-        started = await self._wait(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
+        started = await poll_until(lambda: self.times.first("bot_started", end) is not None, START_TIMEOUT_S)
         await asyncio.sleep(0.5)
         return started
 
@@ -236,7 +224,7 @@ class CallerScript:
         self.events.append(ev)
         if group == "interruption":
             # Annie answers the interruption (with a new story): wait for her to start.
-            await self._wait(lambda: self.times.first("bot_started", end) is not None, 12)
+            await poll_until(lambda: self.times.first("bot_started", end) is not None, 12)
             await asyncio.sleep(0.5)
         else:
             await asyncio.sleep(end - time.monotonic() + 1.6)

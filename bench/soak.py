@@ -39,7 +39,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,28 +47,21 @@ sys.path.insert(0, str(REPO))
 
 from loguru import logger  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
-    BotStartedSpeakingFrame,
-    BotStoppedSpeakingFrame,
-    ErrorFrame,
     InterimTranscriptionFrame,
-    InterruptionFrame,
-    LLMFullResponseStartFrame,
     TranscriptionFrame,
-    TTSStartedFrame,
-    UserStartedSpeakingFrame,
-    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.observers.base_observer import BaseObserver, FramePushed  # noqa: E402
 from pipecat.processors.filters.identity_filter import IdentityFilter  # noqa: E402
 from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from agent.config import AgentSettings  # noqa: E402
+from agent.demo.caller import ScriptedCaller, poll_until  # noqa: E402
+from agent.demo.frames import FrameTimes  # noqa: E402
 from agent.pipeline import build_call_pipeline  # noqa: E402
 from agent.services import build_llm, build_tts  # noqa: E402
 from agent.demo.standins.tts_server import TTSStandInProcess  # noqa: E402
-from transports.rig.simulated import SimulatedPhoneParams, SimulatedPhoneTransport  # noqa: E402
+from transports.rig.line import SimLine  # noqa: E402
 
 # Growth allowed between the end of the warm-up and the end of the run.
 BOUNDS = {"rss_mb": 40.0, "fds": 4, "tasks": 4, "threads": 2}
@@ -92,54 +85,14 @@ class Sample:
     py_heap_mb: float | None = None  # what tracemalloc sees (``--tracemalloc`` only)
 
 
-# The stages of a turn, in order, and the frame that marks each (for a turn that got no answer).
-STAGES = {
-    UserStartedSpeakingFrame: "turn started", InterruptionFrame: "interruption",
-    UserStoppedSpeakingFrame: "turn ended", LLMFullResponseStartFrame: "LLM answering",
-    TTSStartedFrame: "TTS started", BotStartedSpeakingFrame: "Annie speaking",
-}
+# The stages of a turn, in order: the frame kind that marks each (agent.demo.frames.WATCHED) and its
+# name in the report of a turn that got no answer.
+STAGES = {"turn_started": "turn started", "interruption": "interruption", "turn_ended": "turn ended",
+          "llm_start": "LLM answering", "tts_started": "TTS started", "bot_started": "Annie speaking"}
 
 
-@dataclass(eq=False)
-class Counters(BaseObserver):
-    """Counts frames once each (a frame is reported at every hop); notes when each stage last came."""
-
-    bot_started: list[float] = field(default_factory=list)
-    bot_stopped: int = 0
-    interruptions: int = 0
-    errors: int = 0
-    speaking: bool = False
-    stage_at: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        super().__init__()
-        self._seen: dict[int, None] = {}
-
-    async def on_push_frame(self, data: FramePushed):
-        frame = data.frame
-        if not isinstance(frame, (BotStoppedSpeakingFrame, ErrorFrame, *STAGES)):
-            return
-        if frame.id in self._seen:
-            return
-        self._seen[frame.id] = None
-        if len(self._seen) > 1000:
-            self._seen.pop(next(iter(self._seen)))
-        if type(frame) in STAGES:
-            self.stage_at[STAGES[type(frame)]] = time.monotonic()
-        if isinstance(frame, BotStartedSpeakingFrame):
-            self.bot_started.append(time.monotonic())
-            del self.bot_started[:-50]
-            self.speaking = True
-        elif isinstance(frame, BotStoppedSpeakingFrame):
-            self.bot_stopped += 1
-            self.speaking = False
-        elif isinstance(frame, InterruptionFrame):
-            self.interruptions += 1
-        elif isinstance(frame, ErrorFrame):
-            self.errors += 1
-
-    def stages_since(self, t: float) -> list[str]:
-        return [stage for stage in STAGES.values() if self.stage_at.get(stage, 0.0) >= t]
+def stages_since(times: FrameTimes, t: float) -> list[str]:
+    return [name for kind, name in STAGES.items() if (times.last(kind) or 0.0) >= t]
 
 
 def rss_mb() -> float:
@@ -231,11 +184,14 @@ class LLMChild:
         self.process.wait(timeout=10)
 
 
-class Caller:
-    def __init__(self, worker, counters: Counters, loudspeaker):
+class Caller(ScriptedCaller):
+    """Speaks in the frames the VAD and the STT would make (hours of turns at speed, no audio to
+    transcribe); listens at the line's ear like every scripted caller."""
+
+    def __init__(self, worker, times: FrameTimes, line: SimLine):
+        super().__init__(line)
         self.worker = worker
-        self.counters = counters
-        self.loudspeaker = loudspeaker
+        self.times = times
 
     async def say(self, text: str, speech_s: float) -> float:
         await self.worker.queue_frames([VADUserStartedSpeakingFrame(start_secs=0.2)])
@@ -252,40 +208,23 @@ class Caller:
         return said
 
     def _heard_answer(self, onset: float, after: float) -> bool:
-        """Audible audio at the loudspeaker from an LLM answer begun since the turn's onset.
+        """Sound at the ear from an LLM answer begun since the turn's onset.
 
         Judged by what the caller hears, not by ``BotStartedSpeakingFrame``: pipecat's output can
         announce "started speaking" for a chunk taken off its queue just before an interruption,
         and then stays "speaking" into the next answer without announcing it (bench/FAULTS.md).
         """
-        llm_at = self.counters.stage_at.get("LLM answering", 0.0)
-        if llm_at < onset:
-            return False
-        for chunk in reversed(self.loudspeaker.played):
-            if chunk.t < max(after, llm_at):
-                return False
-            if chunk.rms > 200:
-                return True
-        return False
+        llm_at = self.times.last("llm_start")
+        return llm_at is not None and llm_at >= onset and self.audible_after(max(after, llm_at), margin_s=0.0)
 
     async def answer_started(self, onset: float, after: float, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._heard_answer(onset, after):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
+        return await poll_until(lambda: self._heard_answer(onset, after), timeout, poll_s=0.01)
 
     def announced(self, after: float) -> bool:
-        return any(t > after for t in self.counters.bot_started)
+        return (self.times.last("bot_started") or 0.0) > after
 
     async def quiet(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.counters.speaking:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await poll_until(lambda: not self.times.bot_speaking, timeout)
 
 
 async def soak(args) -> dict:
@@ -296,22 +235,20 @@ async def soak(args) -> dict:
     llm_child = LLMChild(token_delay_s=0.02)
     tts_server = TTSStandInProcess(realtime_factor=5.0).__enter__()
     try:
-        # The simulated line records what it plays; keep a minute of it, not an hour.
-        transport = SimulatedPhoneTransport(
-            SimulatedPhoneParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=16000,
-                                 max_recording_s=60.0)
-        )
-        counters = Counters()
+        # The simulated line records what it plays, and the frame times what went by: keep a
+        # minute of the one and the latest of the other, not an hour.
+        line = SimLine(settings.audio_out_sample_rate, max_recording_s=60.0)
+        times = FrameTimes(keep_last=50)
         call = build_call_pipeline(
-            settings, transport=transport, stt=IdentityFilter(), llm=build_llm(settings, base_url=llm_child.url),
-            tts=build_tts(settings, base_url=tts_server.url), vad_analyzer=None, observers=[counters],
+            settings, transport=line.transport, stt=IdentityFilter(), llm=build_llm(settings, base_url=llm_child.url),
+            tts=build_tts(settings, base_url=tts_server.url), vad_analyzer=None, observers=[times],
             stt_streams_partials=True,
         )
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False)
         await runner.add_workers(call.worker)
         task = asyncio.create_task(runner.run())
         await asyncio.sleep(0.5)
-        caller = Caller(call.worker, counters, transport.loudspeaker)
+        caller = Caller(call.worker, times, line)
         rng = random.Random(args.seed)
         samples: list[Sample] = []
         turns = barge_ins = unanswered = 0
@@ -337,7 +274,7 @@ async def soak(args) -> dict:
             while time.monotonic() - started < args.minutes * 60 and (not args.max_turns or turns < args.max_turns):
                 if task.done():
                     raise RuntimeError(f"the call pipeline ended by itself after {turns} turns: {task!r}")
-                cut_in = counters.speaking  # Annie is speaking: this turn is a barge-in
+                cut_in = times.bot_speaking  # Annie is speaking: this turn is a barge-in
                 # A number no earlier reply contained: pause-then-decide ignores, as echo, an
                 # interruption made only of words Annie said lately (see bench/FAULTS.md).
                 question = f"{rng.choice(QUESTIONS)} number {turns + 1}" if args.unique_words else rng.choice(QUESTIONS)
@@ -354,7 +291,7 @@ async def soak(args) -> dict:
                     unanswered_turns.append(turns)
                     detail = {
                         "turn": turns, "barge_in": cut_in, "t": round(onset - started, 1),
-                        "stages_reached": counters.stages_since(onset),
+                        "stages_reached": stages_since(times, onset),
                         "pause_first_decisions": [
                             (d, round(s, 2)) for d, s in (call.pause_first.decisions[decided:] if call.pause_first else [])
                         ],
@@ -403,10 +340,10 @@ async def soak(args) -> dict:
         ),
         "settings": {"unique_words": args.unique_words, "minutes": args.minutes, "max_turns": args.max_turns, "speech_timeout_ms": args.speech_timeout_ms,
                      "seed": args.seed, "warmup_turns": args.warmup_turns},
-        "turns": turns, "barge_ins": barge_ins, "interruption_frames": counters.interruptions,
+        "turns": turns, "barge_ins": barge_ins, "interruption_frames": times.counts["interruption"],
         "unanswered": unanswered, "unanswered_turns": unanswered_turns, "unanswered_detail": unanswered_detail,
         "answered_without_bot_started_frame": unannounced_turns,
-        "error_frames": counters.errors,
+        "error_frames": times.counts["error"],
         "start": asdict(first), "after_warmup": asdict(base), "end": asdict(end),
         "growth_after_warmup": growth, "bounds": BOUNDS, "within_bounds": within,
         "samples": [asdict(s) for s in samples],

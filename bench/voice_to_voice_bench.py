@@ -47,11 +47,13 @@ from pipecat.frames.frames import LLMContextFrame, UserStoppedSpeakingFrame, VAD
 
 from agent.config import AgentSettings
 from agent.demo.call import running_call
+from agent.demo.caller import ScriptedCaller
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.demo.standins.streaming_stt import ScriptedStreamingSTT
 from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
 from agent.services import build_tts, build_turn_analyzer, build_vad
 from transports.rig.audio import synth_speech
+from transports.rig.line import BLOCK_S, PhoneLine, SimLine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATE = 16000
@@ -68,7 +70,6 @@ VARIANTS = {"timeout": ("timeout", False, False), "timeout+llm": ("timeout", Tru
             "adaptive": ("adaptive", False, False), "adaptive+llm+tts": ("adaptive", True, True)}
 FIRST_SENTENCE = REPLY[: REPLY.index(".") + 1]
 REFERENCE_SERVERS = {"llm_first_token_ms": 162, "llm_token_ms": 15, "tts_first_audio_ms": 107, "stt_final_ms": 20}
-LOUD_RMS = 300.0
 
 
 def speech(text: str) -> np.ndarray:
@@ -78,23 +79,16 @@ def speech(text: str) -> np.ndarray:
     return (pcm * (0.1 * 32768 / (np.sqrt(np.mean(pcm**2)) or 1))).astype(np.int16)
 
 
-def loud_frames(call, since: float) -> list[float]:
-    """Times of the caller's frames with her voice in them (the line's own record), since ``since``."""
-    out = []
-    for t, pcm in list(call.transport.caller.heard):
-        if t >= since and np.sqrt(np.mean(np.frombuffer(pcm, dtype=np.int16).astype(np.float64) ** 2)) > LOUD_RMS:
-            out.append(t)
-    return out
+class Caller(ScriptedCaller):
+    """The caller of one variant's call, on a phone line (the simulated line, or the PulseAudio rig
+    through a line preset with AEC3): she speaks, and the STT stand-in is told what she says. Her
+    end of speech is read from her own channel (on the rig the clean bus before the microphone:
+    its end is a loopback latency earlier than the mic's, so voice-to-voice errs long), Annie's
+    first audio from the ear; both on the line's ``time.monotonic()`` timeline, in 10 ms blocks."""
 
-
-def first_audible(call, after: float) -> float | None:
-    times = [c.t for c in list(call.loudspeaker.played) if c.t >= after and c.rms > 200]
-    return min(times) if times else None
-
-
-class Caller:
-    def __init__(self, name: str, call, stt: ScriptedStreamingSTT, frame_s: float = 0.02):
-        self.name, self.call, self.stt, self.frame_s = name, call, stt, frame_s
+    def __init__(self, name: str, call, stt: ScriptedStreamingSTT, line: PhoneLine):
+        super().__init__(line)
+        self.name, self.call, self.stt = name, call, stt
 
     async def say(self, segments: list[tuple[str, np.ndarray]], gaps_s: list[float]) -> tuple[float, float]:
         """Play the segments with silence between; returns (when the audio was queued, its length)."""
@@ -105,75 +99,26 @@ class Caller:
             pcm.append(audio)
             if i < len(gaps_s):
                 pcm.append(np.zeros(int(gaps_s[i] * RATE), dtype=np.int16))
-        t = time.monotonic()
-        return t, self._play(np.concatenate(pcm))
-
-    def _play(self, audio: np.ndarray) -> float:
-        self.call.transport.say(audio)
-        return len(audio) / RATE
+        start, end = await self.play(np.concatenate(pcm))
+        return start, end - start
 
     async def answer_after(self, t0: float, length_s: float) -> tuple[float, float]:
         """Wait for the caller's audio to be played and Annie's answer; returns (end of speech, first audible)."""
         await asyncio.sleep(length_s)
-        await self.call.wait_until(lambda: not self.call.transport.caller.speaking, 5, "the caller's audio")
-        end = max(loud_frames(self.call, t0)) + self.frame_s
-        await self.call.wait_until(lambda: first_audible(self.call, end) is not None, 15, "Annie to answer")
-        return end, first_audible(self.call, end)
-
-    def loud_times(self, since: float) -> list[float]:
-        return loud_frames(self.call, since)
-
-    async def wait_silent(self, quiet_s: float, timeout: float) -> None:
-        await self.call.wait_silent(quiet_s, timeout)
-
-
-class RigCaller(Caller):
-    """The caller on a PulseAudio rig line (``transports.rig.line.RigLine``, a line preset, AEC3):
-    her voice plays into the rig's microphone through the line model, Annie is heard at the
-    earpiece; both recorded on one ``time.monotonic()`` timeline. Her channel is the clean bus
-    before the microphone (its end is a loopback latency earlier than the mic's, so voice-to-voice
-    errs long)."""
-
-    def __init__(self, name: str, call, stt: ScriptedStreamingSTT, line):
-        super().__init__(name, call, stt, frame_s=0.01)
-        self.line = line
-
-    def _play(self, audio: np.ndarray) -> float:
-        return self.line.say(audio)
-
-    def _loud(self, t0: float, track: int) -> np.ndarray:
-        """Start times of the loud 10 ms blocks of the caller's channel (0) or the ear (1) since ``t0``."""
-        from transports.rig.line import _loud_blocks
-
-        pcm = self.line.channels(t0, time.monotonic())[track]
-        return t0 + np.flatnonzero(_loud_blocks(pcm, RATE)) * 0.01
-
-    async def answer_after(self, t0: float, length_s: float) -> tuple[float, float]:
-        await asyncio.sleep(length_s)
         await self.call.wait_until(lambda: not self.line.caller_busy(), 5, "the caller's audio")
-        await asyncio.sleep(0.1)  # the bus's recorder is a block or two behind
-        end = float(self._loud(t0, 0).max()) + self.frame_s
+        await asyncio.sleep(0.1)  # the rig's recorders are a block or two behind
+        end = float(self.voice_times(t0).max()) + BLOCK_S
         deadline = time.monotonic() + 15
-        while not (heard := self._loud(end, 1)).size:  # each look copies the recording: not too often
+        while not (heard := self.ear_times(end)).size:  # each look copies the recording: not too often
             if time.monotonic() > deadline:
-                raise AssertionError("timed out after 15 s waiting for Annie to answer at the earpiece")
+                raise AssertionError("timed out after 15 s waiting for Annie to answer at the ear")
             await asyncio.sleep(0.05)
         return end, float(heard.min())
 
-    def loud_times(self, since: float) -> list[float]:
-        return [float(t) for t in self._loud(since, 0)]
-
-    async def wait_silent(self, quiet_s: float, timeout: float) -> None:
-        """Until nothing was loud at the earpiece for ``quiet_s``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            now = time.monotonic()
-            last = self.line.sink_last_loud()
-            if last is None or now - last >= quiet_s:
-                return
-            if now > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for Annie to fall silent at the earpiece")
-            await asyncio.sleep(0.05)
+    async def settle(self, quiet_s: float, timeout: float) -> None:
+        """Until Annie has been silent at the ear for ``quiet_s``."""
+        if not await self.wait_silent(quiet_s, timeout):
+            raise AssertionError(f"timed out after {timeout} s waiting for Annie to fall silent at the ear")
 
 
 async def local_turn(caller: Caller, text: str, audio: np.ndarray) -> dict:
@@ -185,7 +130,7 @@ async def local_turn(caller: Caller, text: str, audio: np.ndarray) -> dict:
     stops = [t for t in call.log.times(VADUserStoppedSpeakingFrame) if t >= t0]
     turn_end = min(t for t in call.log.times(UserStoppedSpeakingFrame) if t >= t0)
     starts = [t for t in call.log.times(LLMContextFrame) if t >= t0 and t < heard]
-    await caller.wait_silent(0.6, 60)
+    await caller.settle(0.6, 60)
     return {
         "text": text,
         "voice_to_voice_ms": 1000 * (heard - end),
@@ -220,7 +165,7 @@ async def complete_turn(caller: Caller, llm: LLMStandIn, tts: TTSStandIn, text: 
     servers_left = (max(0.0, speech_req.first_byte_at - turn_end) if speech_req.started_at < turn_end
                     else llm_left + tts_server)
     thrown = [r for r in requests if r.messages[-1]["content"] not in said]
-    await caller.wait_silent(0.4, 20)
+    await caller.settle(0.4, 20)
     return {
         "text": text,
         "voice_to_voice_ms": 1000 * (heard - end),
@@ -246,12 +191,12 @@ async def paused_turn(caller: Caller, llm: LLMStandIn, parts: tuple[tuple[str, n
         answered = True
     except AssertionError:  # cut in: Annie answered the head in the pause and was done before the tail ended
         answered = False
-    loud = caller.loud_times(t0)
-    end = max(loud) + caller.frame_s if not answered else end
+    loud = [float(t) for t in caller.voice_times(t0)]
+    end = max(loud) + BLOCK_S if not answered else end
     gaps = [(a, b) for a, b in zip(loud, loud[1:]) if b - a > 0.3]
     resumed = gaps[0][1] if gaps else end
     cut_in = any(t0 <= t < resumed for t in call.log.times(UserStoppedSpeakingFrame))
-    await caller.wait_silent(0.4, 20)
+    await caller.settle(0.4, 20)
     said = {m["content"] for m in call.call.context.get_messages() if m["role"] == "user"}
     requests = llm.requests[n_llm:]
     thrown = [r for r in requests if r.messages[-1]["content"] not in said]
@@ -283,11 +228,12 @@ async def run_local(turns: int, hold_ms: int, variants: dict, log=print) -> dict
                                         "stt_backend": "whisper", "turn_end": turn_end,
                                         "preemptive_generation": preempt, "preemptive_tts": tts_ahead,
                                         "user_speech_timeout_ms": hold_ms, "chatterbox_streaming": True})
-            stt = ScriptedStreamingSTT()
+            stt, line = ScriptedStreamingSTT(), SimLine(settings.audio_out_sample_rate)
             call = await stack.enter_async_context(running_call(
                 settings, llm_base_url=backends.llm_url, tts=build_tts(settings, base_url=backends.tts_url),
-                stt=stt, vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings)))
-            callers[name] = Caller(name, call, stt)
+                stt=stt, vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings),
+                transport=line.transport))
+            callers[name] = Caller(name, call, stt, line)
         for caller in callers.values():
             await local_turn(caller, COMPLETE[0], complete_audio[COMPLETE[0]])
         complete: dict[str, list[dict]] = {name: [] for name in callers}
@@ -328,11 +274,12 @@ async def run(turns: int, pauses: tuple[float, ...], hold_ms: int, variants: dic
         callers: dict[str, Caller] = {}
         for name, (turn_end, preempt, tts_ahead) in variants.items():
             settings = variant_settings(turn_end, preempt, tts_ahead, hold_ms)
-            stt = ScriptedStreamingSTT()
+            stt, line = ScriptedStreamingSTT(), SimLine(settings.audio_out_sample_rate)
             call = await stack.enter_async_context(running_call(
                 settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url), stt=stt,
-                vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings)))
-            callers[name] = Caller(name, call, stt)
+                vad_analyzer=build_vad(settings), turn_analyzer=build_turn_analyzer(settings),
+                transport=line.transport))
+            callers[name] = Caller(name, call, stt, line)
         for caller in callers.values():  # warm-up: connections, the TTS stand-in's synthesis cache
             await complete_turn(caller, llm, tts, COMPLETE[0], complete_audio[COMPLETE[0]])
         complete: dict[str, list[dict]] = {name: [] for name in callers}
@@ -392,7 +339,7 @@ async def run_rig(turns: int, pauses: tuple[float, ...], hold_ms: int, variants:
                 async with running_call(settings, llm_base_url=llm.base_url, tts=build_tts(settings, base_url=tts.url),
                                         stt=stt, vad_analyzer=build_vad(settings), transport=line.transport,
                                         turn_analyzer=build_turn_analyzer(settings)) as call:
-                    caller = RigCaller(name, call, stt, line)
+                    caller = Caller(name, call, stt, line)
                     await complete_turn(caller, llm, tts, COMPLETE[0], complete_audio[COMPLETE[0]])  # warm-up
                     complete[name] = []
                     for i in range(turns):
@@ -403,7 +350,7 @@ async def run_rig(turns: int, pauses: tuple[float, ...], hold_ms: int, variants:
                             # Counted, not hidden: a turn whose answer or turn end the bench could not find.
                             failed.setdefault(name, []).append(f"{text}: {type(e).__name__}: {e}")
                             log(f"{name}: turn {i + 1} not measured ({type(e).__name__}: {e})")
-                            await caller.wait_silent(0.6, 30)
+                            await caller.settle(0.6, 30)
                     log(f"{name}: complete " + ", ".join(f"{r['voice_to_voice_ms']:.0f}" for r in complete[name]))
                     paused[name] = [await paused_turn(caller, llm, parts, pause) for parts in paused_audio for pause in pauses]
                     log(f"{name}: cut in {sum(r['cut_in'] for r in paused[name])} of {len(paused[name])}")

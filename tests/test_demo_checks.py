@@ -22,8 +22,8 @@ class Ear:
     def __init__(self, last_loud: float | None):
         self.last_loud = last_loud
 
-    def sink_last_loud(self, before: float | None = None) -> float | None:
-        return self.last_loud
+    def sink_last_loud(self, before: float | None = None, after: float | None = None) -> float | None:
+        return self.last_loud if after is None or (self.last_loud or 0) > after else None
 
 
 def judged(*, heard: bool, llm_text: bool, sound_after_s: float | None) -> float | None:

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
-    BotStoppedSpeakingFrame,
     InterimTranscriptionFrame,
     InterruptionFrame,
     LLMTextFrame,
@@ -45,6 +44,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.workers.runner import WorkerRunner
 
 from agent.config import AgentSettings, ConfigError, load_settings
+from agent.demo.caller import ScriptedCaller, poll_until
 from agent.demo.frames import FrameTimes
 from agent.demo.servers import start_backends
 from agent.pipeline import build_call_pipeline
@@ -113,7 +113,6 @@ class CallLog(FrameTimes):
         self.barge_ins: list[float] = []
         self._printed: dict[int, None] = {}
         self._last_interim = ""
-        self._bot_speaking = False
 
     def _print(self, line: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.2f}s] {line}", flush=True)
@@ -141,18 +140,15 @@ class CallLog(FrameTimes):
                 turn.final_transcript = now
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._user_stopped(now - frame.stop_secs, turn)
-        elif isinstance(frame, InterruptionFrame) and self._bot_speaking:
+        elif isinstance(frame, InterruptionFrame) and self.bot_speaking:
             self.barge_ins.append(now)
             self._print("--- barge-in: the caller interrupted Annie ---")
-        elif isinstance(frame, BotStoppedSpeakingFrame):
-            self._bot_speaking = False
         elif isinstance(frame, LLMTextFrame) and turn and turn.llm_first_token is None:
             turn.llm_first_token = now
         elif isinstance(frame, TTSAudioRawFrame):
             if isinstance(data.source, TTSService) and turn and turn.tts_first_audio is None:
                 turn.tts_first_audio = now
         elif isinstance(frame, BotStartedSpeakingFrame):
-            self._bot_speaking = True
             if turn and turn.bot_started is None:
                 turn.bot_started = now
         elif isinstance(frame, TTSTextFrame):
@@ -175,7 +171,7 @@ class CallLog(FrameTimes):
 
 _WATCHED = (
     InterimTranscriptionFrame, TranscriptionFrame, VADUserStoppedSpeakingFrame, InterruptionFrame,
-    BotStoppedSpeakingFrame, LLMTextFrame, TTSAudioRawFrame, BotStartedSpeakingFrame, TTSTextFrame,
+    LLMTextFrame, TTSAudioRawFrame, BotStartedSpeakingFrame, TTSTextFrame,
 )
 
 
@@ -296,37 +292,29 @@ async def run_simulated_call(out_dir: str | Path, log_level: str | None = None, 
     return 0 if all(checks.values()) else 1
 
 
-class CallScript:
+class CallScript(ScriptedCaller):
     """The caller's side of the call: speak, wait for Annie, interrupt her, then judge."""
 
     def __init__(self, line: PhoneLine, log: CallLog, barge_in: bool):
-        self.line = line
+        super().__init__(line)
         self.log = log
         self.barge_in = barge_in
-
-    def _audible_after(self, t: float) -> bool:
-        last = self.line.sink_last_loud()
-        return last is not None and last > t + 0.2
-
-    def _silent_for(self, seconds: float) -> bool:
-        last = self.line.sink_last_loud()
-        return last is not None and time.monotonic() - last > seconds
 
     async def _say(self, text: str) -> tuple[float, float]:
         """Speak as the caller; returns when the voice starts and ends (monotonic seconds)."""
         pcm = await asyncio.to_thread(caller_speech, text)
-        start = time.monotonic()
-        return start + loud_onset(pcm, CALLER_RATE), start + self.line.say(pcm)
+        start, end = await self.play(pcm)
+        return start + loud_onset(pcm, CALLER_RATE), end
 
     async def run(self) -> dict[str, bool]:
         await asyncio.sleep(1.0)
         asked_1, _ = await self._say(QUESTIONS[0])
         answered_1 = await self._answered(KEYWORDS[0], asked_1) is not None
-        await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
+        await poll_until(lambda: self.silent_for(1.5), ANSWER_TIMEOUT_S)
         asked_2, _ = await self._say(QUESTIONS[1])
         answered_2 = await self._answered(KEYWORDS[1], asked_2) is not None
         await asyncio.sleep(INTERRUPT_AFTER_S)  # Annie is telling the story
-        still_speaking = self._audible_after(time.monotonic() - 0.5)
+        still_speaking = self.audible_after(time.monotonic() - 0.5)
         onset, _ = await self._say(INTERRUPTION)
         checks = {
             "the caller's questions were heard": all(
@@ -346,15 +334,15 @@ class CallScript:
 
     async def _judge_barge_in(self, onset: float) -> dict[str, bool]:
         log = self.log
-        interrupted = await _wait(lambda: any(t >= onset for t in log.barge_ins), 10)
+        interrupted = await poll_until(lambda: any(t >= onset for t in log.barge_ins), 10)
         cut = next((t for t in log.barge_ins if t >= onset), time.monotonic())
         answer_at = await self._answered(KEYWORDS[2], onset, audible=False)
         heard = self._heard_at(KEYWORDS[2], onset) is not None
         # Annie's next start of speech after the barge-in (an answer, or a request to repeat).
-        started = await _wait(lambda: self._reply_start(cut, answer_at) is not None, ANSWER_TIMEOUT_S)
+        started = await poll_until(lambda: self._reply_start(cut, answer_at) is not None, ANSWER_TIMEOUT_S)
         reply_at = self._reply_start(cut, answer_at) or time.monotonic()
-        replied = answer_at is not None and await _wait(lambda: self._audible_after(answer_at), 10)
-        await _wait(lambda: self._silent_for(1.5), ANSWER_TIMEOUT_S)
+        replied = answer_at is not None and await poll_until(lambda: self.audible_after(answer_at), 10)
+        await poll_until(lambda: self.silent_for(1.5), ANSWER_TIMEOUT_S)
         if started and not any(t.bot_started is not None and t.bot_started > cut for t in log.turns):
             print("\nnote: the output announced no start of speech (BotStartedSpeakingFrame) for Annie's reply; "
                   "it is timed from its first synthesized audio", flush=True)
@@ -372,13 +360,13 @@ class CallScript:
         holding one of ``keywords``, then the LLM's words after it), once audible at the ear
         (``audible``); None if any of it did not come. A request to repeat ("Sorry, I didn't
         catch that") is not an answer: it comes from no LLM text after the caller's words."""
-        if not await _wait(lambda: self._heard_at(keywords, asked) is not None, ANSWER_TIMEOUT_S):
+        if not await poll_until(lambda: self._heard_at(keywords, asked) is not None, ANSWER_TIMEOUT_S):
             return None
         heard_at = self._heard_at(keywords, asked)
-        if not await _wait(lambda: self.log.first("llm_text", heard_at) is not None, ANSWER_TIMEOUT_S):
+        if not await poll_until(lambda: self.log.first("llm_text", heard_at) is not None, ANSWER_TIMEOUT_S):
             return None
         answer_at = self.log.first("llm_text", heard_at)
-        if audible and not await _wait(lambda: self._audible_after(answer_at), ANSWER_TIMEOUT_S):
+        if audible and not await poll_until(lambda: self.audible_after(answer_at), ANSWER_TIMEOUT_S):
             return None
         return answer_at
 
@@ -408,7 +396,7 @@ class CallScript:
         return min(candidates) if candidates else None
 
     async def _judge_half_duplex(self, asked_2: float, onset: float) -> dict[str, bool]:
-        await _wait(lambda: self._silent_for(2.0), ANSWER_TIMEOUT_S * 2)
+        await poll_until(lambda: self.silent_for(2.0), ANSWER_TIMEOUT_S * 2)
         await asyncio.sleep(1.0)
         synthesized = self.log.synthesized_loud_seconds(asked_2)
         played = self.line.sink_loud_seconds(asked_2, time.monotonic())
@@ -418,15 +406,6 @@ class CallScript:
             "half-duplex: Annie was not interrupted": not any(t >= onset for t in self.log.barge_ins),
             "half-duplex: Annie's story reached the caller in full": synthesized > 0 and played >= 0.9 * synthesized,
         }
-
-
-async def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 __all__ = ["CallLog", "CallScript", "demo_settings", "latency_table", "run_simulated_call", "scripted_reply"]

@@ -63,8 +63,10 @@ class PhoneLine(Protocol):
     def sink_loud_seconds(self, start: float, end: float) -> float:
         """Seconds of sound that reached the caller's ear between two monotonic times."""
 
-    def sink_last_loud(self, before: float | None = None) -> float | None:
-        """When sound last reached the caller's ear (before ``before``, if given)."""
+    def sink_last_loud(self, before: float | None = None, after: float | None = None) -> float | None:
+        """When sound last reached the caller's ear (before ``before``, if given); ``after``: only
+        sound that ended after it counts (None if none did; a long call's record is not searched
+        further back)."""
 
     def channels(self, t0: float, end: float) -> tuple[np.ndarray, np.ndarray]:
         """(caller, ear): int16 16 kHz tracks from ``t0`` to ``end``."""
@@ -84,16 +86,17 @@ class PhoneLine(Protocol):
 
 def loud_seconds(pcm: np.ndarray, rate: int) -> float:
     """Seconds of 10 ms blocks louder than :data:`LOUD_RMS` in int16 audio."""
-    return float(_loud_blocks(pcm, rate).sum() * BLOCK_S)
+    return float(loud_blocks(pcm, rate).sum() * BLOCK_S)
 
 
 def loud_onset(pcm: np.ndarray, rate: int) -> float:
     """Seconds from the start of int16 audio to its first loud 10 ms block (0 if none)."""
-    loud = np.flatnonzero(_loud_blocks(pcm, rate))
+    loud = np.flatnonzero(loud_blocks(pcm, rate))
     return float(loud[0] * BLOCK_S) if loud.size else 0.0
 
 
-def _loud_blocks(pcm: np.ndarray, rate: int) -> np.ndarray:
+def loud_blocks(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """Which 10 ms blocks of int16 audio are louder than :data:`LOUD_RMS`."""
     block = int(rate * BLOCK_S)
     n = len(pcm) // block
     if n == 0:
@@ -131,9 +134,11 @@ class SimLine:
 
     has_echo = False
 
-    def __init__(self, out_rate: int = 24000, why: str = "", line: LineModel | None = None):
+    def __init__(self, out_rate: int = 24000, why: str = "", line: LineModel | None = None,
+                 max_recording_s: float = 3600.0):
         """``why``: the reason the PulseAudio rig is not used, for the label. ``line``: the caller's
-        voice is band-limited and levelled as that line would (its echo is not simulated)."""
+        voice is band-limited and levelled as that line would (its echo is not simulated).
+        ``max_recording_s``: how much of the call both channels keep (the latest)."""
         from transports.rig.simulated import SimulatedPhoneParams, SimulatedPhoneTransport
 
         self.out_rate = out_rate
@@ -143,7 +148,7 @@ class SimLine:
             self.label += f", caller through the {line.name} line's {line.band}"
         self.transport = SimulatedPhoneTransport(
             SimulatedPhoneParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=CALLER_RATE,
-                                 audio_out_sample_rate=out_rate)
+                                 audio_out_sample_rate=out_rate, max_recording_s=max_recording_s)
         )
 
     def say(self, pcm16k: np.ndarray) -> float:
@@ -168,16 +173,19 @@ class SimLine:
             total += loud_seconds(samples[first:last], chunk.sample_rate)
         return total
 
-    def sink_last_loud(self, before: float | None = None) -> float | None:
+    def sink_last_loud(self, before: float | None = None, after: float | None = None) -> float | None:
         for chunk in reversed(self._played()):
+            if after is not None and chunk.t + chunk.duration <= after:
+                return None
             if before is not None and chunk.t >= before:
                 continue
             samples = np.frombuffer(chunk.pcm, dtype=np.int16)
             if before is not None:
                 samples = samples[: max(0, int((before - chunk.t) * chunk.sample_rate))]
-            loud = np.flatnonzero(_loud_blocks(samples, chunk.sample_rate))
+            loud = np.flatnonzero(loud_blocks(samples, chunk.sample_rate))
             if loud.size:
-                return chunk.t + (loud[-1] + 1) * BLOCK_S
+                end = chunk.t + (loud[-1] + 1) * BLOCK_S
+                return end if after is None or end > after else None
         return None
 
     def _caller_track(self, t0: float, end: float | None) -> np.ndarray:
@@ -283,17 +291,19 @@ class RigLine:
         """Loudness and end time of each 10 ms block recorded at the earpiece so far."""
         rec = self._earpiece.snapshot()
         n = len(rec.block_end_times)
-        loud = _loud_blocks(rec.samples[: n * rec.block_samples], rec.sample_rate)
+        loud = loud_blocks(rec.samples[: n * rec.block_samples], rec.sample_rate)
         return loud, rec.block_end_times[: len(loud)]
 
     def sink_loud_seconds(self, start: float, end: float) -> float:
         loud, times = self._earpiece_blocks()
         return float((loud & (times > start) & (times <= end)).sum() * BLOCK_S)
 
-    def sink_last_loud(self, before: float | None = None) -> float | None:
+    def sink_last_loud(self, before: float | None = None, after: float | None = None) -> float | None:
         loud, times = self._earpiece_blocks()
         if before is not None:
             loud = loud & (times < before)
+        if after is not None:
+            loud = loud & (times > after)
         return float(times[loud][-1]) if loud.any() else None
 
     @staticmethod
