@@ -288,3 +288,25 @@ def test_the_caller_voice_gate_resumes_on_another_voice_and_never_later():
 def test_a_gate_verdict_after_a_commit_changes_nothing():
     core, taken, _ = run([(1.0, "voice"), (1.2, "partial", "stop please")])
     assert core.voice_verdict(1.5, not_caller=True).actions == []
+
+
+def test_a_late_final_counts_from_its_own_utterances_resume_not_a_later_one():
+    """The previous utterance lasted, got no words in time and was resumed on at 2.1 (WAITED); a
+    new sound paused Annie and the gate resumed on it at 4.6 while it still played; the first
+    utterance's final comes at 4.9, 2.8 s after its own resume: past ``late_words_s`` (2.0), so
+    it does not commit. Before the core kept each resume with its state (until 944eb36) the time
+    was counted from the latest resume (0.3 s) and these words committed."""
+    core, taken, _ = run([(1.0, "voice"), (1.6, "quiet")], until=2.5)
+    assert taken == [(1.0, "pause"), (2.1, "reset"), (2.1, "resume")]
+    core.voice_started(4.0)
+    core.playback_paused(4.0)
+    assert [ACTION_NAMES[type(a)] for a in core.voice_verdict(4.6, not_caller=True).actions] == ["reset", "resume"]
+    out = core.words(4.9, "what is the weather like", final=True, annies_words=ECHO)
+    assert [ACTION_NAMES[type(a)] for a in out.actions] == ["reset"]
+    # Within late_words_s of its own resume the same final still commits, as before.
+    core, _, _ = run([(1.0, "voice"), (1.6, "quiet")], until=2.5)
+    core.voice_started(3.0)
+    core.playback_paused(3.0)
+    core.voice_verdict(3.6, not_caller=True)
+    out = core.words(3.9, "what is the weather like", final=True, annies_words=ECHO)
+    assert [ACTION_NAMES[type(a)] for a in out.actions] == ["commit"]

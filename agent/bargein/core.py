@@ -113,6 +113,23 @@ class Resumed(Enum):
     NOT_CALLER = "not caller"  # the caller-voice gate said it was another voice (TV, echo)
 
 
+@dataclass
+class _Paused:
+    """The PAUSED state: what is known of the sound that paused Annie."""
+
+    at: float  # the pause; then the moment Annie was silent (the window and the blip count from it)
+    words: bool = False  # words that are not Annie's own came while paused
+    blip: bool = False  # it ended within blip_s of the pause, with no words
+
+
+@dataclass(frozen=True)
+class _Resumed:
+    """The RESUMED state: how and when Annie resumed on the current utterance."""
+
+    how: Resumed
+    at: float
+
+
 class Flow(Enum):
     """What the frame that carried an event does next among the start strategies."""
 
@@ -209,22 +226,24 @@ class BargeInCore:
 
     def __init__(self, params: BargeInParams | None = None):
         self.params = params or BargeInParams()
-        self.phase = Phase.LISTENING
+        # The state: LISTENING (None), PAUSED (its sound's facts) or RESUMED (how and when).
+        self._state: _Paused | _Resumed | None = None
         self.bot_speaking = False
         self.caller_speaking = False
         # When the decision is due (PAUSED only; the time a WakeAt asked for).
         self.wake_at: float | None = None
-        self._paused_at = 0.0
         self._quiet_since = 0.0  # the caller's last VAD stop
         self._stopped_since_start = True  # a VAD stop came since the current utterance's start
-        self._words_while_paused = False  # words that are not Annie's own came while paused
-        self._blip = False  # the paused utterance ended within blip_s of the pause, with no words
-        self._resumed_how: Resumed | None = None  # RESUMED: how the current utterance was resumed on
-        self._previous_resumed: Resumed | None = None  # the one before (its final may be on its way)
-        self._resumed_at = 0.0
+        self._previous_resumed: _Resumed | None = None  # the utterance before, if resumed on (its final may come)
         self._tail = AnsweredTurnTail()
         # ("commit" | "resume", seconds after the pause) or ("commit late", seconds after the resume)
         self.decisions: list[tuple[str, float]] = []
+
+    @property
+    def phase(self) -> Phase:
+        if isinstance(self._state, _Paused):
+            return Phase.PAUSED
+        return Phase.RESUMED if isinstance(self._state, _Resumed) else Phase.LISTENING
 
     # --- events --------------------------------------------------------------------------------
 
@@ -243,46 +262,45 @@ class BargeInCore:
     def turn_started(self, now: float) -> Outcome:
         """The caller's turn started (here or by another strategy): nothing is pending any more."""
         self.wake_at = None
-        if self.phase is Phase.PAUSED:
-            self.phase = Phase.LISTENING
+        if isinstance(self._state, _Paused):
+            self._state = None
         return Outcome()
 
     def voice_started(self, now: float) -> Outcome:
         self.caller_speaking = True
         self._stopped_since_start = False
         self._tail.voice_started()
-        self._previous_resumed = self._resumed_how
-        if self.phase is Phase.RESUMED:
-            self._enter_listening()
-        if self.phase is Phase.PAUSED:
+        state = self._state
+        self._previous_resumed = state if isinstance(state, _Resumed) else None
+        if isinstance(state, _Resumed):
+            self._state = None
+        if isinstance(state, _Paused):
             # The caller goes on after a short gap, still paused: the same utterance. The decision
             # is due at the window's end again (at once, with a commit, if that has passed).
-            return self._wake(max(self.wake_at or 0.0, self._paused_at + self.params.window_s))
+            return self._wake(max(self.wake_at or 0.0, state.at + self.params.window_s))
         if not self.bot_speaking:
             return Outcome([StartTurn()], Flow.STOP)
-        self.phase = Phase.PAUSED
-        self._paused_at = now  # until the playback says it is silent (playback_paused)
-        self._words_while_paused = False
-        self._blip = False
+        self._state = _Paused(at=now)  # ``at`` until the playback says it is silent (playback_paused)
         return Outcome([Pause()])
 
     def playback_paused(self, now: float) -> Outcome:
         """Annie is silent (the :class:`Pause` was carried out; a sink may take a few ms to flush):
         the window, and the blip's measure, start here."""
-        if self.phase is not Phase.PAUSED:
+        if not isinstance(self._state, _Paused):
             return Outcome()
-        self._paused_at = now
+        self._state.at = now
         return self._wake(now + self.params.window_s)
 
     def voice_stopped(self, now: float) -> Outcome:
         self.caller_speaking = False
         self._stopped_since_start = True
         self._quiet_since = now
-        if self.phase is not Phase.PAUSED:
+        paused = self._state
+        if not isinstance(paused, _Paused):
             return Outcome()
-        lasted = now - self._paused_at
-        self._blip = lasted <= self.params.blip_s and not self._words_while_paused
-        if self._blip:
+        lasted = now - paused.at
+        paused.blip = lasted <= self.params.blip_s and not paused.words
+        if paused.blip:
             return self._wake(now)
         if lasted >= self.params.long_sound_s:
             return self._wake(now + self.params.final_wait_s)
@@ -300,18 +318,18 @@ class BargeInCore:
         if final and not self._stopped_since_start and self._previous_resumed:
             # Every STT here finalizes on a VAD stop, so a final before this utterance's stop is
             # the late final of the previous one, which was judged and resumed on.
-            how, self._previous_resumed = self._previous_resumed, None
-            return self._late_words(now, words, how, echo)
-        if self.phase is Phase.RESUMED:
+            resumed, self._previous_resumed = self._previous_resumed, None
+            return self._late_words(now, words, resumed, echo)
+        if isinstance(self._state, _Resumed):
             # Every partial and the final of an utterance that was resumed on, until the caller's
             # next one starts: none may open a turn of its own (a turn opened by a partial has no
             # text and holds the caller's next question until pipecat's stop watchdog).
-            return self._late_words(now, words, self._resumed_how, echo)
-        paused = self.phase is Phase.PAUSED
+            return self._late_words(now, words, self._state, echo)
+        paused = isinstance(self._state, _Paused)
         if not paused and not self.bot_speaking:
             return Outcome([StartTurn()], Flow.STOP)
         if paused and not _all_in(words, echo):
-            self._words_while_paused = True  # Annie's own words do not make a sound more than a blip
+            self._state.words = True  # Annie's own words do not make a sound more than a blip
         if self._real_words(words, echo):
             return self._commit(now, "words")
         if final and paused and self._stopped_since_start:
@@ -323,19 +341,16 @@ class BargeInCore:
         :mod:`agent.bargein.gate`). Clearly not the caller: resume now, by the backchannel's path,
         and its words will not commit later. Anything else leaves the rules as they are, so the
         gate never decides later than they would."""
-        if self.phase is not Phase.PAUSED or not not_caller:
+        if not isinstance(self._state, _Paused) or not not_caller:
             return Outcome()
         self.wake_at = None
-        self._blip = False
-        out = self._resume(now)
-        self._resumed_how = Resumed.NOT_CALLER
-        return out
+        return self._resume(now, Resumed.NOT_CALLER)
 
     def tick(self, now: float) -> Outcome:
         """The time asked for by :class:`WakeAt` has come (an early or stray tick does nothing)."""
         if self.wake_at is None or now < self.wake_at:
             return Outcome([WakeAt(self.wake_at)] if self.wake_at is not None else [])
-        if self.phase is not Phase.PAUSED:
+        if not isinstance(self._state, _Paused):
             self.wake_at = None
             return Outcome()
         quiet_until = self._quiet_since + self.params.resume_quiet_s
@@ -344,7 +359,7 @@ class BargeInCore:
         self.wake_at = None
         if self.caller_speaking:
             return self._commit(now, "kept talking")
-        return self._resume(now)
+        return self._resume(now, Resumed.BLIP if self._state.blip else Resumed.WAITED)
 
     # --- rules ---------------------------------------------------------------------------------
 
@@ -353,35 +368,29 @@ class BargeInCore:
         content = [w for w in words if w not in self.params.backchannels and not _HUM.match(w)]
         return bool(content) and not _all_in(content, echo)
 
-    def _late_words(self, now: float, words: list[str], how: Resumed | None, echo: frozenset[str]) -> Outcome:
+    def _late_words(self, now: float, words: list[str], resumed: _Resumed, echo: frozenset[str]) -> Outcome:
         """Words of an utterance Annie already resumed on. A blip's words stand as decided; an
         utterance that lasted but whose real words came late is the caller's, within
         ``late_words_s`` of the resume. Backchannels and echo stay ignored."""
-        since = now - self._resumed_at
-        if how is Resumed.WAITED and since <= self.params.late_words_s and self._real_words(words, echo):
+        since = now - resumed.at
+        if resumed.how is Resumed.WAITED and since <= self.params.late_words_s and self._real_words(words, echo):
             self.decisions.append(("commit late", since))
             self.wake_at = None
-            self._enter_listening()
+            self._state = None
             return Outcome([Commit("words after the resume")], Flow.STOP)
         return Outcome([ResetAggregation()])
 
     def _commit(self, now: float, why: str) -> Outcome:
-        if self.phase is Phase.PAUSED:
-            self.decisions.append(("commit", now - self._paused_at))
-            self.phase = Phase.LISTENING
+        if isinstance(self._state, _Paused):
+            self.decisions.append(("commit", now - self._state.at))
+            self._state = None
         self.wake_at = None
         return Outcome([Commit(why)], Flow.STOP)
 
-    def _resume(self, now: float) -> Outcome:
-        self.decisions.append(("resume", now - self._paused_at))
-        self.phase = Phase.RESUMED
-        self._resumed_how = Resumed.BLIP if self._blip else Resumed.WAITED
-        self._resumed_at = now
+    def _resume(self, now: float, how: Resumed) -> Outcome:
+        self.decisions.append(("resume", now - self._state.at))
+        self._state = _Resumed(how, now)
         return Outcome([ResetAggregation(), Resume(self.params.resume_backup_ms)])
-
-    def _enter_listening(self) -> None:
-        self.phase = Phase.LISTENING
-        self._resumed_how = None
 
     def _wake(self, t: float) -> Outcome:
         self.wake_at = t
