@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench import bargein_audio as audio
 from agent.demo.caller import ScriptedCaller, poll_until
 from agent.demo.frames import FrameTimes
+from bench import bargein_audio as audio
 
 STORIES = (
     "Once upon a time, a little boat sailed out to sea on a bright summer morning. The sailor sang to "
