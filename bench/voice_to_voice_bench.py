@@ -37,7 +37,6 @@ import asyncio
 import json
 import platform
 import sys
-import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from pipecat.frames.frames import LLMContextFrame, UserStoppedSpeakingFrame, VAD
 
 from agent.config import AgentSettings
 from agent.demo.call import running_call
-from agent.demo.caller import ScriptedCaller
+from agent.demo.caller import ScriptedCaller, poll_until
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.demo.standins.streaming_stt import ScriptedStreamingSTT
 from agent.demo.standins.tts_server import TTSStandIn, TTSStandInOptions
@@ -108,12 +107,10 @@ class Caller(ScriptedCaller):
         await self.call.wait_until(lambda: not self.line.caller_busy(), 5, "the caller's audio")
         await asyncio.sleep(0.1)  # the rig's recorders are a block or two behind
         end = float(self.voice_times(t0).max()) + BLOCK_S
-        deadline = time.monotonic() + 15
-        while not (heard := self.ear_times(end)).size:  # each look copies the recording: not too often
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out after 15 s waiting for Annie to answer at the ear")
-            await asyncio.sleep(0.05)
-        return end, float(heard.min())
+        # Each look copies the recording: not too often.
+        if not await poll_until(lambda: self.ear_times(end).size > 0, 15, poll_s=0.05):
+            raise AssertionError("timed out after 15 s waiting for Annie to answer at the ear")
+        return end, float(self.ear_times(end).min())
 
     async def settle(self, quiet_s: float, timeout: float) -> None:
         """Until Annie has been silent at the ear for ``quiet_s``."""

@@ -26,6 +26,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from agent.config import AgentSettings
 from agent.pipeline import CallPipeline, build_call_pipeline
+from agent.demo.caller import poll_until
 from agent.demo.frames import FrameTimes
 from agent.services import build_llm
 from transports.rig.simulated import SimulatedPhoneTransport
@@ -70,11 +71,8 @@ class CallHarness:
         return onset
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-            await asyncio.sleep(0.01)
+        if not await poll_until(predicate, timeout, poll_s=0.01):
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         return time.monotonic()
 
     def audible_since(self, t: float, threshold_rms: float = 200.0) -> float:

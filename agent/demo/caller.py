@@ -50,8 +50,7 @@ class ScriptedCaller:
     def audible_after(self, t: float, margin_s: float = 0.2) -> bool:
         """Annie was heard more than ``margin_s`` after ``t`` (the margin: a block that was
         already playing at ``t`` is not a new sound)."""
-        last = self.line.sink_last_loud(after=t + margin_s)
-        return last is not None and last > t + margin_s
+        return self.line.sink_last_loud(after=t + margin_s) is not None
 
     def silent_for(self, seconds: float) -> bool:
         """Annie was heard, and not for the last ``seconds``."""
