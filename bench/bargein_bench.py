@@ -137,19 +137,22 @@ async def start_backends(stack: AsyncExitStack, tts: str) -> Backends:
     return Backends(llm.base_url, server.url, llm_label, "espeak-ng Chatterbox stand-in (agent/demo/standins/tts_server.py)")
 
 
-def offline_vad_latency(records: list[dict], source: np.ndarray, params) -> None:
+def offline_vad_latency(records: list[dict], source: np.ndarray, params, live_starts: list[float] = ()) -> None:
     """Add ``offline_vad_ms`` to each caller event Annie spoke over: the same VAD, run offline on
     the recorded agent input, from the onset to its first start (the signal's share of the
-    detect latency, without the pipeline's scheduling)."""
+    detect latency, without the pipeline's scheduling); and ``live_vad_ms``, the pipeline's own
+    first VAD start (``live_starts``, seconds on the same clock), so the two can be told apart."""
     from bench.bargein_aec_probe import VadSetting, run_vad, vad_onsets
 
     setting = VadSetting(params.confidence, round(params.start_secs * 1000), params.min_volume)
     starts = np.array(vad_onsets(run_vad(source, setting)["speaking"])) / 16000
+    live = np.array(sorted(live_starts))
     for rec in records:
         if rec["group"] == "question" or not rec["annie_speaking"]:
             continue
-        later = starts[(starts >= rec["onset"] - 0.05) & (starts < rec["end"] + 1.0)]
-        rec["offline_vad_ms"] = round(1000 * (later[0] - rec["onset"])) if len(later) else None
+        for key, found in (("offline_vad_ms", starts), ("live_vad_ms", live)):
+            later = found[(found >= rec["onset"] - 0.05) & (found < rec["end"] + 1.0)]
+            rec[key] = round(1000 * (later[0] - rec["onset"])) if len(later) else None
 
 
 def record_pauses(output) -> list[tuple[float, float | None]]:
@@ -269,7 +272,7 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                              "agent_input": agent_input}, f)
         records = analysis.records()
         if agent_input is not None:
-            offline_vad_latency(records, agent_input, vad.params)
+            offline_vad_latency(records, agent_input, vad.params, [t - t0 for t in times.by_kind.get("vad_start", [])])
         model = getattr(line, "line", None)
         return {"pass": name, "line": line.label, "has_echo": line.has_echo, "pause_first": pause_first,
                 "preset": model.name if model else None, "canceller": getattr(line, "canceller", None),

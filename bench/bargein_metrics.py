@@ -47,6 +47,14 @@ def stats_ms(values: list[float]) -> dict:
     return {"n": len(ms), "median_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "max_ms": max(ms) if ms else None}
 
 
+def vad_pipeline_lag(records: list[dict]) -> dict:
+    """How much later the live pipeline's VAD started than the same VAD run offline on the audio it
+    heard, per event with both (positive: the host held the audio or the analyzer back)."""
+    lags = [(r["live_vad_ms"] - r["offline_vad_ms"]) / 1000 for r in records
+            if r.get("live_vad_ms") is not None and r.get("offline_vad_ms") is not None]
+    return stats_ms(lags) | {"over_100ms": sum(lag > 0.1 for lag in lags)}
+
+
 def energy_onset(track: np.ndarray, t0: float, after: float, before: float) -> float | None:
     block = 160
     i0, i1 = max(0, int((after - t0) * seg.RATE)), min(len(track), int((before - t0) * seg.RATE))
@@ -301,6 +309,8 @@ def summarize(records: list[dict], echo: dict) -> dict:
         # The same VAD run offline on the recorded agent input (rig only): the signal's share.
         "offline_vad_latency": stats_ms([r["offline_vad_ms"] / 1000 for r in inter if r.get("offline_vad_ms") is not None]),
         "offline_vad_missed": sum(1 for r in inter if "offline_vad_ms" in r and r["offline_vad_ms"] is None),
+        # The pipeline's share: its own VAD start after the offline one on the same audio (host load).
+        "vad_pipeline_lag": vad_pipeline_lag(inter),
         "stale_chunks": sum(r["stale_chunks"] or 0 for r in inter),
         "stale_s": sum(r["stale_s"] or 0 for r in inter),
         "wrongly_resumed": sum(r["wrongly_resumed"] for r in inter),

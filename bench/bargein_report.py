@@ -158,6 +158,9 @@ def markdown(results: dict) -> str:
                 *([f"| VAD alone on the recorded agent input (offline, same parameters), median / p95 | "
                    f"{_f(s['offline_vad_latency']['median_ms'])} / {_f(s['offline_vad_latency']['p95_ms'])} ms "
                    f"({s.get('offline_vad_missed', 0)} never started) |"] if s.get("offline_vad_latency", {}).get("n") else []),
+                *([f"| the pipeline's VAD start minus the offline one (host load), median / p95 (n; over 100 ms) | "
+                   f"{_f(s['vad_pipeline_lag']['median_ms'])} / {_f(s['vad_pipeline_lag']['p95_ms'])} ms "
+                   f"({s['vad_pipeline_lag']['n']}; {s['vad_pipeline_lag']['over_100ms']}) |"] if s.get("vad_pipeline_lag", {}).get("n") else []),
                 f"| response latency after an interruption (FD-Bench), median / p95 | {_f(s['response_latency']['median_ms'])} / {_f(s['response_latency']['p95_ms'])} ms |",
                 f"| voice-to-voice, median / p95 (n) | {_f(s['voice_to_voice']['median_ms'])} / {_f(s['voice_to_voice']['p95_ms'])} ms ({s['voice_to_voice']['n']}; {s.get('questions_not_answered', 0)} not answered within 8 s) |",
                 "| voice-to-voice stages (median ms) | " + ", ".join(f"{k} {_f(v)}" for k, v in s["voice_to_voice_stages_median_ms"].items()) + " |",

@@ -145,3 +145,14 @@ def test_gate_verdicts_are_put_to_the_sound_they_scored():
     assert rec["by_source"]["echo"]["not_caller"] == 1 and rec["by_source"]["echo"]["unsure"] == 1
     assert rec["by_source"]["interruption"]["caller_score_median"] == pytest.approx(0.81)
     assert gate_record(None, records, t0)["verdicts"] == []
+
+
+def test_the_pipelines_vad_lag_is_counted_only_where_both_starts_are_known():
+    from bench.bargein_metrics import vad_pipeline_lag
+
+    records = [{"live_vad_ms": 140, "offline_vad_ms": 120}, {"live_vad_ms": 1430, "offline_vad_ms": 200},
+               {"live_vad_ms": None, "offline_vad_ms": 300}, {"offline_vad_ms": 100}, {}]
+    lag = vad_pipeline_lag(records)
+    assert lag["n"] == 2 and lag["over_100ms"] == 1
+    assert lag["max_ms"] == pytest.approx(1230.0)
+    assert vad_pipeline_lag([])["n"] == 0

@@ -149,8 +149,8 @@ class Aec3Canceller:
 
     label = "aec3"
 
-    def __init__(self, rate: int = 16000, *, keep_output: bool = False, clock=time.monotonic):
-        """Create the canceller.
+    def __init__(self, rate: int = 16000, *, keep_output: bool = False, clock=time.monotonic, auto_gain: bool = False):
+        """Create the canceller; ``auto_gain`` adds WebRTC's gain control after it (quiet callers louder).
 
         Raises:
             SetupError: The AEC3 binding is missing or refuses the rate (names ECHO_CANCELLER).
@@ -167,7 +167,7 @@ class Aec3Canceller:
         self.rate = rate
         self._frame = rate * FRAME_MS // 1000
         self._lag = int(REFERENCE_LAG_S * rate)
-        self._apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True)
+        self._apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True, auto_gain_control=auto_gain)
         self.reference = EchoReference(rate, clock)
         self._clock = clock
         self._count = 0  # mic samples seen
