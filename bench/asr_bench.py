@@ -186,7 +186,7 @@ def host_only(args) -> None:
         cpu = {"cpu_p50_ms": round(percentile(load.cpu_ms, 50), 2), "cpu_p95_ms": round(percentile(load.cpu_ms, 95), 2)}
         rows.append({**load.row(), **cpu, "gc_ms_total": round(sum(load.gc_ms), 2)})
         print(f"batch {batch}: step p50 {rows[-1]['step_p50_ms']} / p95 {rows[-1]['step_p95_ms']} ms (CPU time p50 {cpu['cpu_p50_ms']} /"
-              f" p95 {cpu['cpu_p95_ms']} ms), {rows[-1]['tokens_per_stream']} tokens per stream,"
+              f" p95 {cpu['cpu_p95_ms']} ms); feed p50 {rows[-1]['feed_p50_ms']} ms; {rows[-1]['tokens_per_stream']} tokens per stream,"
               f" garbage collector {rows[-1]['gc_ms_total']} ms in {args.steps} steps", flush=True)
         for s in load.states:
             s.reset()

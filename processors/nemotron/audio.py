@@ -15,6 +15,18 @@ class AudioFormatError(ValueError):
     """Audio handed to the engine cannot be interpreted (wrong type, rate or shape)."""
 
 
+def pcm16_of(pcm: np.ndarray | bytes | bytearray | memoryview, carry: bytes = b"") -> tuple[np.ndarray | None, bytes]:
+    """The int16 samples of little-endian 16-bit PCM bytes (an odd trailing byte carried to the
+    next call) or of a 1-D int16 array, and the new carry; None for any other input."""
+    if isinstance(pcm, (bytes, bytearray, memoryview)):
+        raw = carry + bytes(pcm)
+        usable = len(raw) - (len(raw) % 2)
+        return np.frombuffer(raw[:usable], dtype="<i2"), raw[usable:]
+    if isinstance(pcm, np.ndarray) and pcm.dtype == np.int16 and pcm.ndim == 1:
+        return pcm, carry
+    return None, carry
+
+
 def pcm_to_float(pcm: np.ndarray | bytes | bytearray | memoryview, carry: bytes = b"") -> tuple[np.ndarray, bytes]:
     """Convert mono PCM to float32 in [-1, 1]; returns (samples, odd trailing byte to carry).
 
@@ -22,11 +34,9 @@ def pcm_to_float(pcm: np.ndarray | bytes | bytearray | memoryview, carry: bytes 
     int16 array, or a float array in [-1, 1]. NaN becomes 0 and +/-inf or out-of-range values
     are clipped, so a broken upstream can never poison the model's caches.
     """
-    if isinstance(pcm, (bytes, bytearray, memoryview)):
-        raw = carry + bytes(pcm)
-        usable = len(raw) - (len(raw) % 2)
-        samples = np.frombuffer(raw[:usable], dtype="<i2").astype(np.float32) / 32768.0
-        return samples, raw[usable:]
+    pcm16, carry = pcm16_of(pcm, carry)
+    if pcm16 is not None:
+        return pcm16.astype(np.float32) / 32768.0, carry
     arr = np.asarray(pcm)
     if arr.ndim != 1:
         if arr.ndim == 2 and 1 in arr.shape:
@@ -59,25 +69,55 @@ class Resampler:
             return samples
         return self._stream.resample_chunk(samples, last=last)
 
+    @property
+    def passes_through(self) -> bool:
+        """Whether the input is at the model rate already (samples come out as they went in)."""
+        return self._stream is None
+
     def reset(self) -> None:
         if self._stream is not None:
             self._stream.clear()
 
 
 class SampleWindow:
-    """The tail of a stream's 16 kHz samples, addressed by absolute sample index."""
+    """The tail of a stream's 16 kHz samples, addressed by absolute sample index.
+
+    The samples sit in one buffer with room to spare: an append writes behind the last sample
+    (int16 PCM converted on the way in, no intermediate array); only a full buffer is replaced,
+    by a new one holding the kept samples. A buffer is never written before its end, so a slice
+    stays what it was across later appends and forgets.
+    """
+
+    SPARE = 8192  # samples of room beyond twice what a new buffer must hold
 
     def __init__(self) -> None:
         self.base = 0  # absolute index of the first kept sample
         self.total = 0  # samples received so far
         self._samples = np.zeros(0, dtype=np.float32)
-        self._offset = 0  # forgotten samples still at the front of the array
+        self._offset = 0  # forgotten samples still at the front of the buffer
+        self._end = 0  # buffer index behind the last sample
 
     def append(self, samples: np.ndarray) -> None:
+        """Append float samples (float32 kept as they are)."""
         if samples.size:
-            self._samples = np.concatenate([self._samples[self._offset :], samples.astype(np.float32, copy=False)])
-            self._offset = 0
-            self.total += int(samples.size)
+            self._room(samples.size)[:] = samples
+
+    def append_pcm16(self, pcm: np.ndarray) -> None:
+        """Append int16 PCM as float32 in [-1, 1): exactly ``pcm.astype(np.float32) / 32768.0``."""
+        if pcm.size:
+            np.multiply(pcm, _PCM16_SCALE, out=self._room(pcm.size))
+
+    def _room(self, n: int) -> np.ndarray:
+        """The buffer's next ``n`` samples, counted as received (the caller fills them)."""
+        if self._end + n > self._samples.size:
+            kept = self._end - self._offset
+            grown = np.empty(2 * (kept + n) + self.SPARE, dtype=np.float32)
+            grown[:kept] = self._samples[self._offset : self._end]
+            self._samples, self._offset, self._end = grown, 0, kept
+        room = self._samples[self._end : self._end + n]
+        self._end += n
+        self.total += n
+        return room
 
     def slice(self, start: int, end: int) -> np.ndarray:
         """Samples [start, end) in absolute indices; start must not precede the kept base."""
@@ -94,5 +134,9 @@ class SampleWindow:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the samples still kept (what the next append leaves in memory)."""
-        return int(self._samples[self._offset :].nbytes)
+        """Bytes of the samples still kept (the buffer holds at most about twice as many, plus
+        one append and ``SPARE``)."""
+        return 4 * (self.total - self.base)
+
+
+_PCM16_SCALE = np.float32(1.0 / 32768.0)  # a power of two: the product equals the division

@@ -29,10 +29,10 @@ import torch
 from loguru import logger
 
 from processors.errors import SetupError
-from processors.nemotron.audio import MODEL_SAMPLE_RATE, pcm_to_float
+from processors.nemotron.audio import MODEL_SAMPLE_RATE, pcm16_of, pcm_to_float
 from processors.nemotron.mel import MelBatcher
 from processors.nemotron.model import LoadedModel, cast_matmul_weights, load_streaming_model, prepare_streaming_model, resolve_device
-from processors.nemotron.stream import StepJob, StreamState, eager_stream_step
+from processors.nemotron.stream import FrameGeometry, StepBatch, StreamState, eager_stream_step, step_windows
 from processors.nemotron.text import TextDecoder
 
 __all__ = ["CHUNK_MS_TO_RIGHT_CONTEXT", "NemotronStreamingEngine", "StreamState"]
@@ -78,6 +78,7 @@ class NemotronStreamingEngine:
         self._features = int(featurizer.nfilt)
         # Samples before a frame's centre that its window (and pre-emphasis) can reach.
         self._left_frames = -(-(self._half_fft + 1) // self._hop)
+        self._geometry = FrameGeometry(self._hop, self._half_fft, self._left_frames, self._pre_cache)
         self.final_pad_ms = chunk_ms if final_pad_ms is None else final_pad_ms
         self._lock = threading.Lock()
         self._mel = MelBatcher(self._model.preprocessor, self.device)
@@ -227,14 +228,26 @@ class NemotronStreamingEngine:
 
     def feed(self, state: StreamState, pcm: np.ndarray | bytes) -> None:
         """Append PCM (16-bit bytes, int16 or float array) to the stream; no model work."""
+        pcm16, carry = pcm16_of(pcm, state.carry)
+        if pcm16 is not None and state.resampler.passes_through:  # converted as it is written
+            state.carry = carry
+            state.audio_s += pcm16.size / state.sample_rate
+            state.window.append_pcm16(pcm16)
+            return
         samples, state.carry = pcm_to_float(pcm, state.carry)
         state.audio_s += samples.size / state.sample_rate
         state.window.append(state.resampler(samples))
 
     def ready(self, state: StreamState) -> bool:
         """Whether the stream holds enough audio for its next encoder step."""
-        need = self._first_frames if state.steps == 0 else self._shift_frames
-        return self._frames_settled(state.window.total) - state.frames_done >= need
+        return self._ready_end(state) is not None
+
+    def _ready_end(self, state: StreamState) -> int | None:
+        """The end frame of the stream's next step if it holds the audio for it, else None."""
+        end = state.frames_done + (self._first_frames if state.steps == 0 else self._shift_frames)
+        total = state.window.total
+        settled = 0 if total < self._half_fft else (total - self._half_fft) // self._hop + 1
+        return end if settled >= end else None
 
     def accept(self, state: StreamState, pcm: np.ndarray | bytes) -> str | None:
         """Feed PCM and step every complete chunk; the new partial text if it changed, else None."""
@@ -256,9 +269,9 @@ class NemotronStreamingEngine:
         before = [s.text for s in states]
         groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
         for s in states:
-            if self.ready(s):
-                need = self._first_frames if s.steps == 0 else self._shift_frames
-                groups.setdefault(self._start_of(s)[1:], []).append((s, s.frames_done + need))
+            end = self._ready_end(s)
+            if end is not None:
+                groups.setdefault(self._group_of(s), []).append((s, end))
         for work in groups.values():
             self._run(work, keep_all=False)
         return [s.text if s.text != text else None for s, text in zip(states, before)]
@@ -287,7 +300,7 @@ class NemotronStreamingEngine:
             for s in pending:
                 end = self._final_end(s)
                 if end > s.frames_done:
-                    groups.setdefault(self._start_of(s)[1:], []).append((s, end))
+                    groups.setdefault(self._group_of(s), []).append((s, end))
             for work in groups.values():
                 self._run(work, keep_all=True)
             pending = []
@@ -342,12 +355,9 @@ class NemotronStreamingEngine:
 
     # ----- internals ------------------------------------------------------------------------
 
-    def _frames_settled(self, total: int) -> int:
-        """Mel frames whose whole window lies inside the first ``total`` samples."""
-        return 0 if total < self._half_fft else (total - self._half_fft) // self._hop + 1
-
-    def _job(self, state: StreamState, end_frame: int) -> StepJob:
-        """The samples behind the next step's mel frames [start, end_frame), history included.
+    def _batch(self, work: list[tuple[StreamState, int]]) -> StepBatch:
+        """The samples behind the next step's mel frames, history included, for each (stream,
+        end frame) of ``work`` (all in one group, see :meth:`_group_of`).
 
         NeMo's rules: the first chunk goes in alone with nothing dropped; later chunks carry
         ``pre_encode_cache_size`` frames of history whose extra subsampled outputs are dropped.
@@ -355,21 +365,24 @@ class NemotronStreamingEngine:
         frame 0 and the encoder frames already emitted are dropped: zero-padding the history,
         as NeMo's own buffer does, would not match an offline pass.
         """
-        start, first, drop = self._start_of(state)
-        window_start = max(0, start - self._left_frames) * self._hop
-        window_end = min(state.window.total, (end_frame - 1) * self._hop + self._half_fft)
-        samples = state.window.slice(window_start, window_end)
-        skip = start - window_start // self._hop
-        return StepJob(state, samples, skip, end_frame - start, first, drop, end_frame - state.frames_done)
+        states = [s for s, _ in work]
+        n = len(states)
+        ends = np.fromiter((end for _, end in work), np.int64, n)
+        done = np.fromiter((s.frames_done for s in states), np.int64, n)
+        totals = np.fromiter((s.window.total for s in states), np.int64, n)
+        w = step_windows(self._geometry, done, ends, totals)
+        starts, sizes = w["window_start"].tolist(), w["sizes"].tolist()
+        samples = [s.window.slice(a, a + k) for s, a, k in zip(states, starts, sizes)]
+        return StepBatch(states, samples, w["sizes"], w["skip"], w["count"], ends, *self._group_of(states[0]))
 
-    def _start_of(self, state: StreamState) -> tuple[int, bool, int]:
-        """The next step's first input frame, whether it is the stream's first step, and the
-        subsampled history frames it drops (streams step together only when the last two agree)."""
+    def _group_of(self, state: StreamState) -> tuple[bool, int]:
+        """Whether the next step is the stream's first, and the subsampled history frames it
+        drops: streams step together only when both agree."""
         if state.steps == 0:
-            return 0, True, 0
+            return True, 0
         if state.frames_done < self._pre_cache:
-            return 0, False, state.steps * self._valid_out
-        return state.frames_done - self._pre_cache, False, self._drop
+            return False, state.steps * self._valid_out
+        return False, self._drop
 
     def _run(self, work: list[tuple[StreamState, int]], keep_all: bool) -> None:
         """One ``conformer_stream_step`` for each (stream, end frame) of ``work`` (all with the
@@ -378,11 +391,11 @@ class NemotronStreamingEngine:
             if self.fast:
                 self._run_fast(work, keep_all)
                 return
-            jobs = [self._job(state, end) for state, end in work]
-            inputs, lengths = self._mel(jobs)
+            batch = self._batch(work)
+            inputs, lengths = self._mel(batch)
             with torch.inference_mode(), self._autocast():
-                eager_stream_step(self._model, [job.state for job in jobs], inputs, lengths, keep_all, jobs[0].first, jobs[0].drop)
-            self._advance(jobs)
+                eager_stream_step(self._model, batch.states, inputs, lengths, keep_all, batch.first, batch.drop)
+            self._advance(batch)
 
     def _run_fast(self, work: list[tuple[StreamState, int]], keep_all: bool) -> None:
         """The same step on the fast path: slots, static-shape (graphed on CUDA) steps.
@@ -392,10 +405,10 @@ class NemotronStreamingEngine:
         last one, and reads a part's tokens while the GPU steps the next. A smaller remainder part
         is staged and launched first, so the GPU waits less for the first part.
         """
-        for state, _ in work:
-            if state.lease is None:
-                state.lease = self._stepper.lease()
-        work = sorted(work, key=lambda item: item[0].lease.slot)
+        slots = np.fromiter((self._slot_of(state) for state, _ in work), np.int64, len(work))
+        if (slots[1:] < slots[:-1]).any():
+            order = np.argsort(slots, kind="stable")
+            work, slots = [work[i] for i in order.tolist()], slots[order]
         size = self._stepper.max_batch
         # Parts of max_batch in slot order (a full house steps them in place); a smaller last part
         # goes first: the GPU starts once its part is staged, and the host stages the next parts
@@ -405,34 +418,39 @@ class NemotronStreamingEngine:
             starts = starts[-1:] + starts[:-1]
         launched = []
         for lo in starts:
-            jobs = [self._job(state, end) for state, end in work[lo : lo + size]]
-            launched.append((jobs, self._launch_fast(jobs, keep_all)))
+            batch = self._batch(work[lo : lo + size])
+            launched.append((batch, self._launch_fast(batch, slots[lo : lo + size], keep_all)))
         text = self._text
-        for jobs, pending in launched:
-            self._advance(jobs)  # host work while the GPU steps
-            for job, tokens in zip(jobs, pending.tokens()):  # the part's one synchronisation
-                if tokens:
-                    s = job.state
-                    s.tokens.extend(tokens)
-                    s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
+        for batch, pending in launched:
+            self._advance(batch)  # host work while the GPU steps
+            states = batch.states
+            rows, emitted = pending.emitted()  # the part's one synchronisation
+            for row, tokens in zip(rows, emitted):
+                s = states[row]
+                s.tokens.extend(tokens)
+                s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
 
-    def _launch_fast(self, jobs: list[StepJob], keep_all: bool):
+    def _slot_of(self, state: StreamState) -> int:
+        if state.lease is None:
+            state.lease = self._stepper.lease()
+        return state.lease.slot
+
+    def _launch_fast(self, batch: StepBatch, slots: np.ndarray, keep_all: bool):
         from processors.nemotron.graphs import new_kind
 
-        inputs, lengths = self._mel(jobs)
-        width = max(job.count for job in jobs)
+        inputs, lengths = self._mel(batch)
+        width = int(batch.count.max())
         static = keep_all and width <= self._final_width
-        kind = new_kind(self._final_width if static else width, jobs[0].drop, keep_all, jobs[0].first)
-        slots = [job.state.lease.slot for job in jobs]
+        kind = new_kind(self._final_width if static else width, batch.drop, keep_all, batch.first)
         return self._stepper.launch(kind, inputs, lengths, slots, capture=not keep_all or static)
 
-    def _advance(self, jobs: list[StepJob]) -> None:
+    def _advance(self, batch: StepBatch) -> None:
         """Count the step's frames and forget the samples no later frame needs."""
-        for job in jobs:
-            s = job.state
-            s.frames_done += job.new_frames
+        forget = (np.maximum(batch.ends - self._pre_cache - self._left_frames, 0) * self._hop).tolist()
+        for s, end, start in zip(batch.states, batch.ends.tolist(), forget):
+            s.frames_done = end
             s.steps += 1
-            s.window.forget_before(max(0, s.frames_done - self._pre_cache - self._left_frames) * self._hop)
+            s.window.forget_before(start)
 
 
 def _pick(value: int | list[int], index: int) -> int:

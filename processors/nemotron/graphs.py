@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from loguru import logger
 
@@ -269,10 +270,10 @@ class FastStepper:
     @staticmethod
     def _run_start(slots: Sequence[int], bucket: int) -> int | None:
         """The first slot if the batch is a whole aligned run (read in place), else None (gathered)."""
-        n, first = len(slots), slots[0]
+        n, first = len(slots), int(slots[0])
         if n != bucket or bucket < IN_PLACE_MIN_BUCKET or (first - 1) % bucket or slots[-1] != first + n - 1:
             return None
-        return first if all(b == a + 1 for a, b in zip(slots, slots[1:])) else None
+        return first if (np.diff(np.asarray(slots)) == 1).all() else None
 
     def compute(self, kind: _Kind, mel, mel_len, slots, start: int | None = None) -> torch.Tensor:
         """The step itself, static shapes, no host synchronisation: returns [B, frames x max_symbols] labels.

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from processors.nemotron.stream import StepJob
+from processors.nemotron.stream import StepBatch
 
 
 class MelBatcher:
-    """Turns a step's jobs into a [B, features, T] mel batch and its lengths; one per engine.
+    """Turns a step's batch into a [B, features, T] mel batch and its lengths; one per engine.
 
     Not thread-safe: the engine calls it under its lock.
     """
@@ -35,27 +35,28 @@ class MelBatcher:
         self._copies = None  # CUDA stream of the copies: a part's samples go up while the GPU steps the last part
         self._turn = 0
 
-    def __call__(self, jobs: Sequence[StepJob]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The jobs' mel frames as one [B, features, T] batch (zero-padded) and their lengths.
+    def __call__(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mel frames as one [B, features, T] batch (zero-padded) and their lengths.
 
         Frames are exactly what a whole-utterance preprocessor pass computes: one batched call,
-        and a kept frame never reaches past its own job's samples, so the zero padding of
+        and a kept frame never reaches past its own stream's samples, so the zero padding of
         shorter rows does not touch it.
         """
-        n, width = len(jobs), max(job.samples.size for job in jobs)
-        size = n * width + 2 * n  # samples, then each job's sample count and frame count
+        n, width = len(batch), int(batch.sizes.max())
+        size = n * width + 2 * n  # samples, then each stream's sample count and frame count
         turn = self._turn
         self._turn = (turn + 1) % self.BUFFERS
         host = self._host_buffer(turn, size).narrow(0, 0, size)
-        batch = host.numpy()[: n * width].reshape(n, width)
-        if all(job.samples.size == width for job in jobs):
-            np.stack([job.samples for job in jobs], out=batch)
+        staged_host = host.numpy()
+        rows = staged_host[: n * width].reshape(n, width)
+        if (batch.sizes == width).all():
+            np.stack(batch.samples, out=rows)
         else:
-            for row, job in zip(batch, jobs):
-                row[: job.samples.size] = job.samples
-                row[job.samples.size :] = 0.0
-        counts = [job.count for job in jobs]
-        host.numpy()[n * width :] = [job.samples.size for job in jobs] + counts  # exact in float32 (< 2**24)
+            for row, samples in zip(rows, batch.samples):
+                row[: samples.size] = samples
+                row[samples.size :] = 0.0
+        staged_host[n * width : n * width + n] = batch.sizes  # exact in float32 (< 2**24)
+        staged_host[n * width + n :] = batch.count
         staged = self._upload(turn, host)
         signal = staged[: n * width].view(n, width)
         sizes = staged[n * width : n * width + n].long()
@@ -65,11 +66,12 @@ class MelBatcher:
         if self.device.type == "cuda":  # the device copy may be refilled once the preprocessor has read it
             self._consumed[turn] = torch.cuda.Event()
             self._consumed[turn].record()
-        if all(job.skip == jobs[0].skip and job.count == counts[0] for job in jobs):
-            return mel[:, :, jobs[0].skip : jobs[0].skip + counts[0]], lengths  # steady state
-        frames = torch.zeros(len(jobs), mel.shape[1], max(counts), dtype=mel.dtype, device=mel.device)
-        for i, job in enumerate(jobs):
-            frames[i, :, : job.count] = mel[i, :, job.skip : job.skip + job.count]
+        skip, count = int(batch.skip[0]), int(batch.count[0])
+        if (batch.skip == skip).all() and (batch.count == count).all():
+            return mel[:, :, skip : skip + count], lengths  # steady state
+        frames = torch.zeros(n, mel.shape[1], int(batch.count.max()), dtype=mel.dtype, device=mel.device)
+        for i, (skip, count) in enumerate(zip(batch.skip.tolist(), batch.count.tolist())):
+            frames[i, :, :count] = mel[i, :, skip : skip + count]
         return frames, lengths
 
     def _upload(self, turn: int, host: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,20 @@ class PendingTokens:
             ends = np.cumsum(emitted.sum(axis=1)).tolist()
             out += [flat[a:b] for a, b in zip([0, *ends[:-1]], ends)]
         return out
+
+    def emitted(self) -> tuple[list[int], list[list[int]]]:
+        """The rows (streams, in launch order) that emitted, and per such row its new token ids."""
+        rows: list[int] = []
+        out: list[list[int]] = []
+        offset = 0
+        for part in self._parts:
+            labels = part.cpu().numpy()
+            emitted = labels != self._blank
+            counts = emitted.sum(axis=1)
+            hit = np.flatnonzero(counts)
+            flat = labels[emitted].tolist()
+            ends = np.cumsum(counts[hit]).tolist()
+            out += [flat[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+            rows += (hit + offset).tolist()
+            offset += labels.shape[0]
+        return rows, out

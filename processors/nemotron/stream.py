@@ -2,7 +2,7 @@
 
 :class:`StreamState` is everything one call needs between steps (audio window, encoder caches
 or the fast path's slot, the turn's hypothesis); :class:`BatchCaches` holds the encoder caches
-of a batch of streams on the eager path; :class:`StepJob` is one stream's input to one step.
+of a batch of streams on the eager path; :class:`StepBatch` is a batch of streams' input to one step.
 None of them references the engine.
 """
 
@@ -116,17 +116,59 @@ class BatchCaches:
         return BatchCaches(*(torch.cat([r[k] for r in rows], dim=1 if k < 2 else 0) for k in range(3)))
 
 
-@dataclass
-class StepJob:
-    """One encoder step's input for one stream."""
+@dataclass(frozen=True)
+class FrameGeometry:
+    """How mel frames map to 16 kHz samples, and the encoder's history rule (engine constants)."""
 
-    state: StreamState
-    samples: np.ndarray  # the 16 kHz samples behind the frames
-    skip: int  # window frames before the first wanted one
-    count: int  # mel frames wanted (history plus new)
+    hop: int  # samples per frame
+    half_fft: int  # samples after a frame's start that its window reaches
+    left_frames: int  # frames before a frame whose samples its window (and pre-emphasis) can reach
+    pre_cache: int  # history frames a later step re-reads (pre_encode_cache_size)
+
+
+def step_windows(geometry: FrameGeometry, done: np.ndarray, ends: np.ndarray, totals: np.ndarray) -> dict[str, np.ndarray]:
+    """Per stream of a step, vectorised: its input frames [start, end) and the samples behind them. ``done``: frames already encoded; ``ends``: the step's end
+    frame; ``totals``: samples received.
+
+    The input starts ``pre_cache`` frames before the new ones (at frame 0 while fewer exist, and
+    on a first step, where ``done`` is 0); its samples reach ``left_frames`` further back and end
+    where the last frame's window ends or the audio does. Returns ``window_start``, ``sizes``
+    (samples), ``skip`` (window frames before the first input frame) and ``count`` (input frames).
+    """
+    g = geometry
+    start = np.maximum(done - g.pre_cache, 0)
+    window_start = np.maximum(start - g.left_frames, 0) * g.hop
+    window_end = np.minimum(totals, (ends - 1) * g.hop + g.half_fft)
+    return {
+        "window_start": window_start,
+        "sizes": window_end - window_start,
+        "skip": start - window_start // g.hop,
+        "count": ends - start,
+    }
+
+
+@dataclass
+class StepBatch:
+    """One encoder step's input for a batch of streams (all with the same first-step flag and drop)."""
+
+    states: list[StreamState]
+    samples: list[np.ndarray]  # per stream the 16 kHz samples behind its frames
+    sizes: np.ndarray  # their lengths
+    skip: np.ndarray  # window frames before the first wanted one
+    count: np.ndarray  # mel frames wanted (history plus new)
+    ends: np.ndarray  # the frame count of each stream after the step
     first: bool
     drop: int  # subsampled history frames to drop (drop_extra_pre_encoded)
-    new_frames: int
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def part(self, lo: int, hi: int) -> StepBatch:
+        """Streams ``lo .. hi - 1`` of the batch."""
+        return StepBatch(
+            self.states[lo:hi], self.samples[lo:hi], self.sizes[lo:hi], self.skip[lo:hi], self.count[lo:hi],
+            self.ends[lo:hi], self.first, self.drop,
+        )
 
 
 def eager_stream_step(model, states: Sequence[StreamState], inputs, lengths, keep_all: bool, first: bool, drop: int) -> None:
