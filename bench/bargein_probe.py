@@ -20,6 +20,7 @@ from pipecat.transcriptions.language import Language
 from pipecat.utils.time import time_now_iso8601
 
 from processors.stt_in_flight import SegmentInFlight
+from processors.whisper_stt import CpuThreads
 
 
 class _ScoredModel:
@@ -40,7 +41,7 @@ class _ScoredModel:
         return getattr(self._model, name)
 
 
-class PartialWhisperSTTService(SegmentInFlight, WhisperSTTService):
+class PartialWhisperSTTService(SegmentInFlight, CpuThreads, WhisperSTTService):
     """Whisper with interim transcripts while the caller speaks (see module doc)."""
 
     streams_partials = True
@@ -86,12 +87,13 @@ class PartialWhisperSTTService(SegmentInFlight, WhisperSTTService):
             await self.push_frame(InterimTranscriptionFrame(text.strip(), self._user_id, time_now_iso8601()))
 
 
-def whisper_stt(partials: bool, model_path: Path | None = None):
-    """The agent's Whisper fallback (bundled tiny.en), with or without partial transcripts."""
+def whisper_stt(partials: bool, model_path: Path | None = None, cpu_threads: int = 0):
+    """The agent's Whisper fallback (bundled tiny.en), with or without partial transcripts;
+    ``cpu_threads`` as ``WHISPER_CPU_THREADS`` (0: half the cores, 1 to 4)."""
     from processors.whisper_stt import NO_SPEECH_PROB, check_whisper_model_dir, default_whisper_model_path, make_whisper_stt
 
     if not partials:
-        return make_whisper_stt(model_path)
+        return make_whisper_stt(model_path, cpu_threads=cpu_threads)
     path = check_whisper_model_dir(model_path or default_whisper_model_path())
     settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
-    return PartialWhisperSTTService(device="cpu", compute_type="default", settings=settings)
+    return PartialWhisperSTTService(device="cpu", compute_type="default", settings=settings, cpu_threads=cpu_threads)

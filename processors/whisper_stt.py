@@ -8,6 +8,7 @@ any other local CTranslate2 Whisper directory (one holding ``model.bin`` and ``c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,35 @@ _REQUIRED_FILES = ("model.bin", "config.json")
 # The VAD has already decided that the segment is speech. 0.6 is also OpenAI Whisper's own default.
 NO_SPEECH_PROB = 0.6
 _INSTALL_HINT = "install the whisper extra: pip install -e '.[whisper]'"
+
+
+def default_cpu_threads(cores: int | None = None) -> int:
+    """CTranslate2 threads for Whisper on the CPU (``WHISPER_CPU_THREADS=0``): half the cores, 1 to 4.
+
+    Pipecat leaves CTranslate2 at its own default (4 OpenMP threads whatever the machine); on the
+    2-core dev box, beside the call's other threads, tiny.en then transcribed 3 s of audio 8-9
+    times in 20 s against 28-29 with one thread (``bench/whisper_threads.py``): the spare cores
+    belong to the audio path, the VAD and the TTS.
+    """
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+class CpuThreads:
+    """Mixin for pipecat's ``WhisperSTTService``: load the model with ``cpu_threads`` set."""
+
+    def __init__(self, *args, cpu_threads: int = 0, **kwargs):
+        self._cpu_threads = cpu_threads or default_cpu_threads()
+        super().__init__(*args, **kwargs)
+
+    def _load(self):  # pipecat's, with the thread count
+        from faster_whisper import WhisperModel
+
+        self._model = WhisperModel(str(self._settings.model), device=self._device, compute_type=self._compute_type,
+                                   cpu_threads=self._cpu_threads)
+        unsupported = self._unsupported_language()
+        if unsupported:
+            raise ValueError(unsupported)
 
 
 def default_whisper_model_path() -> Path:
@@ -61,12 +91,14 @@ def make_whisper_stt(
     *,
     device: Literal["auto", "cuda", "cpu"] = "auto",
     compute_type: str = "default",
+    cpu_threads: int = 0,
     **kwargs,
 ) -> STTService:
     """Build the in-process Whisper STT service; ``model_path=None`` uses the bundled tiny.en.
 
     Loads the model now (about a second for tiny.en on CPU), so a wrong path or a broken model
-    fails at start-up with a :class:`SetupError` naming ``WHISPER_MODEL_PATH``. ``kwargs`` go to
+    fails at start-up with a :class:`SetupError` naming ``WHISPER_MODEL_PATH``. ``cpu_threads``:
+    CTranslate2's threads on the CPU (0: :func:`default_cpu_threads`). ``kwargs`` go to
     ``WhisperSTTService`` (e.g. ``sample_rate``).
     """
     path = check_whisper_model_dir(model_path if model_path is not None else default_whisper_model_path())
@@ -78,7 +110,8 @@ def make_whisper_stt(
     settings = WhisperSTTService.Settings(model=str(path), language=Language.EN, no_speech_prob=NO_SPEECH_PROB)
     logger.debug(f"Whisper STT: loading {path} on {device}")
     try:
-        return whisper_service_class()(device=device, compute_type=compute_type, settings=settings, **kwargs)
+        return whisper_service_class()(device=device, compute_type=compute_type, settings=settings,
+                                       cpu_threads=cpu_threads, **kwargs)
     except (RuntimeError, ValueError, OSError) as e:
         raise SetupError(
             f"WHISPER_MODEL_PATH {str(path)!r} could not be loaded as a Whisper model ({e})."
@@ -89,11 +122,11 @@ _SERVICE_CLASS: type | None = None
 
 
 def whisper_service_class() -> type:
-    """Pipecat's ``WhisperSTTService`` that also says when a segment is in flight (imported on
-    first use: faster-whisper is an optional extra)."""
+    """Pipecat's ``WhisperSTTService`` that also says when a segment is in flight and sets its CPU
+    threads (imported on first use: faster-whisper is an optional extra)."""
     global _SERVICE_CLASS
     if _SERVICE_CLASS is None:
         from pipecat.services.whisper.stt import WhisperSTTService
 
-        _SERVICE_CLASS = type("WhisperSTTService", (SegmentInFlight, WhisperSTTService), {"__module__": __name__})
+        _SERVICE_CLASS = type("WhisperSTTService", (SegmentInFlight, CpuThreads, WhisperSTTService), {"__module__": __name__})
     return _SERVICE_CLASS

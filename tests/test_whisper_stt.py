@@ -64,3 +64,29 @@ def test_corrupt_model_is_a_setup_error(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"not a model")
     with pytest.raises(SetupError, match="WHISPER_MODEL_PATH"):
         make_whisper_stt(Path(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (64, 4)])
+def test_whispers_default_cpu_threads_leave_the_other_half_of_the_cores(cores, threads):
+    from processors.whisper_stt import default_cpu_threads
+
+    assert default_cpu_threads(cores) == threads
+
+
+def test_the_model_is_loaded_with_the_thread_count_asked_for(monkeypatch):
+    import faster_whisper
+
+    asked = []
+    real = faster_whisper.WhisperModel
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("cpu_threads"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", spy)
+    service = make_whisper_stt(None, device="cpu", compute_type="int8", cpu_threads=3)
+    assert service._model.model.model_is_loaded
+    make_whisper_stt(None, device="cpu", compute_type="int8")
+    from processors.whisper_stt import default_cpu_threads
+
+    assert asked == [3, default_cpu_threads()]
