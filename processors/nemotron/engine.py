@@ -267,13 +267,22 @@ class NemotronStreamingEngine:
         so they form separate batches (two at most, three for 80 ms chunks). Streams that are not ready are skipped (None).
         """
         before = [s.text for s in states]
-        groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
-        for s in states:
-            end = self._ready_end(s)
-            if end is not None:
-                groups.setdefault(self._group_of(s), []).append((s, end))
-        for work in groups.values():
-            self._run(work, keep_all=False)
+        steps = np.array([s.steps for s in states], dtype=np.int64)
+        done = np.array([s.frames_done for s in states], dtype=np.int64)
+        totals = np.array([s.window.total for s in states], dtype=np.int64)
+        ends = done + np.where(steps == 0, self._first_frames, self._shift_frames)
+        settled = np.where(totals < self._half_fft, 0, (totals - self._half_fft) // self._hop + 1)
+        ready = np.flatnonzero(settled >= ends)
+        # The group of each ready stream as one number (see _group_of): -1 for a first step, else its drop.
+        drops = np.where(done < self._pre_cache, steps * self._valid_out, self._drop)
+        codes = np.where(steps == 0, -1, drops)[ready]
+        if codes.size and (codes == codes[0]).all():  # one group (the common case)
+            groups = [ready]
+        else:
+            firsts = np.unique(codes, return_index=True)[1]
+            groups = [ready[codes == codes[i]] for i in np.sort(firsts)]  # in order of first appearance
+        for rows in groups:
+            self._run([states[i] for i in rows.tolist()], ends[rows], keep_all=False)
         return [s.text if s.text != text else None for s, text in zip(states, before)]
 
     def finalize(self, state: StreamState, pad_ms: int | None = None) -> str:
@@ -296,13 +305,12 @@ class NemotronStreamingEngine:
                 self.step(behind)
                 if done != [s.frames_done for s in behind]:
                     continue
-            groups: dict[tuple[bool, int], list[tuple[StreamState, int]]] = {}
+            groups: dict[tuple[bool, int], list[StreamState]] = {}
             for s in pending:
-                end = self._final_end(s)
-                if end > s.frames_done:
-                    groups.setdefault(self._group_of(s), []).append((s, end))
-            for work in groups.values():
-                self._run(work, keep_all=True)
+                if self._final_end(s) > s.frames_done:
+                    groups.setdefault(self._group_of(s), []).append(s)
+            for group in groups.values():
+                self._run(group, np.array([self._final_end(s) for s in group], dtype=np.int64), keep_all=True)
             pending = []
         texts = [s.text for s in states]
         for s in states:
@@ -332,7 +340,7 @@ class NemotronStreamingEngine:
             # the offline pass. keep_all_outputs keeps the short last chunk.
             need = self._first_frames if state.steps == 0 else self._shift_frames
             last = self._final_in_one_step or end - state.frames_done <= need
-            self._run([(state, end if last else state.frames_done + need)], keep_all=last)
+            self._run([state], np.array([end if last else state.frames_done + need]), keep_all=last)
         text = state.text
         state.reset()
         return text
@@ -355,9 +363,9 @@ class NemotronStreamingEngine:
 
     # ----- internals ------------------------------------------------------------------------
 
-    def _batch(self, work: list[tuple[StreamState, int]]) -> StepBatch:
-        """The samples behind the next step's mel frames, history included, for each (stream,
-        end frame) of ``work`` (all in one group, see :meth:`_group_of`).
+    def _batch(self, states: list[StreamState], ends: np.ndarray) -> StepBatch:
+        """The samples behind the next step's mel frames, history included, for each stream of
+        ``states`` (all in one group, see :meth:`_group_of`) up to its end frame in ``ends``.
 
         NeMo's rules: the first chunk goes in alone with nothing dropped; later chunks carry
         ``pre_encode_cache_size`` frames of history whose extra subsampled outputs are dropped.
@@ -365,11 +373,8 @@ class NemotronStreamingEngine:
         frame 0 and the encoder frames already emitted are dropped: zero-padding the history,
         as NeMo's own buffer does, would not match an offline pass.
         """
-        states = [s for s, _ in work]
-        n = len(states)
-        ends = np.fromiter((end for _, end in work), np.int64, n)
-        done = np.fromiter((s.frames_done for s in states), np.int64, n)
-        totals = np.fromiter((s.window.total for s in states), np.int64, n)
+        done = np.array([s.frames_done for s in states], dtype=np.int64)
+        totals = np.array([s.window.total for s in states], dtype=np.int64)
         w = step_windows(self._geometry, done, ends, totals)
         starts, sizes = w["window_start"].tolist(), w["sizes"].tolist()
         samples = [s.window.slice(a, a + k) for s, a, k in zip(states, starts, sizes)]
@@ -384,20 +389,20 @@ class NemotronStreamingEngine:
             return False, state.steps * self._valid_out
         return False, self._drop
 
-    def _run(self, work: list[tuple[StreamState, int]], keep_all: bool) -> None:
-        """One ``conformer_stream_step`` for each (stream, end frame) of ``work`` (all with the
-        same first-step flag and drop)."""
+    def _run(self, states: list[StreamState], ends: np.ndarray, keep_all: bool) -> None:
+        """One ``conformer_stream_step`` for each stream of ``states`` (all with the same
+        first-step flag and drop) up to its end frame in ``ends``."""
         with self._lock:  # the staging buffers, the model and the slot pools
             if self.fast:
-                self._run_fast(work, keep_all)
+                self._run_fast(states, ends, keep_all)
                 return
-            batch = self._batch(work)
+            batch = self._batch(states, ends)
             inputs, lengths = self._mel(batch)
             with torch.inference_mode(), self._autocast():
                 eager_stream_step(self._model, batch.states, inputs, lengths, keep_all, batch.first, batch.drop)
             self._advance(batch)
 
-    def _run_fast(self, work: list[tuple[StreamState, int]], keep_all: bool) -> None:
+    def _run_fast(self, states: list[StreamState], ends: np.ndarray, keep_all: bool) -> None:
         """The same step on the fast path: slots, static-shape (graphed on CUDA) steps.
 
         The streams go in slot order (slots 1..N step in place) and in parts of at most
@@ -405,20 +410,24 @@ class NemotronStreamingEngine:
         last one, and reads a part's tokens while the GPU steps the next. A smaller remainder part
         is staged and launched first, so the GPU waits less for the first part.
         """
-        slots = np.fromiter((self._slot_of(state) for state, _ in work), np.int64, len(work))
+        if any(s.lease is None for s in states):
+            for s in states:
+                if s.lease is None:
+                    s.lease = self._stepper.lease()
+        slots = np.array([s.lease.slot for s in states], dtype=np.int64)
         if (slots[1:] < slots[:-1]).any():
             order = np.argsort(slots, kind="stable")
-            work, slots = [work[i] for i in order.tolist()], slots[order]
+            states, ends, slots = [states[i] for i in order.tolist()], ends[order], slots[order]
         size = self._stepper.max_batch
         # Parts of max_batch in slot order (a full house steps them in place); a smaller last part
         # goes first: the GPU starts once its part is staged, and the host stages the next parts
         # while it steps.
-        starts = list(range(0, len(work), size))
-        if len(starts) > 1 and len(work) % size:
+        starts = list(range(0, len(states), size))
+        if len(starts) > 1 and len(states) % size:
             starts = starts[-1:] + starts[:-1]
         launched = []
         for lo in starts:
-            batch = self._batch(work[lo : lo + size])
+            batch = self._batch(states[lo : lo + size], ends[lo : lo + size])
             launched.append((batch, self._launch_fast(batch, slots[lo : lo + size], keep_all)))
         text = self._text
         for batch, pending in launched:
@@ -429,11 +438,6 @@ class NemotronStreamingEngine:
                 s = states[row]
                 s.tokens.extend(tokens)
                 s.decoded, s.text = text.text(s.decoded, s.tokens, tokens)  # only the new tokens decoded
-
-    def _slot_of(self, state: StreamState) -> int:
-        if state.lease is None:
-            state.lease = self._stepper.lease()
-        return state.lease.slot
 
     def _launch_fast(self, batch: StepBatch, slots: np.ndarray, keep_all: bool):
         from processors.nemotron.graphs import new_kind

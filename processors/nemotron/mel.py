@@ -50,7 +50,7 @@ class MelBatcher:
         staged_host = host.numpy()
         rows = staged_host[: n * width].reshape(n, width)
         if (batch.sizes == width).all():
-            np.stack(batch.samples, out=rows)
+            np.concatenate(batch.samples, out=staged_host[: n * width])  # rows back to back (faster than np.stack)
         else:
             for row, samples in zip(rows, batch.samples):
                 row[: samples.size] = samples
