@@ -76,10 +76,7 @@ def gpu_waits(engine):
     waits: list[float] = []
     launch = stepper.launch
 
-    def timed_launch(*args, **kwargs):
-        pending = launch(*args, **kwargs)
-        read = pending.tokens
-
+    def timed(read):
         def timed_read():
             t = time.perf_counter()
             try:
@@ -87,7 +84,13 @@ def gpu_waits(engine):
             finally:
                 waits.append(1e3 * (time.perf_counter() - t))
 
-        pending.tokens = timed_read
+        return timed_read
+
+    def timed_launch(*args, **kwargs):
+        pending = launch(*args, **kwargs)
+        for name in ("tokens", "emitted"):  # whichever the engine reads the part back with
+            if hasattr(pending, name):
+                setattr(pending, name, timed(getattr(pending, name)))
         return pending
 
     stepper.launch = timed_launch
