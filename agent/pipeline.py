@@ -56,7 +56,7 @@ from agent.turns import (
     user_turn_strategies,
 )
 from processors.audio_guard import InputAudioGuard
-from processors.stt_in_flight import audio_in_flight, words_in_flight
+from processors.stt_in_flight import audio_in_flight, segments_ended, words_in_flight
 from transports.playback import PausablePlayback
 
 
@@ -96,7 +96,7 @@ def pause_first_strategy(
         return None
     logger.info(f"barge-in: pause first, decide within {settings.barge_in_decide_ms} ms from partial transcripts")
     return PauseThenDecideStartStrategy(playback=output, params=BargeInParams.from_settings(settings), log=decision_log,
-                                        stt_in_flight=lambda: audio_in_flight(stt))
+                                        stt_in_flight=lambda: audio_in_flight(stt), stt_segments=lambda: segments_ended(stt))
 
 
 def gate_taps(

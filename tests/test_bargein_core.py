@@ -31,7 +31,8 @@ P = BargeInParams()  # window 1.3, quiet 0.3, blip 0.3, grace 0.5, long 0.8, fin
 def run(events: list[tuple], params: BargeInParams = P, until: float = 10.0, speaking: bool = True,
         in_flight: bool = False):
     """Feed ``events`` — ``(t, "voice")``, ``(t, "quiet")``, ``(t, "partial", text)``,
-    ``(t, "final", text)``, ``(t, "bot_stopped")``, ``(t, "turn")`` — to a core whose Annie is
+    ``(t, "final", text)``, ``(t, "earlier final", text)`` (a final the STT marked as a segment's
+    that ended before the pause), ``(t, "bot_stopped")``, ``(t, "turn")`` — to a core whose Annie is
     speaking from t=0 (unless not ``speaking``; ``in_flight``: the STT still had the caller's
     audio then); ticks come when asked for, up to ``until``.
     Returns the core and ``[(t, action)]`` with t rounded to the millisecond."""
@@ -56,8 +57,8 @@ def run(events: list[tuple], params: BargeInParams = P, until: float = 10.0, spe
             out = core.voice_started(t)
         elif kind == "quiet":
             out = core.voice_stopped(t)
-        elif kind in ("partial", "final"):
-            out = core.words(t, arg[0], final=kind == "final", annies_words=ECHO)
+        elif kind in ("partial", "final", "earlier final"):
+            out = core.words(t, arg[0], final=kind != "partial", annies_words=ECHO, earlier=kind == "earlier final")
         elif kind == "bot_stopped":
             out = core.bot_stopped(t)
         elif kind == "turn":
@@ -173,6 +174,31 @@ TAIL_CASES = [
 @pytest.mark.parametrize("events, expected", [pytest.param(e, x, id=name) for name, e, x in TAIL_CASES])
 def test_the_tail_of_the_answered_turn(events, expected):
     _, taken, _ = run(events, in_flight=True)
+    assert taken == expected
+
+
+# A slow segmented STT (Whisper on a busy CPU) still owes finals of the caller's earlier
+# utterances when a new sound pauses Annie; it marks each final with its segment, and the
+# strategy tells the core which came from before the pause (processors/stt_in_flight.py).
+SEGMENT_CASES = [
+    ("a final of an earlier segment does not commit the pause (the STT's backlog)",
+     [(1.0, "voice"), (1.5, "quiet"), (1.52, "earlier final", "stop clean what time in it")],
+     [(1.0, "pause"), (1.52, "reset"), (2.0, "reset"), (2.0, "resume")]),
+    ("the same final unmarked commits, as before the mark (STTs that do not count segments)",
+     [(1.0, "voice"), (1.5, "quiet"), (1.52, "final", "stop clean what time in it")],
+     [(1.0, "pause"), (1.52, "commit")]),
+    ("the sound's own words still commit after an earlier final",
+     [(1.0, "voice"), (1.2, "earlier final", "stop clean"), (1.4, "partial", "what time is it")],
+     [(1.0, "pause"), (1.2, "reset"), (1.4, "commit")]),
+    ("an earlier final of an utterance resumed on is judged by the late-words rule",
+     [(1.0, "voice"), (1.5, "quiet"), (2.1, "voice"), (2.5, "quiet"), (2.55, "earlier final", "stop call my daughter")],
+     [(1.0, "pause"), (2.0, "reset"), (2.0, "resume"), (2.1, "pause"), (2.55, "commit")]),
+]
+
+
+@pytest.mark.parametrize("events, expected", [pytest.param(e, x, id=name) for name, e, x in SEGMENT_CASES])
+def test_finals_of_earlier_segments(events, expected):
+    _, taken, _ = run(events)
     assert taken == expected
 
 

@@ -32,6 +32,7 @@ from pipecat.tests.utils import run_test
 
 from processors.nemotron.engine import NemotronStreamingEngine
 from processors.nemotron.stt import NemotronStreamingSTTService
+from processors.stt_in_flight import segment_of
 from bench.nemo_models import offline_text, speechlike, tiny_nemo_once
 
 FRAME = 320  # 20 ms at 16 kHz
@@ -105,6 +106,9 @@ async def test_partials_then_one_final_per_turn_and_reset_between_turns(engine):
         assert all(final.startswith(p) for p in partials)
     passed = [f for f in down if isinstance(f, InputAudioRawFrame)]
     assert len(passed) == len(gap1 + speech1 + gap2 + speech2)  # audio still flows downstream
+    # Each final is marked with its segment (the VAD stops so far), for the barge-in decision.
+    assert [segment_of(f) for f in down if isinstance(f, TranscriptionFrame)] == [1, 2]
+    assert stt.segments_ended == 2
 
 
 async def test_half_duplex_mute_drops_audio_and_resets_the_stream(engine):

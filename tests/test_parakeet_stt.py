@@ -201,3 +201,27 @@ async def test_the_service_says_while_an_utterance_is_in_flight(sidecar):
     assert errors == [] and len(transcripts) == 1
     assert seen[0] is False and seen.count(True) >= 0.5 / 0.02, "in flight while the sidecar worked"
     assert service.audio_in_flight is False
+
+
+async def test_each_final_is_marked_with_its_segment_even_after_a_failed_one(sidecar):
+    """The barge-in decision tells a late final of an earlier utterance from the words of the sound
+    that paused Annie by these marks (processors/stt_in_flight.py): segments count from 1 in the
+    order of their VAD stops, one that gave no words still takes its number."""
+    from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import run_test
+
+    from processors.stt_in_flight import segment_of, segments_ended
+
+    sidecar.fail_with = [500, 500]  # the first segment fails (after one retry)
+    sidecar.delay_s = 0.2  # slower than the utterances come: segments queue up
+    frames = []
+    for seconds in (0.4, 0.5, 0.6):
+        frames += [VADUserStartedSpeakingFrame(), InputAudioRawFrame(audio=_tone(seconds), sample_rate=RATE, num_channels=1),
+                   VADUserStoppedSpeakingFrame()]
+    service = _service(sidecar)
+    down, _ = await run_test(service, frames_to_send=frames, pipeline_params=PipelineParams(audio_in_sample_rate=RATE))
+    finals = [(f.text, segment_of(f)) for f in down if isinstance(f, TranscriptionFrame)]
+    assert [segment for _, segment in finals] == [2, 3]
+    assert all("samples at" in text for text, _ in finals)
+    assert segments_ended(service) == 3

@@ -21,8 +21,11 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 
+from pipecat.processors.filters.identity_filter import IdentityFilter
+
 from agent.demo.standins.llm_server import LLMStandIn, LLMStandInOptions
 from agent.demo.call import running_call
+from processors.stt_in_flight import mark_segment
 from tests.doubles import ToneTTSService
 
 REPLY = "Once upon a time. There was a little village by the sea, where fishermen lived. The end."
@@ -299,6 +302,39 @@ async def test_a_late_final_during_the_next_pause_is_not_taken_for_its_words(las
         await call.wait_silent(quiet_s=1.0)
         assert not interruptions_after(call, onset)
         assert [d for d, _ in call.call.pause_first.decisions] == ["resume", "resume"]
+
+
+class CountingSTT(IdentityFilter):
+    """Lets frames through and says how many segments it has been handed (``segments_ended``), as
+    the segmented STTs do (processors/stt_in_flight.py); the test sets the count."""
+
+    segments_ended = 0
+
+
+@pytest.mark.parametrize("segment, decision", [(2, "resume"), (4, "commit")])
+async def test_a_slow_stts_final_of_an_earlier_segment_is_not_the_pauses_words(lasting, llm, segment, decision):
+    """A busy machine's Whisper still owes finals of the caller's interruption when her "okay"
+    pauses Annie (the bench's full run, 2026-12-07: "Stop clean. What time in it?" committed an
+    "okay"). The STT marks each final with its segment: one from before the pause (2 of the 3 it
+    had) is not the okay's words, and Annie resumes; the okay's own final (4) is judged as ever."""
+    stt = CountingSTT()
+    async with running_call(lasting, llm_base_url=llm.base_url, tts=ToneTTSService(), stt=stt,
+                            stt_streams_partials=True) as call:
+        await annie_speaking(call)
+        stt.segments_ended = 3
+        onset = await call.send(VADUserStartedSpeakingFrame(start_secs=0.064))
+        await call.wait_until(lambda: call.loudspeaker.pauses, 1, "the pause")
+        await asyncio.sleep(0.4)
+        await call.send(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        stt.segments_ended = 4
+        await call.send(mark_segment(final("stop clean what time in it"), segment))
+        if decision == "resume":
+            await call.wait_until(lambda: call.loudspeaker.pauses[0][1], 3, "the resume")
+            await asyncio.sleep(0.3)
+            assert not interruptions_after(call, onset)
+        else:
+            await call.wait_until(lambda: interruptions_after(call, onset), 3, "the committed interruption")
+        assert [d for d, _ in call.call.pause_first.decisions] == [decision]
 
 
 @pytest.fixture

@@ -306,15 +306,23 @@ class BargeInCore:
             return self._wake(now + self.params.final_wait_s)
         return self._wake(min(self.wake_at or now, now + self.params.final_grace_s))
 
-    def words(self, now: float, text: str, *, final: bool, annies_words: Iterable[str] = ()) -> Outcome:
+    def words(self, now: float, text: str, *, final: bool, annies_words: Iterable[str] = (),
+              earlier: bool = False) -> Outcome:
         """A partial (or, with ``final``, the final) transcript; ``annies_words`` are the words
-        Annie is saying or just said (her echo, if the STT hears it)."""
+        Annie is saying or just said (her echo, if the STT hears it); ``earlier``: the STT says this
+        final transcribes a segment that ended before the sound Annie is paused on began (its
+        backlog: a slow STT's finals come one segment at a time, in order)."""
         words = words_of(text)
         if not words:
             return Outcome()
         echo = frozenset(annies_words)
         if self.bot_speaking and self._tail.is_tail(final=final, utterance_stopped=self._stopped_since_start):
             return Outcome([ResetAggregation()])  # the turn Annie is answering: not an interruption
+        if final and earlier and isinstance(self._state, _Paused):
+            # Not this sound's words. An utterance resumed on is judged by the late-words rule;
+            # any other earlier one was the turn Annie is answering.
+            resumed, self._previous_resumed = self._previous_resumed, None
+            return self._late_words(now, words, resumed, echo) if resumed else Outcome([ResetAggregation()])
         if final and not self._stopped_since_start and self._previous_resumed:
             # Every STT here finalizes on a VAD stop, so a final before this utterance's stop is
             # the late final of the previous one, which was judged and resumed on.

@@ -5,7 +5,8 @@ A recording is one JSON object per line: events ``{"t", "e": "bot_started" | "bo
 (``paused``: the playback is silent after a pause; ``bot_started`` carries ``in_flight``, true
 when the STT still had the caller's audio to transcribe; ``verdict``: the caller-voice gate's, with
 ``not_caller``) (words carry
-``text``, ``final`` and ``echo``, the words Annie was saying), and actions ``{"t", "a": "pause" |
+``text``, ``final`` and ``echo``, the words Annie was saying, and ``earlier`` when the STT marked
+a final as an utterance's before the pause), and actions ``{"t", "a": "pause" |
 "resume" | "commit" | "start_turn" | "reset"}``. ``t`` is seconds from the first line. Replaying
 the events through :class:`~agent.bargein.core.BargeInCore`, with a tick wherever the recorded
 decision woke up, gives the actions the core takes on the same input, to compare with those
@@ -103,7 +104,7 @@ def replay(records: list[dict[str, Any]], params: BargeInParams) -> Replayed:
         if name is None:
             continue
         if name == "words":
-            out = core.words(t, r["text"], final=r["final"], annies_words=r.get("echo", ()))
+            out = core.words(t, r["text"], final=r["final"], annies_words=r.get("echo", ()), earlier=r.get("earlier", False))
         elif name == "paused":
             out = core.playback_paused(t)
         elif name == "verdict":

@@ -39,6 +39,7 @@ from agent.bargein.core import (
     WakeAt,
 )
 from agent.bargein.recording import EventLog, params_record
+from processors.stt_in_flight import segment_of
 from transports.playback import PausablePlayback
 
 
@@ -76,12 +77,17 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         clock: Callable[[], float] = time.monotonic,
         log: EventLog | None = None,
         stt_in_flight: Callable[[], bool] = lambda: False,
+        stt_segments: Callable[[], int | None] = lambda: None,
     ):
         """``stt_in_flight``: whether the STT still has the caller's audio to transcribe (asked when
-        Annie starts; see :class:`~agent.bargein.core.AnsweredTurnTail`)."""
+        Annie starts; see :class:`~agent.bargein.core.AnsweredTurnTail`); ``stt_segments``: how
+        many segments the STT has been handed (asked at each pause: a final marked with one of
+        those is an earlier utterance's, see :mod:`processors.stt_in_flight`)."""
         super().__init__(enable_interruptions=True)
         self._playback = playback
         self._stt_in_flight = stt_in_flight
+        self._stt_segments = stt_segments
+        self._segments_at_pause: int | None = None
         self._clock = clock
         self._log = log
         self.core = BargeInCore(params)
@@ -127,8 +133,10 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
         elif isinstance(frame, (InterimTranscriptionFrame, TranscriptionFrame)):
             final = not isinstance(frame, InterimTranscriptionFrame)
             echo = self._playback.recent_bot_words()
-            self._event("words", now, text=frame.text, final=final, echo=sorted(echo))
-            out = core.words(now, frame.text, final=final, annies_words=echo)
+            segment, before = segment_of(frame), self._segments_at_pause
+            earlier = final and segment is not None and before is not None and segment <= before
+            self._event("words", now, text=frame.text, final=final, echo=sorted(echo), **({"earlier": True} if earlier else {}))
+            out = core.words(now, frame.text, final=final, annies_words=echo, earlier=earlier)
         else:
             return ProcessFrameResult.CONTINUE
         if self._log is not None and self._log.records[-1].get("e"):
@@ -147,6 +155,7 @@ class PauseThenDecideStartStrategy(BaseUserTurnStartStrategy):
             if self._log is not None and not isinstance(action, WakeAt):
                 self._log.action(action, self._clock())
             if isinstance(action, Pause):
+                self._segments_at_pause = self._stt_segments()
                 await self._playback.pause_playback()
                 logger.debug(f"{self}: caller voice while Annie speaks: playback paused, deciding")
                 now = self._clock()

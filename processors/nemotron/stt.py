@@ -43,6 +43,7 @@ from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.time import time_now_iso8601
 
 from processors.nemotron.engine import NemotronStreamingEngine, StreamState
+from processors.stt_in_flight import mark_segment
 
 MODEL_NAME = "nemotron-speech-streaming-en-0.6b"
 _LAG_WARNING_INTERVAL_S = 10.0
@@ -97,6 +98,7 @@ class NemotronStreamingSTTService(STTService):
         self._speaking = False
         self._user_muted = False
         self._queued_s = 0.0  # audio handed to the worker but not yet stepped
+        self.segments_ended = 0  # VAD stops handed to the worker (each final is marked with its number)
         self._last_lag_warning = 0.0
         self._drain_timeout_s = 5.0
         self._turn_lost = False  # a step failed: skip audio until the next turn starts
@@ -191,7 +193,8 @@ class NemotronStreamingSTTService(STTService):
                     self._enqueue("begin", preroll)
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             if (self._speaking or not self._vad_gated) and not self._user_muted:
-                self._enqueue("final", None)
+                self.segments_ended += 1
+                self._enqueue("final", self.segments_ended)
             self._speaking = False
             self._clear_preroll()
         elif isinstance(frame, UserMuteStartedFrame):
@@ -272,7 +275,8 @@ class NemotronStreamingSTTService(STTService):
             logger.debug(f"{self}: finalized in {1e3 * (time.perf_counter() - started):.0f} ms")
             if text.strip():
                 logger.trace(f"{self}: final transcript: {text!r}")
-                await self.push_frame(TranscriptionFrame(text, self._user_id, time_now_iso8601(), finalized=True))
+                frame = TranscriptionFrame(text, self._user_id, time_now_iso8601(), finalized=True)
+                await self.push_frame(mark_segment(frame, payload))
 
     async def _step_audio(self, audio: bytes) -> None:
         seconds = len(audio) / (2 * self.sample_rate)
