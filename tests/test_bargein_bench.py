@@ -156,3 +156,21 @@ def test_the_pipelines_vad_lag_is_counted_only_where_both_starts_are_known():
     assert lag["n"] == 2 and lag["over_100ms"] == 1
     assert lag["max_ms"] == pytest.approx(1230.0)
     assert vad_pipeline_lag([])["n"] == 0
+
+
+@needs_espeak
+def test_the_offline_onset_bench_hears_every_caller_and_no_echo_on_the_handset(tmp_path):
+    """bench/bargein_onset_offline.py on a short plan: the agent's AEC3 on a simulated clock and
+    Silero find each of the callers, alone and over Annie, and start on none of a handset's echo."""
+    import argparse
+
+    from bench.bargein_onset_offline import run
+
+    args = argparse.Namespace(presets="handset", levels="-24", confidences="0.7", start_ms=64, gain="off",
+                              events=4, out=tmp_path / "onset.json")
+    (row,) = run(args)["rows"]
+    for label in ("alone", "double_talk"):
+        assert row[label]["n"] == 4
+        assert row[label]["missed"] == 0 and row[label]["already_speaking"] == 0, row[label]
+        assert 0 < row[label]["median_ms"] < 600
+    assert row["echo"]["starts"] == 0 and row["echo"]["minutes"] > 0.2
