@@ -33,9 +33,9 @@ def default_cpu_threads(cores: int | None = None) -> int:
     """CTranslate2 threads for Whisper on the CPU (``WHISPER_CPU_THREADS=0``): half the cores, 1 to 4.
 
     Pipecat leaves CTranslate2 at its own default (4 OpenMP threads whatever the machine); on the
-    2-core dev box, beside the call's other threads, tiny.en then transcribed 3 s of audio 8-9
-    times in 20 s against 28-29 with one thread (``bench/whisper_threads.py``): the spare cores
-    belong to the audio path, the VAD and the TTS.
+    2-core dev box, with one other busy process, tiny.en then took 2.56 s for 3 s of audio against
+    0.69 s with one thread (``bench/whisper_threads.py``), and its finals fell seconds behind in a
+    call. The other cores stay with the audio path, the VAD and the TTS.
     """
     cores = cores if cores is not None else (os.cpu_count() or 1)
     return max(1, min(4, cores // 2))
