@@ -40,12 +40,12 @@ class FailingEngine(NemotronStreamingEngine):
     where = "partial"
     raised = 0
 
-    def _run(self, jobs, keep_all: bool) -> None:
+    def _run(self, states, ends, keep_all: bool) -> None:
         if self.armed is not None and keep_all == (self.where == "final"):
             error, self.armed = self.armed, None
             self.raised += 1
             raise error
-        super()._run(jobs, keep_all)
+        super()._run(states, ends, keep_all)
 
 
 @pytest.fixture(scope="module")
