@@ -245,9 +245,11 @@ class NemotronStreamingEngine:
     def _ready_end(self, state: StreamState) -> int | None:
         """The end frame of the stream's next step if it holds the audio for it, else None."""
         end = state.frames_done + (self._first_frames if state.steps == 0 else self._shift_frames)
-        total = state.window.total
-        settled = 0 if total < self._half_fft else (total - self._half_fft) // self._hop + 1
-        return end if settled >= end else None
+        return end if self._settled(state.window.total) >= end else None
+
+    def _settled(self, totals):
+        """Mel frames whose whole window lies inside the first ``totals`` samples (int or array)."""
+        return np.maximum(0, (np.asarray(totals) - self._half_fft) // self._hop + 1)
 
     def accept(self, state: StreamState, pcm: np.ndarray | bytes) -> str | None:
         """Feed PCM and step every complete chunk; the new partial text if it changed, else None."""
@@ -271,8 +273,7 @@ class NemotronStreamingEngine:
         done = np.array([s.frames_done for s in states], dtype=np.int64)
         totals = np.array([s.window.total for s in states], dtype=np.int64)
         ends = done + np.where(steps == 0, self._first_frames, self._shift_frames)
-        settled = np.where(totals < self._half_fft, 0, (totals - self._half_fft) // self._hop + 1)
-        ready = np.flatnonzero(settled >= ends)
+        ready = np.flatnonzero(self._settled(totals) >= ends)
         # The group of each ready stream as one number (see _group_of): -1 for a first step, else its drop.
         drops = np.where(done < self._pre_cache, steps * self._valid_out, self._drop)
         codes = np.where(steps == 0, -1, drops)[ready]
